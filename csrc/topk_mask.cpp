@@ -1,0 +1,139 @@
+// Top-k mask selection over a list of score tensors: radix select on the order-preserving
+// keys of the float bits (3 histogram passes of 11/11/10 bits), then one pass writing the
+// packed bit mask and the per-chunk popcounts.  No sort, no concatenated copy, no index tensor.
+#include "common.h"
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+
+namespace fsam {
+namespace {
+
+constexpr int kPasses = 3;
+constexpr int kWidth[kPasses] = {11, 11, 10};
+constexpr int kShift[kPasses] = {21, 10, 0};
+
+struct Scores {
+  std::vector<at::Tensor> tensors;
+  std::vector<Chunk> chunks;
+  bool absolute;
+
+  // Calls f(key, value, offset inside the chunk) for every element of chunk c.
+  template <typename F>
+  void visit(const Chunk& c, const F& f) const {
+    const at::Tensor& t = tensors[c.tensor];
+    FSAM_DISPATCH_FLOATS(t.scalar_type(), "topk_mask", [&] {
+      const scalar_t* p = t.const_data_ptr<scalar_t>();
+      for (int64_t i = c.begin; i < c.end; ++i) {
+        const float x = static_cast<float>(p[i]);
+        f(order_key(x, absolute), x, i - c.begin);
+      }
+    });
+  }
+};
+
+// Histogram of the digit at `shift` over the keys whose bits above the digit equal `prefix`.
+std::vector<int64_t> histogram(const Scores& s, int pass, uint32_t prefix, bool check_nan) {
+  const int bins = 1 << kWidth[pass];
+  const int above = kShift[pass] + kWidth[pass];  // 32 on the first pass: every key matches
+  std::vector<int64_t> total(bins, 0);
+  std::mutex mu;
+  std::atomic<bool> nan{false};
+  at::parallel_for(0, static_cast<int64_t>(s.chunks.size()), 1, [&](int64_t b, int64_t e) {
+    std::vector<int64_t> local(bins, 0);
+    bool local_nan = false;
+    for (int64_t c = b; c < e; ++c) {
+      s.visit(s.chunks[c], [&](uint32_t key, float x, int64_t) {
+        if (check_nan && x != x) local_nan = true;
+        if (above == 32 || (key >> above) == prefix) ++local[(key >> kShift[pass]) & (bins - 1)];
+      });
+    }
+    if (local_nan) nan = true;
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 0; i < bins; ++i) total[i] += local[i];
+  });
+  TORCH_CHECK(!nan, "topk_mask: scores contain NaN; the ranking is undefined");
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t k, bool absolute) {
+  Scores s{{}, {}, absolute};
+  std::vector<int64_t> numels;
+  int64_t n = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(scores.size()); ++i) {
+    check_cpu_contiguous(scores[i], "scores", i);
+    check_float_dtype(scores[i], "scores", i);
+    s.tensors.push_back(scores[i]);
+    numels.push_back(scores[i].numel());
+    n += scores[i].numel();
+  }
+  TORCH_CHECK(k >= 0 && k <= n, "topk_mask: k must be in [0, ", n, "] (the number of scores), got ", k);
+  s.chunks = chunk_table(numels);
+  const int64_t nchunks = static_cast<int64_t>(s.chunks.size());
+  auto bits = at::empty({nchunks * kChunkBytes}, at::TensorOptions().dtype(at::kByte));
+  auto counts = at::empty({nchunks}, at::TensorOptions().dtype(at::kInt));
+
+  // Radix select: after the passes `prefix` is the key T of the k-th largest score and
+  // `k_left` how many of the scores equal to T belong to the top k.
+  uint32_t prefix = 0;
+  int64_t k_left = k, ties = 0;
+  for (int pass = 0; pass < kPasses && (pass == 0 || k > 0); ++pass) {
+    auto hist = histogram(s, pass, prefix, pass == 0);
+    if (k == 0) break;
+    int64_t greater = 0;
+    int digit = static_cast<int>(hist.size()) - 1;
+    for (; digit > 0 && greater + hist[digit] < k_left; --digit) greater += hist[digit];
+    k_left -= greater;
+    ties = hist[digit];
+    prefix = (prefix << kWidth[pass]) | static_cast<uint32_t>(digit);
+  }
+  const uint32_t kth = prefix;
+
+  // Ties at T go to the lowest flat indices: when only some of them are taken, count them per
+  // chunk and give each chunk its share in flat order.
+  const bool all_ties = k == 0 || k_left == ties;
+  std::vector<int64_t> take(nchunks, 0);
+  if (!all_ties) {
+    parallel_chunks(s.chunks, [&](const Chunk& c) {
+      int64_t t = 0;
+      s.visit(c, [&](uint32_t key, float, int64_t) { t += key == kth; });
+      take[c.index] = t;
+    });
+    int64_t before = 0;
+    for (auto& t : take) {
+      const int64_t here = t;
+      t = std::clamp<int64_t>(k_left - before, 0, here);
+      before += here;
+    }
+  }
+
+  uint8_t* out = bits.data_ptr<uint8_t>();
+  int32_t* cnt = counts.data_ptr<int32_t>();
+  parallel_chunks(s.chunks, [&](const Chunk& c) {
+    uint8_t* b = out + c.index * kChunkBytes;
+    std::memset(b, 0, kChunkBytes);
+    int32_t selected = 0;
+    if (k > 0) {
+      int64_t tie_quota = take[c.index];
+      s.visit(c, [&](uint32_t key, float, int64_t j) {
+        if (key > kth || (key == kth && (all_ties || tie_quota-- > 0))) {
+          b[j >> 3] |= static_cast<uint8_t>(1u << (j & 7));
+          ++selected;
+        }
+      });
+    }
+    cnt[c.index] = selected;
+  });
+  return {bits, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fsam, m) {
+  m.def("topk_mask(Tensor[] scores, int k, bool absolute=False) -> (Tensor bits, Tensor chunk_counts)");
+}
+
+TORCH_LIBRARY_IMPL(fsam, CPU, m) { m.impl("topk_mask", &topk_mask_cpu); }
+
+}  // namespace fsam

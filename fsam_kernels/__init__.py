@@ -1,0 +1,9 @@
+"""fsam_kernels: fused kernels and optimizers for Fisher-mask SAM (FSAM), SAM and ASAM."""
+from . import ops
+from ._extension import LOADED as EXTENSION_LOADED
+from .backends import available_backends
+from .fsam import FSAM
+from .sam import SAM
+
+__all__ = ["FSAM", "SAM", "ops", "available_backends", "EXTENSION_LOADED"]
+__version__ = "0.1.0"

@@ -1,0 +1,82 @@
+"""Where each tensor of a list lives in the packed mask and in the saved-values buffer.
+
+Every backend shares this layout (csrc/common.h says the same in C++): a list is cut into
+chunks of CHUNK elements inside each tensor; tensor i's mask bits start at byte
+CHUNK_BYTES * (its first chunk), bit j of a byte is element 8 * byte + j.  The originals of
+the masked entries of a tensor are saved contiguously, in its own dtype and element order,
+each tensor's run starting on a SAVE_ALIGN-byte boundary; chunk c writes from
+save_offsets[c] on.
+"""
+import torch
+
+CHUNK = 4096
+CHUNK_BYTES = CHUNK // 8
+SAVE_ALIGN = 16
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def num_chunks(numel):
+    return -(-numel // CHUNK)
+
+
+class ChunkLayout:
+    """The chunk layout of one list of tensors (fixed shapes, dtypes and device)."""
+
+    def __init__(self, tensors):
+        tensors = list(tensors)
+        self.numels = [t.numel() for t in tensors]
+        self.shapes = [tuple(t.shape) for t in tensors]
+        self.itemsizes = [t.element_size() for t in tensors]
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        self.chunks = [num_chunks(n) for n in self.numels]
+        self.first_chunk = []
+        total = 0
+        for c in self.chunks:
+            self.first_chunk.append(total)
+            total += c
+        self.total_chunks = total
+        self.mask_bytes = total * CHUNK_BYTES
+        self.numel = sum(self.numels)
+        counts = torch.tensor(self.chunks, dtype=torch.int64)
+        self._tensor_of_chunk = torch.repeat_interleave(torch.arange(len(tensors)), counts).to(self.device)
+        self._itemsize_of_chunk = torch.tensor(self.itemsizes, dtype=torch.int64, device=self.device)[
+            self._tensor_of_chunk]
+        self._first_chunk_of_chunk = torch.tensor(self.first_chunk, dtype=torch.int64, device=self.device)[
+            self._tensor_of_chunk]
+
+    def full_counts(self):
+        """Per-chunk element counts: the popcounts of an all-ones mask."""
+        counts = torch.full((self.total_chunks,), CHUNK, dtype=torch.int32)
+        for n, first, c in zip(self.numels, self.first_chunk, self.chunks):
+            if c:
+                counts[first + c - 1] = n - CHUNK * (c - 1)
+        return counts.to(self.device)
+
+    def save_offsets(self, chunk_counts):
+        """Byte offset of each chunk's saved values, and the buffer size as a 0-dim tensor."""
+        nbytes = chunk_counts.to(torch.int64) * self._itemsize_of_chunk
+        before = torch.cumsum(nbytes, 0) - nbytes
+        per_tensor = torch.zeros(len(self.numels), dtype=torch.int64, device=self.device)
+        per_tensor.index_add_(0, self._tensor_of_chunk, nbytes)
+        padded = (per_tensor + SAVE_ALIGN - 1) // SAVE_ALIGN * SAVE_ALIGN
+        base = torch.cumsum(padded, 0) - padded
+        offsets = base[self._tensor_of_chunk] + before - before[self._first_chunk_of_chunk]
+        return offsets, padded.sum()
+
+    def unpack(self, bits, index):
+        """The mask of tensor `index` as a bool tensor of its shape."""
+        first, n = self.first_chunk[index], self.numels[index]
+        packed = bits[first * CHUNK_BYTES: first * CHUNK_BYTES + (n + 7) // 8]
+        flat = ((packed.unsqueeze(1) >> _BIT_SHIFTS.to(bits.device)) & 1).bool().reshape(-1)
+        return flat[:n].reshape(self.shapes[index])
+
+    def pack(self, masks):
+        """Packed bits and per-chunk popcounts of a list of bool masks (one per tensor)."""
+        padded = torch.zeros(self.total_chunks * CHUNK, dtype=torch.bool, device=self.device)
+        for m, first, n in zip(masks, self.first_chunk, self.numels):
+            padded[first * CHUNK: first * CHUNK + n] = m.reshape(-1)
+        weights = (1 << _BIT_SHIFTS.to(torch.int32)).to(self.device)
+        bits = (padded.view(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
+        counts = padded.view(self.total_chunks, CHUNK).sum(1, dtype=torch.int32)
+        return bits, counts

@@ -1,0 +1,202 @@
+"""The ops' Python entry points: check the arguments, pick the backend, run it.
+
+Every function takes lists of tensors (one call covers the whole list) and `backend=None`
+(the fastest for the tensors' device) or one of `available_backends()`.  The arguments are
+checked here, before anything is written, and errors name the argument at fault.
+"""
+import torch
+
+from . import backends
+from ._layout import CHUNK_BYTES, ChunkLayout, num_chunks
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _tensor_list(name, tensors, *, optional=False):
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{name} must be a list of tensors, got a single tensor")
+    out = list(tensors)
+    for i, t in enumerate(out):
+        if t is None and optional:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor{' or None' if optional else ''}, got {type(t).__name__}")
+        if t.is_sparse:
+            raise ValueError(f"{name}[{i}] is sparse; only dense tensors are supported")
+    return out
+
+
+def _device_of(**lists):
+    device = None
+    for name, tensors in lists.items():
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                raise ValueError(f"{name}[{i}] is on {t.device}, other tensors on {device}: one call takes one device")
+    return device or torch.device("cpu")
+
+
+def _check_floats(name, tensors, dtypes=FLOAT_DTYPES):
+    for i, t in enumerate(tensors):
+        if t is not None and t.dtype not in dtypes:
+            raise TypeError(f"{name}[{i}] must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _check_contiguous(name, tensors):
+    for i, t in enumerate(tensors):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}[{i}] must be contiguous (in-place ops write through it)")
+
+
+def _check_grads(params, grads):
+    if len(grads) != len(params):
+        raise ValueError(f"grads has {len(grads)} entries, params has {len(params)}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if g.numel() != p.numel():
+            raise ValueError(f"grads[{i}] has {g.numel()} elements, params[{i}] has {p.numel()}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{i}] is {g.dtype} but params[{i}] is {p.dtype}")
+    return [g if g is None else g.contiguous() for g in grads]
+
+
+def _check_buffer(name, t, dtype, numel, device):
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1 or not t.is_contiguous():
+        raise TypeError(f"{name} must be a contiguous 1-D {dtype} tensor")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} entries, expected {numel}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the tensors on {device}")
+
+
+def _total_chunks(tensors):
+    return sum(num_chunks(t.numel()) for t in tensors)
+
+
+def fisher_accumulate(fisher, grads, *, decay=1.0, alpha=1.0, found_inf=None, backend=None):
+    """In place: fisher[i] <- decay * fisher[i] + alpha * grads[i]**2 (fp32), for every i.
+
+    A None gradient counts as zero.  With `found_inf` (a one-element tensor on the device),
+    nothing changes when it is non-zero, without a host sync.
+    """
+    fisher = _tensor_list("fisher", fisher)
+    grads = _tensor_list("grads", grads, optional=True)
+    _check_floats("fisher", fisher, (torch.float32,))
+    _check_floats("grads", grads)
+    _check_contiguous("fisher", fisher)
+    if len(grads) != len(fisher):
+        raise ValueError(f"grads has {len(grads)} entries, fisher has {len(fisher)}")
+    for i, (f, g) in enumerate(zip(fisher, grads)):
+        if g is not None and g.numel() != f.numel():
+            raise ValueError(f"grads[{i}] has {g.numel()} elements, fisher[{i}] has {f.numel()}")
+    device = _device_of(fisher=fisher, grads=grads)
+    if found_inf is not None and (found_inf.numel() != 1 or found_inf.device != device):
+        raise ValueError(f"found_inf must be a one-element tensor on {device}")
+    if not fisher:
+        return
+    grads = [g if g is None else g.contiguous() for g in grads]
+    impl = backends.op("fisher_accumulate_", backends.resolve(backend, device))
+    impl(fisher, grads, float(decay), float(alpha), found_inf)
+
+
+def topk_mask_packed(scores, k, *, absolute=False, backend=None):
+    """The k largest scores over the whole list (|scores| with absolute=True) as a packed bit
+    mask and per-chunk popcounts (layout in fsam_kernels/_layout.py).
+
+    Exactly k entries are selected; among equal scores the lower flat index wins (flat index:
+    list order, then row-major).  NaN scores raise.
+    """
+    scores = _tensor_list("scores", scores)
+    _check_floats("scores", scores)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    total = sum(s.numel() for s in scores)
+    if not 0 <= k <= total:
+        raise ValueError(f"k must be in [0, {total}] (the number of scores), got {k}")
+    device = _device_of(scores=scores)
+    if total == 0:
+        chunks = _total_chunks(scores)
+        return (torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(chunks, dtype=torch.int32, device=device))
+    scores = [s.contiguous() for s in scores]
+    impl = backends.op("topk_mask", backends.resolve(backend, device))
+    return impl(scores, k, bool(absolute))
+
+
+def topk_mask(scores, k, *, absolute=False, backend=None):
+    """Like topk_mask_packed, unpacked: one bool tensor shaped like each score tensor."""
+    scores = _tensor_list("scores", scores)
+    bits, _ = topk_mask_packed(scores, k, absolute=absolute, backend=backend)
+    layout = ChunkLayout(scores)
+    return [layout.unpack(bits, i) for i in range(len(scores))]
+
+
+def grad_sumsq(params, grads, *, mask_bits=None, adaptive=False, eta=0.0, backend=None):
+    """fp32 tensor [sum of (T g)^2, the same over the masked entries] with T = |w| + eta when
+    adaptive (ASAM) else 1; without a mask both are the full sum.  A non-finite first entry
+    means a non-finite gradient (or an overflow).  None gradients are skipped."""
+    params = _tensor_list("params", params)
+    grads = _check_grads(params, _tensor_list("grads", grads, optional=True))
+    _check_floats("params", params)
+    _check_contiguous("params", params)
+    device = _device_of(params=params, grads=grads)
+    if mask_bits is not None:
+        _check_buffer("mask_bits", mask_bits, torch.uint8, _total_chunks(params) * CHUNK_BYTES, device)
+    if not params:
+        return torch.zeros(2, dtype=torch.float32, device=device)
+    impl = backends.op("grad_sumsq", backends.resolve(backend, device))
+    return impl(params, grads, mask_bits, bool(adaptive), float(eta))
+
+
+def _check_saving(params, mask_bits, save_offsets, saved, device):
+    chunks = _total_chunks(params)
+    if mask_bits is not None:
+        _check_buffer("mask_bits", mask_bits, torch.uint8, chunks * CHUNK_BYTES, device)
+    _check_buffer("save_offsets", save_offsets, torch.int64, chunks, device)
+    _check_buffer("saved", saved, torch.uint8, None, device)
+
+
+def masked_perturb(params, grads, scale, *, save_offsets, saved, mask_bits=None, adaptive=False, eta=0.0,
+                   backend=None):
+    """In place: w <- w + scale * m * T^2 g for every masked entry (every entry without a mask),
+    after saving its original value at save_offsets into `saved`.  `scale` is a one-element
+    fp32 tensor on the device; 0 leaves the weights untouched (they are still saved)."""
+    params = _tensor_list("params", params)
+    grads = _check_grads(params, _tensor_list("grads", grads, optional=True))
+    _check_floats("params", params)
+    _check_contiguous("params", params)
+    device = _device_of(params=params, grads=grads)
+    _check_saving(params, mask_bits, save_offsets, saved, device)
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.dtype != torch.float32 or \
+            scale.device != device:
+        raise TypeError(f"scale must be a one-element float32 tensor on {device}")
+    if not params:
+        return
+    impl = backends.op("masked_perturb_", backends.resolve(backend, device))
+    impl(params, grads, mask_bits, save_offsets, saved, scale.reshape(()), bool(adaptive), float(eta))
+
+
+def masked_restore(params, *, save_offsets, saved, mask_bits=None, backend=None):
+    """In place: write back the originals that masked_perturb saved (bit-exact)."""
+    params = _tensor_list("params", params)
+    _check_floats("params", params)
+    _check_contiguous("params", params)
+    device = _device_of(params=params)
+    _check_saving(params, mask_bits, save_offsets, saved, device)
+    if not params:
+        return
+    impl = backends.op("masked_restore_", backends.resolve(backend, device))
+    impl(params, mask_bits, save_offsets, saved)
+
+
+def save_layout(params, chunk_counts=None):
+    """(save_offsets, saved) for `params`: for the mask whose popcounts are `chunk_counts`,
+    or for every entry when None.  Syncs once to size the buffer."""
+    params = _tensor_list("params", params)
+    layout = ChunkLayout(params)
+    counts = layout.full_counts() if chunk_counts is None else chunk_counts
+    offsets, total = layout.save_offsets(counts)
+    return offsets, torch.empty(int(total), dtype=torch.uint8, device=layout.device)

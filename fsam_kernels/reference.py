@@ -1,0 +1,102 @@
+"""The `reference` backend: every op in plain eager PyTorch.
+
+Readable first: this is the executable specification the compiled backends are tested
+against, and the eager baseline of the benchmarks.  Signatures and results are those of the
+torch.ops.fsam ops (see csrc/); the element-wise arithmetic rounds in the same order.
+"""
+import torch
+
+from ._layout import ChunkLayout
+
+
+def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None):
+    for f, g in zip(fisher, grads):
+        new = f * decay
+        if g is not None:
+            gf = g.float().reshape(f.shape)
+            new = new + gf * gf * alpha
+        if found_inf is not None:
+            new = torch.where(found_inf != 0, f, new)
+        f.copy_(new)
+
+
+def topk_mask(scores, k, absolute=False):
+    layout = ChunkLayout(scores)
+    keys = torch.cat([s.reshape(-1).float() for s in scores]) if scores else torch.zeros(0)
+    if absolute:
+        keys = keys.abs()
+    if torch.isnan(keys).any():
+        raise RuntimeError("topk_mask: scores contain NaN; the ranking is undefined")
+    if not 0 <= k <= keys.numel():
+        raise RuntimeError(f"topk_mask: k must be in [0, {keys.numel()}] (the number of scores), got {k}")
+    # A stable descending sort keeps equal scores in flat order: the lower flat index wins.
+    top = torch.sort(keys, descending=True, stable=True).indices[:k]
+    selected = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+    selected[top] = True
+    return layout.pack(selected.split(layout.numels))
+
+
+def _masks(layout, mask_bits):
+    if mask_bits is None:
+        return [None] * len(layout.numels)
+    return [layout.unpack(mask_bits, i).reshape(-1) for i in range(len(layout.numels))]
+
+
+def _direction(p, g, adaptive, eta):
+    """T_w^2 g in fp32 (T_w = |w| + eta for ASAM, 1 for SAM)."""
+    d = g.float().reshape(-1)
+    if adaptive:
+        t = p.float().reshape(-1).abs() + eta
+        d = d * (t * t)
+    return d
+
+
+def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
+    layout = ChunkLayout(params)
+    total = torch.zeros((), dtype=torch.float32, device=layout.device)
+    masked = torch.zeros((), dtype=torch.float32, device=layout.device)
+    for p, g, m in zip(params, grads, _masks(layout, mask_bits)):
+        if g is None:
+            continue
+        v = g.float().reshape(-1)
+        if adaptive:
+            v = v * (p.float().reshape(-1).abs() + eta)
+        sq = v * v
+        total += sq.sum()
+        if m is not None:
+            masked += sq[m].sum()
+    return torch.stack([total, total if mask_bits is None else masked])
+
+
+def masked_perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
+    layout = ChunkLayout(params)
+    for i, (p, g, m) in enumerate(zip(params, grads, _masks(layout, mask_bits))):
+        if p.numel() == 0:
+            continue
+        w = p.view(-1)
+        original = w[m] if m is not None else w.clone()
+        start = int(save_offsets[layout.first_chunk[i]])
+        saved[start: start + original.numel() * original.element_size()].copy_(original.view(torch.uint8))
+        if g is None:
+            continue
+        new = (w.float() + _direction(p, g, adaptive, eta) * scale).to(p.dtype)
+        new = torch.where(scale != 0, new, w)  # scale 0: rho = 0 or a non-finite norm
+        if m is None:
+            w.copy_(new)
+        else:
+            w[m] = new[m]
+
+
+def masked_restore_(params, mask_bits, save_offsets, saved):
+    layout = ChunkLayout(params)
+    for i, (p, m) in enumerate(zip(params, _masks(layout, mask_bits))):
+        if p.numel() == 0:
+            continue
+        w = p.view(-1)
+        count = int(m.sum()) if m is not None else w.numel()
+        start = int(save_offsets[layout.first_chunk[i]])
+        original = saved[start: start + count * p.element_size()].view(p.dtype)
+        if m is None:
+            w.copy_(original)
+        else:
+            w[m] = original
