@@ -136,6 +136,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise RuntimeError("second_step() called without first_step()")
         self._restore()
         self.base_optimizer.step()
+        self._opt_called = True  # what LR schedulers check for "optimizer.step() came first"
         if zero_grad:
             self.zero_grad()
 

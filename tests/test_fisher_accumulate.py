@@ -1,0 +1,54 @@
+"""fisher_accumulate: compiled backends against the reference, bit for bit."""
+import pytest
+import torch
+
+from fsam_kernels import ops
+from conftest import BACKENDS, DTYPES, compiled_backends, randn, seed_of, shapes
+
+
+@BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape_set", ["one_odd", "mixed", "many"])
+@pytest.mark.parametrize("decay,alpha", [(1.0, 1.0), (0.95, 0.05), (0.0, 0.3)])
+def test_matches_reference(backend, device, dtype, shape_set, decay, alpha):
+    shp = shapes(shape_set)
+    seed = seed_of(dtype, shape_set, decay)
+    fisher = [f.abs() for f in randn(shp, torch.float32, device, seed)]
+    grads = randn(shp, dtype, device, seed + 1)
+    grads[len(grads) // 2] = None  # a parameter without a gradient: F only decays
+    expected = [f.cpu().clone() for f in fisher]
+    ops.fisher_accumulate(expected, [g if g is None else g.cpu() for g in grads], decay=decay, alpha=alpha,
+                          backend="reference")
+    ops.fisher_accumulate(fisher, grads, decay=decay, alpha=alpha, backend=backend)
+    for f, e in zip(fisher, expected):
+        assert torch.equal(f.cpu(), e)
+    # and the reference is the formula
+    f0 = [f.abs() for f in randn(shp, torch.float32, "cpu", seed)]
+    for f, e, g in zip(f0, expected, grads):
+        want = f * decay if g is None else f * decay + g.cpu().float() ** 2 * alpha
+        torch.testing.assert_close(e, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b, _ in compiled_backends()])
+def test_found_inf_leaves_fisher_unchanged(backend):
+    fisher = [torch.rand(100) + 0.5]
+    before = fisher[0].clone()
+    grads = [torch.randn(100)]
+    grads[0][3] = float("inf")
+    ops.fisher_accumulate(fisher, grads, decay=0.9, alpha=0.1, found_inf=torch.tensor(1.0), backend=backend)
+    assert torch.equal(fisher[0], before)
+    ops.fisher_accumulate(fisher, [torch.ones(100)], decay=0.5, alpha=1.0, found_inf=torch.tensor(0.0),
+                          backend=backend)
+    torch.testing.assert_close(fisher[0], before * 0.5 + 1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b, _ in compiled_backends()])
+def test_bad_input(backend):
+    with pytest.raises(TypeError, match=r"fisher\[0\] must be"):
+        ops.fisher_accumulate([torch.zeros(3, dtype=torch.float16)], [torch.randn(3)], backend=backend)
+    with pytest.raises(ValueError, match=r"grads\[0\] has 4 elements"):
+        ops.fisher_accumulate([torch.zeros(3)], [torch.randn(4)], backend=backend)
+    with pytest.raises(ValueError, match="grads has 2 entries"):
+        ops.fisher_accumulate([torch.zeros(3)], [torch.randn(3), torch.randn(3)], backend=backend)
+    with pytest.raises(ValueError, match=r"fisher\[0\] must be contiguous"):
+        ops.fisher_accumulate([torch.zeros(3, 4).t()], [torch.randn(12)], backend=backend)
