@@ -66,32 +66,69 @@ void check_saved(const char* op, const Inputs& in, const at::Tensor& save_offset
               ": saved must be a contiguous uint8 CPU tensor");
 }
 
-// Number of entries chunk c saves, and whether they fit in `saved` at their offset.
+// Number of entries chunk c saves.
 int64_t chunk_entries(const Inputs& in, const Chunk& c) {
   if (in.bits == nullptr) return c.end - c.begin;
   int64_t n = 0;
-  const uint8_t* b = in.bits + c.index * kChunkBytes;
-  for (int64_t i = 0; i < kChunkBytes; ++i) n += __builtin_popcount(b[i]);
+  for (int64_t i = 0; i < kChunkBytes; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, in.bits + c.index * kChunkBytes + i, sizeof(word));
+    n += __builtin_popcountll(word);
+  }
   return n;
 }
 
-// (T g)^2 summed in fp32 per chunk, with T = |w| + eta for ASAM and 1 for SAM; 8 lanes so the
-// compiler vectorises the loop.  Returns {all, masked}.
-template <typename scalar_t>
-std::array<float, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, const uint8_t* bits, int64_t n,
-                                 bool adaptive, float eta) {
+// kByteLanes[b][l] = bit l of b, as a float: the mask byte spread over 8 lanes.
+const auto kByteLanes = [] {
+  std::array<std::array<float, 8>, 256> t{};
+  for (int b = 0; b < 256; ++b)
+    for (int l = 0; l < 8; ++l) t[b][l] = static_cast<float>((b >> l) & 1);
+  return t;
+}();
+
+// (T g)^2 summed in fp32 per chunk, with T = |w| + eta for ASAM and 1 for SAM, in 8 lanes (one
+// mask byte per step) so that the loop vectorises.  Returns {all, masked}.
+template <bool adaptive, typename scalar_t>
+std::array<float, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, const uint8_t* bits, int64_t n, float eta) {
   constexpr int L = 8;
   float all[L] = {0}, masked[L] = {0};
-  for (int64_t i = 0; i < n; ++i) {
+  auto term = [&](int64_t i) {
     float v = static_cast<float>(g[i]);
     if (adaptive) v *= std::abs(static_cast<float>(w[i])) + eta;
-    const float sq = v * v;
-    all[i % L] += sq;
-    if (bits != nullptr && mask_bit(bits, i)) masked[i % L] += sq;
+    return v * v;
+  };
+  const int64_t full = n / L * L;
+  for (int64_t i = 0; i < full; i += L) {
+    const float* keep = kByteLanes[bits ? bits[i / L] : 0xff].data();
+    for (int l = 0; l < L; ++l) {
+      const float sq = term(i + l);
+      all[l] += sq;
+      masked[l] += sq * keep[l];  // 0 * sq = 0 for finite sq; a non-finite sq shows in `all`
+    }
+  }
+  for (int64_t i = full; i < n; ++i) {
+    const float sq = term(i);
+    all[i - full] += sq;
+    if (!bits || mask_bit(bits, i)) masked[i - full] += sq;
   }
   float a = 0, m = 0;
   for (int l = 0; l < L; ++l) a += all[l], m += masked[l];
-  return {a, bits == nullptr ? a : m};
+  return {a, m};
+}
+
+// Calls f(i) for every set bit i < n of a chunk's mask, 64 bits at a time: the work follows
+// the number of masked entries, and empty words cost one test.
+template <typename F>
+inline void for_each_set_bit(const uint8_t* bits, int64_t n, const F& f) {
+  for (int64_t base = 0; base < n; base += 64) {
+    uint64_t word;
+    std::memcpy(&word, bits + base / 8, sizeof(word));  // chunk masks are whole 512-byte blocks
+    while (word) {
+      const int64_t i = base + __builtin_ctzll(word);
+      word &= word - 1;
+      if (i < n) f(i);
+    }
+  }
 }
 
 at::Tensor grad_sumsq_cpu(at::TensorList params, const OptTensors& grads,
@@ -103,9 +140,11 @@ at::Tensor grad_sumsq_cpu(at::TensorList params, const OptTensors& grads,
     if (!g.has_value()) return;
     const uint8_t* bits = in.bits ? in.bits + c.index * kChunkBytes : nullptr;
     FSAM_DISPATCH_FLOATS(g->scalar_type(), "grad_sumsq", [&] {
-      partial[c.index] = chunk_sumsq(in.params[c.tensor].const_data_ptr<scalar_t>() + c.begin,
-                                     g->const_data_ptr<scalar_t>() + c.begin, bits, c.end - c.begin,
-                                     adaptive, static_cast<float>(eta));
+      const scalar_t* w = in.params[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      const scalar_t* gp = g->const_data_ptr<scalar_t>() + c.begin;
+      const float e = static_cast<float>(eta);
+      partial[c.index] = adaptive ? chunk_sumsq<true>(w, gp, bits, c.end - c.begin, e)
+                                  : chunk_sumsq<false>(w, gp, bits, c.end - c.begin, e);
     });
   });
   // Chunk partials are added in chunk order: the result does not depend on the thread count.
@@ -160,13 +199,11 @@ void masked_perturb_cpu(at::TensorList params, const OptTensors& grads, const st
           for (int64_t i = 0; i < n; ++i) w[i] = perturbed(w[i], gp[i], s, adaptive, e);
         return;
       }
-      const uint8_t* bits = in.bits + c.index * kChunkBytes;
       int64_t j = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        if (!mask_bit(bits, i)) continue;
+      for_each_set_bit(in.bits + c.index * kChunkBytes, n, [&](int64_t i) {
         dst[j++] = w[i];
         if (add) w[i] = perturbed(w[i], gp[i], s, adaptive, e);
-      }
+      });
     });
   });
   TORCH_CHECK(!overflow, "masked_perturb_: save_offsets/saved do not fit the mask (saved has ", capacity, " bytes)");
@@ -195,10 +232,8 @@ void masked_restore_cpu(at::TensorList params, const std::optional<at::Tensor>& 
         std::memcpy(w, src, n * sizeof(scalar_t));
         return;
       }
-      const uint8_t* bits = in.bits + c.index * kChunkBytes;
       int64_t j = 0;
-      for (int64_t i = 0; i < n; ++i)
-        if (mask_bit(bits, i)) w[i] = src[j++];
+      for_each_set_bit(in.bits + c.index * kChunkBytes, n, [&](int64_t i) { w[i] = src[j++]; });
     });
   });
   TORCH_CHECK(!overflow, "masked_restore_: save_offsets/saved do not fit the mask (saved has ", capacity, " bytes)");
