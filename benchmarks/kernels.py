@@ -1,0 +1,116 @@
+"""Kernel microbenchmarks: each family (Fisher accumulation, top-k mask, norm + perturb,
+restore) on one parameter list, every provider side by side."""
+import torch
+
+from fsam_kernels import backends
+from fsam_kernels._layout import ChunkLayout
+
+from . import anchors
+from .param_lists import random_tensors, shapes_for
+from .timing import measure, rotation
+
+FAMILIES = ("fisher", "topk", "perturb", "restore")
+DENSITY = 0.1  # keep 10 % (s = 0.9)
+RHO = 0.05
+
+
+def bytes_per_param(family):
+    """The bytes each family must move per fp32 parameter (SPEC section 2)."""
+    return {
+        "fisher": 12.0,                               # read g, read F, write F
+        "topk": 4.0 + 1 / 8,                          # one read of the scores + the mask write (the floor)
+        "perturb": 4.0 + 8.0 + 1 / 8 + 8 * DENSITY,   # norm reads g; perturb reads g, w, mask, writes w, saved
+        "restore": 1 / 8 + 8 * DENSITY,               # mask, saved read, w written: masked entries only
+    }[family]
+
+
+def _inputs(family, shapes, device, seed, k):
+    G = random_tensors(shapes, device, seed=seed)
+    x = {"G": G}
+    if family == "fisher":
+        x["F"] = random_tensors(shapes, device, seed=seed + 1, positive=True)
+        return x
+    if family == "topk":
+        return x
+    x["P"] = random_tensors(shapes, device, seed=seed + 2)
+    # One selection for every provider: the k largest |g|.
+    bits, counts = backends.op("topk_mask", backends.resolve(None, device))(G, k, True)
+    layout = ChunkLayout(G)
+    x["bits"], x["counts"] = bits, counts
+    x["offsets"], total = layout.save_offsets(counts)
+    x["saved"] = torch.empty(int(total), dtype=torch.uint8, device=device)
+    x["masks"] = [layout.unpack(bits, i).to(torch.float32) for i in range(len(G))]
+    return x
+
+
+def providers(family, device, ours, with_compile):
+    """name -> (setup(x) -> fn).  `ours` are fsam_kernels backends."""
+    p = {}
+    if family == "fisher":
+        p["published-eager"] = lambda x: lambda: anchors.fisher_eager(x["F"], x["G"], 0.95, 0.05)
+        p["foreach"] = lambda x: lambda: anchors.fisher_foreach(x["F"], x["G"], 0.95, 0.05)
+        if with_compile:
+            compiled = torch.compile(anchors.fisher_eager)
+            p["compile"] = lambda x: lambda: compiled(x["F"], x["G"], 0.95, 0.05)
+        for b in ours:
+            op = backends.op("fisher_accumulate_", b)
+            p[f"fsam-{b}"] = lambda x, op=op: lambda: op(x["F"], x["G"], 0.95, 0.05, None)
+    elif family == "topk":
+        p["published-cat-topk"] = lambda x: lambda: anchors.topk_published(x["G"], x["k"])
+        p["cat-kthvalue"] = lambda x: lambda: anchors.topk_kthvalue(x["G"], x["k"])
+        for b in ours:
+            op = backends.op("topk_mask", b)
+            p[f"fsam-{b}"] = lambda x, op=op: lambda: op(x["G"], x["k"], True)
+    elif family == "perturb":
+        p["published-eager"] = lambda x: lambda: anchors.perturb_published(x["P"], x["G"], x["masks"], RHO)
+        p["foreach"] = lambda x: (lambda old: lambda: anchors.perturb_foreach(x["P"], x["G"], x["masks"], RHO, old))(
+            [torch.empty_like(t) for t in x["P"]])
+        if with_compile:
+            compiled = torch.compile(anchors.perturb_published)
+            p["compile"] = lambda x: lambda: compiled(x["P"], x["G"], x["masks"], RHO)
+        for b in ours:
+            sumsq, perturb = backends.op("grad_sumsq", b), backends.op("masked_perturb_", b)
+
+            def setup(x, sumsq=sumsq, perturb=perturb):
+                def fn():
+                    stats = sumsq(x["P"], x["G"], x["bits"], False, 0.0)
+                    scale = RHO / (stats[0].sqrt() + 1e-12)
+                    perturb(x["P"], x["G"], x["bits"], x["offsets"], x["saved"], scale, False, 0.0)
+                return fn
+            p[f"fsam-{b}"] = setup
+    elif family == "restore":
+        def published(x):
+            saved = anchors.perturb_published(x["P"], x["G"], x["masks"], RHO)
+            return lambda: anchors.restore_published(x["P"], saved)
+        p["published-eager"] = published
+        p["foreach"] = lambda x: (lambda old: lambda: anchors.restore_foreach(x["P"], old))(
+            [t.clone() for t in x["P"]])
+        for b in ours:
+            restore = backends.op("masked_restore_", b)
+            p[f"fsam-{b}"] = lambda x, restore=restore: lambda: restore(x["P"], x["bits"], x["offsets"], x["saved"])
+    return p
+
+
+def run(family, spec, device, ours, *, with_compile, min_time, copy_gbps, only=None):
+    """Rows of results for one family on one parameter list."""
+    shapes = shapes_for(spec)
+    n = sum(torch.Size(s).numel() for _, s in shapes)
+    k = int(n * DENSITY)
+    working = 4 * n * {"fisher": 2, "topk": 1, "perturb": 4, "restore": 4}[family]
+    rows = []
+    for name, setup in providers(family, device, ours, with_compile).items():
+        if only and not any(o in name for o in only):
+            continue
+        fns = [setup(x) for x in rotation(lambda i: {**_inputs(family, shapes, device, 10 * i, k), "k": k},
+                                          working, device)]
+        turn = iter(range(1 << 62))
+        t = measure(lambda: fns[next(turn) % len(fns)](), device, min_time)
+        gbps = bytes_per_param(family) * n / (t["median_ms"] * 1e-3) / 1e9
+        rows.append({"family": family, "list": spec, "params": n, "tensors": len(shapes), "provider": name, **t,
+                     "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
+                     "full_reads": t["median_ms"] * 1e-3 * copy_gbps * 1e9 / (4 * n)})
+        del fns
+    published = [r for r in rows if r["provider"].startswith("published")]
+    for r in rows:
+        r["speedup_vs_published"] = published[0]["median_ms"] / r["median_ms"] if published else None
+    return rows

@@ -1,0 +1,145 @@
+"""The main benchmark: `python -m benchmarks.run` (what `make bench` runs).
+
+Kernel microbenchmarks for every family and the whole optimizer step, every provider side by
+side in one run, on synthetic sizes and the real parameter lists of SPEC section 3.  Writes
+JSON, CSV, a markdown report and PNG plots under benchmarks/results/<device>/ and prints a
+summary.  `--help` lists the flags."""
+import argparse
+import csv
+import json
+import os
+import time
+
+import torch
+
+import fsam_kernels
+
+from . import kernels, step
+from .timing import copy_bandwidth, environment
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = {
+    "cpu": {"sizes": "1M,4M,16M,50M", "lists": "minilm,bert-base", "step_lists": "minilm,bert-base"},
+    "cuda": {"sizes": "1M,10M,100M,355M", "lists": "minilm,bert-base,roberta-large",
+             "step_lists": "minilm,bert-base,roberta-large"},
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", help="synthetic totals, e.g. 1M,4M (default per device)")
+    ap.add_argument("--lists", help="real parameter lists for the kernels: minilm,bert-base,roberta-large")
+    ap.add_argument("--step-lists", help="parameter lists for the whole-step benchmark ('' for none)")
+    ap.add_argument("--families", default=",".join(kernels.FAMILIES))
+    ap.add_argument("--providers", help="only providers whose name contains one of these (comma-separated)")
+    ap.add_argument("--backends", help="fsam_kernels backends to run (default: every available one)")
+    ap.add_argument("--compile", choices=["lists", "all", "none"], default="lists",
+                    help="where to run torch.compile of the eager code (compiling takes seconds per graph)")
+    ap.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per measurement")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--out", help="results folder (default benchmarks/results/<device>)")
+    ap.add_argument("--no-plots", action="store_true")
+    return ap.parse_args(argv)
+
+
+def _split(text):
+    return [t for t in (text or "").split(",") if t]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device).type
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is visible")
+    d = DEFAULTS[device]
+    sizes = _split(args.sizes if args.sizes is not None else d["sizes"])
+    lists = _split(args.lists if args.lists is not None else d["lists"])
+    step_lists = _split(args.step_lists if args.step_lists is not None else d["step_lists"])
+    families = _split(args.families)
+    only = _split(args.providers) or None
+    runs_on = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+    ours = _split(args.backends) or [b for b in fsam_kernels.available_backends() if runs_on.get(b, device) == device]
+    min_time = args.min_time or (0.3 if device == "cpu" else 0.5)
+    tag = "cpu" if device == "cpu" else torch.cuda.get_device_name().lower().replace(" ", "-")
+    out = args.out or os.path.join(HERE, "results", tag)
+    os.makedirs(out, exist_ok=True)
+
+    from tqdm import tqdm
+    env = environment(device)
+    started = time.time()
+    bw = copy_bandwidth(device)
+    env["copy_gbps"] = bw
+    jobs = [("kernel", f, s) for s in sizes + lists for f in families] + [("step", None, s) for s in step_lists]
+    kernel_rows, step_rows = [], []
+    for kind, family, spec in tqdm(jobs, desc="fsam benchmarks", unit="job"):
+        if kind == "kernel":
+            with_compile = args.compile == "all" or (args.compile == "lists" and spec in lists)
+            kernel_rows += kernels.run(family, spec, device, ours, with_compile=with_compile, min_time=min_time,
+                                       copy_gbps=bw, only=only)
+        else:
+            step_rows += step.run(spec, device, ours, min_time=min_time, only=only)
+    env["seconds"] = time.time() - started
+    write_results(out, env, kernel_rows, step_rows, plots=not args.no_plots)
+    print(summary(env, kernel_rows, step_rows))
+    print(f"\nresults in {out}")
+
+
+def write_results(out, env, kernel_rows, step_rows, plots=True):
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"environment": env, "kernels": kernel_rows, "step": step_rows}, f, indent=1)
+    for name, rows in (("kernels.csv", kernel_rows), ("step.csv", step_rows)):
+        if rows:
+            with open(os.path.join(out, name), "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+                w.writeheader()
+                w.writerows(rows)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(summary(env, kernel_rows, step_rows, markdown=True) + "\n")
+    if plots:
+        from .plots import plot_all
+        plot_all(out, kernel_rows, step_rows, env)
+
+
+def _table(headers, rows, markdown):
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in [h] + [r[i] for r in rows]) for i, h in enumerate(headers)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*headers)] + [fmt.format(*map(str, r)) for r in rows])
+
+
+def summary(env, kernel_rows, step_rows, markdown=False):
+    head = (f"{'# ' if markdown else ''}fsam_kernels benchmark: {env['device']}\n\n"
+            f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, "
+            f"{env['threads']} CPU threads, backends {env['backends']}; measured copy bandwidth "
+            f"{env['copy_gbps']:.1f} GB/s (read + write); {env['seconds']:.0f} s in all.\n")
+    parts = [head]
+    if kernel_rows:
+        rows = [(r["family"], r["list"], f"{r['params'] / 1e6:.1f}M", r["provider"], f"{r['median_ms']:.3f}",
+                 f"{r['p25_ms']:.3f}-{r['p75_ms']:.3f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}%",
+                 f"{r['full_reads']:.1f}" if r["family"] == "topk" else "",
+                 f"{r['speedup_vs_published']:.1f}x" if r["speedup_vs_published"] else "")
+                for r in kernel_rows]
+        parts.append(("## " if markdown else "") + "Kernels (median ms; GB/s from SPEC section 2's bytes)\n")
+        parts.append(_table(["family", "list", "params", "provider", "ms", "p25-p75", "GB/s", "% copy BW",
+                             "full reads", "vs published"], rows, markdown))
+    if step_rows:
+        rows = [(r["list"], f"{r['params'] / 1e6:.1f}M", r["optimizer"], f"{r['median_ms']:.2f}",
+                 f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}", f"{r['vs_adamw']:.2f}x" if r["vs_adamw"] else "",
+                 f"{r['held_bytes_per_param']:.3f}",
+                 f"{r['peak_extra_bytes_per_param']:.3f}" if "peak_extra_bytes_per_param" in r else "n/a")
+                for r in step_rows]
+        parts.append("\n" + ("## " if markdown else "") +
+                     "Whole optimizer step (outside forward/backward, AdamW included)\n")
+        parts.append(_table(["list", "params", "optimizer", "ms", "p25-p75", "vs AdamW", "held B/param",
+                             "peak extra B/param"], rows, markdown))
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
