@@ -15,6 +15,7 @@ import torch
 import fsam_kernels
 
 from . import kernels, step
+from .param_lists import parse_size, shapes_for
 from .timing import copy_bandwidth, environment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--backends", help="fsam_kernels backends to run (default: every available one)")
     ap.add_argument("--compile", choices=["lists", "all", "none"], default="lists",
                     help="where to run torch.compile of the eager code (compiling takes seconds per graph)")
+    ap.add_argument("--reference-max", default=None,
+                    help="largest list the slow eager `reference` backend runs on (default 20M on CPU, 400M on GPU)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per measurement")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--out", help="results folder (default benchmarks/results/<device>)")
@@ -72,15 +75,18 @@ def main(argv=None):
     started = time.time()
     bw = copy_bandwidth(device)
     env["copy_gbps"] = bw
+    reference_max = parse_size(args.reference_max or ("20M" if device == "cpu" else "400M"))
     jobs = [("kernel", f, s) for s in sizes + lists for f in families] + [("step", None, s) for s in step_lists]
     kernel_rows, step_rows = [], []
     for kind, family, spec in tqdm(jobs, desc="fsam benchmarks", unit="job"):
+        n = sum(torch.Size(s).numel() for _, s in shapes_for(spec))
+        backends_here = [b for b in ours if b != "reference" or n <= reference_max]
         if kind == "kernel":
             with_compile = args.compile == "all" or (args.compile == "lists" and spec in lists)
-            kernel_rows += kernels.run(family, spec, device, ours, with_compile=with_compile, min_time=min_time,
+            kernel_rows += kernels.run(family, spec, device, backends_here, with_compile=with_compile, min_time=min_time,
                                        copy_gbps=bw, only=only)
         else:
-            step_rows += step.run(spec, device, ours, min_time=min_time, only=only)
+            step_rows += step.run(spec, device, backends_here, min_time=min_time, only=only)
     env["seconds"] = time.time() - started
     write_results(out, env, kernel_rows, step_rows, plots=not args.no_plots)
     print(summary(env, kernel_rows, step_rows))
