@@ -57,7 +57,9 @@ std::vector<int64_t> histogram(const Scores& s, int pass, uint32_t prefix, bool 
   return total;
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t k, bool absolute) {
+// check_nan=False lets a caller that knows the scores are finite spare the GPU backends a sync;
+// here the check is free and always done.
+std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t k, bool absolute, bool /*check_nan*/) {
   Scores s{{}, {}, absolute};
   std::vector<int64_t> numels;
   int64_t n = 0;
@@ -131,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fsam, m) {
-  m.def("topk_mask(Tensor[] scores, int k, bool absolute=False) -> (Tensor bits, Tensor chunk_counts)");
+  m.def("topk_mask(Tensor[] scores, int k, bool absolute=False, bool check_nan=True) -> (Tensor bits, Tensor chunk_counts)");
 }
 
 TORCH_LIBRARY_IMPL(fsam, CPU, m) { m.impl("topk_mask", &topk_mask_cpu); }

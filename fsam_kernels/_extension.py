@@ -32,27 +32,5 @@ def has_cuda_kernels():
 
 
 if LOADED:
-    from ._layout import CHUNK_BYTES, num_chunks
-
-    @torch.library.register_fake("fsam::fisher_accumulate_")
-    def _(fisher, grads, decay, alpha, found_inf=None):
-        return None
-
-    @torch.library.register_fake("fsam::topk_mask")
-    def _(scores, k, absolute=False):
-        chunks = sum(num_chunks(s.numel()) for s in scores)
-        device = scores[0].device
-        return (torch.empty(chunks * CHUNK_BYTES, dtype=torch.uint8, device=device),
-                torch.empty(chunks, dtype=torch.int32, device=device))
-
-    @torch.library.register_fake("fsam::grad_sumsq")
-    def _(params, grads, mask_bits=None, adaptive=False, eta=0.0):
-        return torch.empty(2, dtype=torch.float32, device=params[0].device)
-
-    @torch.library.register_fake("fsam::masked_perturb_")
-    def _(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
-        return None
-
-    @torch.library.register_fake("fsam::masked_restore_")
-    def _(params, mask_bits, save_offsets, saved):
-        return None
+    from ._fakes import register_fakes
+    register_fakes("fsam")

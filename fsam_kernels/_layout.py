@@ -64,6 +64,11 @@ class ChunkLayout:
         offsets = base[self._tensor_of_chunk] + before - before[self._first_chunk_of_chunk]
         return offsets, padded.sum()
 
+    def saved_bytes_bound(self, k):
+        """Bytes that the originals of any k entries need, padding included (known without
+        looking at the mask, so without a device sync)."""
+        return k * max(self.itemsizes, default=1) + SAVE_ALIGN * len(self.numels)
+
     def unpack(self, bits, index):
         """The mask of tensor `index` as a bool tensor of its shape."""
         first, n = self.first_chunk[index], self.numels[index]

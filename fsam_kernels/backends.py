@@ -4,8 +4,25 @@ import torch
 
 from . import _extension, reference
 
+import importlib.util
+import os
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
-_DEVICE_OF = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+
+
+def _triton_device():
+    """Where the Triton kernels run: CUDA, or the CPU under the interpreter."""
+    return "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
+
+
+def device_of(backend):
+    """The device type a backend's kernels take (None: any)."""
+    return {"cpu": "cpu", "cuda": "cuda", "triton": _triton_device()}.get(backend)
+
+
+def _triton_usable():
+    return importlib.util.find_spec("triton") is not None and (
+        _triton_device() == "cpu" or torch.cuda.is_available())
 
 
 def available_backends():
@@ -15,6 +32,8 @@ def available_backends():
         found.append("cpu")
         if _extension.has_cuda_kernels() and torch.cuda.is_available():
             found.append("cuda")
+    if _triton_usable():
+        found.append("triton")
     found.append("reference")
     return found
 
@@ -25,15 +44,15 @@ def resolve(backend, device):
     if backend is None or backend == "auto":
         _extension.warn_if_missing()
         for name in available_backends():
-            if _DEVICE_OF.get(name, device.type) == device.type:
+            if device_of(name) in (None, device.type):
                 return name
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend not in available_backends():
         raise RuntimeError(f"backend {backend!r} is not available here (available: {available_backends()})")
-    if _DEVICE_OF.get(backend, device.type) != device.type:
-        raise ValueError(f"backend {backend!r} runs on {_DEVICE_OF[backend]} tensors, got tensors on {device}")
+    if device_of(backend) not in (None, device.type):
+        raise ValueError(f"backend {backend!r} runs on {device_of(backend)} tensors, got tensors on {device}")
     return backend
 
 
@@ -41,4 +60,7 @@ def op(name, backend):
     """The implementation of op `name` (e.g. "topk_mask") for a resolved backend."""
     if backend == "reference":
         return getattr(reference, name)
+    if backend == "triton":
+        from .triton_kernels import library  # noqa: F401  (defines torch.ops.fsam_triton)
+        return getattr(torch.ops.fsam_triton, name)
     return getattr(torch.ops.fsam, name)

@@ -74,11 +74,13 @@ class FSAM(SharpnessAwareOptimizer):
     def _pool_mask(self):
         return self._mask_bits
 
-    def _rebuild_mask(self, scores, absolute):
+    def _rebuild_mask(self, scores, absolute, check_nan=True):
         scores = [torch.zeros_like(p) if s is None else s for p, s in zip(self._pool, scores)]
-        bits, counts = self._op["topk_mask"](scores, self.k, absolute)
-        offsets, total = self._pool_layout.save_offsets(counts)
-        self._pool_saved = torch.empty(int(total), dtype=torch.uint8, device=self._device)  # the one sync
+        bits, counts = self._op["topk_mask"](scores, self.k, absolute, check_nan)
+        offsets, _ = self._pool_layout.save_offsets(counts)
+        if self._pool_saved is None:  # sized for any mask of k entries: no sync to read the exact size
+            self._pool_saved = torch.empty(self._pool_layout.saved_bytes_bound(self.k), dtype=torch.uint8,
+                                           device=self._device)
         self._mask_bits, self._chunk_counts, self._pool_offsets = bits, counts, offsets
         self._steps_since_mask = 0
 
@@ -93,10 +95,11 @@ class FSAM(SharpnessAwareOptimizer):
                                            ~finite)
         # A mask step may sync once: non-finite gradients postpone it to the next step.
         if self._mask_due() and bool(finite):
+            # Finite gradients (and so a finite F): the top-k needs no NaN check and no second sync.
             if self.fisher == "ema":
-                self._rebuild_mask(self._fisher, absolute=False)
+                self._rebuild_mask(self._fisher, absolute=False, check_nan=False)
             else:
-                self._rebuild_mask(pool_grads, absolute=True)
+                self._rebuild_mask(pool_grads, absolute=True, check_nan=False)
             if self.renormalize:
                 stats = self._sumsq(pool_grads, dense_grads, rest_grads)
         self._steps_since_mask += 1
@@ -183,5 +186,6 @@ class FSAM(SharpnessAwareOptimizer):
             self._mask_bits = extra["mask_bits"].to(self._device).clone()
             counts = extra["chunk_counts"].to(self._device).clone()
             self._chunk_counts = counts
-            self._pool_offsets, total = self._pool_layout.save_offsets(counts)
-            self._pool_saved = torch.empty(int(total), dtype=torch.uint8, device=self._device)
+            self._pool_offsets, _ = self._pool_layout.save_offsets(counts)
+            self._pool_saved = torch.empty(self._pool_layout.saved_bytes_bound(self.k), dtype=torch.uint8,
+                                           device=self._device)

@@ -123,7 +123,7 @@ def topk_mask_packed(scores, k, *, absolute=False, backend=None):
         return (torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(chunks, dtype=torch.int32, device=device))
     scores = [s.contiguous() for s in scores]
     impl = backends.op("topk_mask", backends.resolve(backend, device))
-    return impl(scores, k, bool(absolute))
+    return impl(scores, k, bool(absolute), True)
 
 
 def topk_mask(scores, k, *, absolute=False, backend=None):

@@ -20,7 +20,7 @@ def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None):
         f.copy_(new)
 
 
-def topk_mask(scores, k, absolute=False):
+def topk_mask(scores, k, absolute=False, check_nan=True):
     layout = ChunkLayout(scores)
     keys = torch.cat([s.reshape(-1).float() for s in scores]) if scores else torch.zeros(0)
     if absolute:

@@ -1,8 +1,14 @@
+import os
+
 import pytest
 import torch
 
-import fsam_kernels
-from fsam_kernels._layout import CHUNK
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fsam_kernels  # noqa: E402  (after TRITON_INTERPRET)
+from fsam_kernels import backends  # noqa: E402
+from fsam_kernels._layout import CHUNK  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -16,8 +22,17 @@ def devices():
 
 def compiled_backends():
     """(backend, device) pairs of every compiled backend that can run here."""
-    runs_on = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
-    return [(b, runs_on[b]) for b in fsam_kernels.available_backends() if b != "reference"]
+    return [(b, backends.device_of(b)) for b in fsam_kernels.available_backends() if b != "reference"]
+
+
+def all_backends():
+    """compiled_backends() and the reference on the CPU."""
+    return [("reference", "cpu")] + compiled_backends()
+
+
+def interpreted(backend, device):
+    """Triton under the interpreter: slow, so some tests take fewer cases."""
+    return backend == "triton" and device == "cpu"
 
 
 BACKENDS = pytest.mark.parametrize("backend,device", compiled_backends() or [pytest.param(

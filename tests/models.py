@@ -18,7 +18,8 @@ def batch(step, size=8, length=12):
 
 
 def loss_of(model, step):
-    return model(**batch(step)).loss.float()
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch(step).items()}).loss.float()
 
 
 def train(model, opt, steps, start=0):
@@ -30,7 +31,7 @@ def train(model, opt, steps, start=0):
 
 
 def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 def assert_bits_equal(a, b):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fsam_kernels import ops
-from conftest import BACKENDS, DTYPES, compiled_backends, randn, seed_of, shapes
+from conftest import BACKENDS, DTYPES, all_backends, all_backends, compiled_backends, randn, seed_of, shapes
 
 
 @BACKENDS
@@ -29,26 +29,28 @@ def test_matches_reference(backend, device, dtype, shape_set, decay, alpha):
         torch.testing.assert_close(e, want, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + [b for b, _ in compiled_backends()])
-def test_found_inf_leaves_fisher_unchanged(backend):
-    fisher = [torch.rand(100) + 0.5]
-    before = fisher[0].clone()
-    grads = [torch.randn(100)]
-    grads[0][3] = float("inf")
-    ops.fisher_accumulate(fisher, grads, decay=0.9, alpha=0.1, found_inf=torch.tensor(1.0), backend=backend)
-    assert torch.equal(fisher[0], before)
-    ops.fisher_accumulate(fisher, [torch.ones(100)], decay=0.5, alpha=1.0, found_inf=torch.tensor(0.0),
-                          backend=backend)
-    torch.testing.assert_close(fisher[0], before * 0.5 + 1.0)
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_found_inf_leaves_fisher_unchanged(backend, device):
+    with torch.device(device):  # factories below make tensors there
+        fisher = [torch.rand(100) + 0.5]
+        before = fisher[0].clone()
+        grads = [torch.randn(100)]
+        grads[0][3] = float("inf")
+        ops.fisher_accumulate(fisher, grads, decay=0.9, alpha=0.1, found_inf=torch.tensor(1.0), backend=backend)
+        assert torch.equal(fisher[0], before)
+        ops.fisher_accumulate(fisher, [torch.ones(100)], decay=0.5, alpha=1.0, found_inf=torch.tensor(0.0),
+                              backend=backend)
+        torch.testing.assert_close(fisher[0], before * 0.5 + 1.0)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + [b for b, _ in compiled_backends()])
-def test_bad_input(backend):
-    with pytest.raises(TypeError, match=r"fisher\[0\] must be"):
-        ops.fisher_accumulate([torch.zeros(3, dtype=torch.float16)], [torch.randn(3)], backend=backend)
-    with pytest.raises(ValueError, match=r"grads\[0\] has 4 elements"):
-        ops.fisher_accumulate([torch.zeros(3)], [torch.randn(4)], backend=backend)
-    with pytest.raises(ValueError, match="grads has 2 entries"):
-        ops.fisher_accumulate([torch.zeros(3)], [torch.randn(3), torch.randn(3)], backend=backend)
-    with pytest.raises(ValueError, match=r"fisher\[0\] must be contiguous"):
-        ops.fisher_accumulate([torch.zeros(3, 4).t()], [torch.randn(12)], backend=backend)
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_bad_input(backend, device):
+    with torch.device(device):  # factories below make tensors there
+        with pytest.raises(TypeError, match=r"fisher\[0\] must be"):
+            ops.fisher_accumulate([torch.zeros(3, dtype=torch.float16)], [torch.randn(3)], backend=backend)
+        with pytest.raises(ValueError, match=r"grads\[0\] has 4 elements"):
+            ops.fisher_accumulate([torch.zeros(3)], [torch.randn(4)], backend=backend)
+        with pytest.raises(ValueError, match="grads has 2 entries"):
+            ops.fisher_accumulate([torch.zeros(3)], [torch.randn(3), torch.randn(3)], backend=backend)
+        with pytest.raises(ValueError, match=r"fisher\[0\] must be contiguous"):
+            ops.fisher_accumulate([torch.zeros(3, 4).t()], [torch.randn(12)], backend=backend)

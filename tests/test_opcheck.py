@@ -56,3 +56,12 @@ def test_ops_under_torch_compile(device):
     assert not torch.equal(moved, torch.stack([p.sum() for p in original]))
     for p, o in zip(params, original):
         assert torch.equal(p, o)
+
+
+def test_triton_ops_share_the_cpp_schemas():
+    from fsam_kernels._schemas import SCHEMAS
+    from fsam_kernels.triton_kernels import library  # noqa: F401
+    for name, schema in SCHEMAS.items():
+        parsed = torch._C.parse_schema(f"fsam::{name}{schema}")
+        assert str(getattr(torch.ops.fsam, name).default._schema) == str(parsed)
+        assert str(getattr(torch.ops.fsam_triton, name).default._schema) == str(parsed).replace("fsam::", "fsam_triton::")

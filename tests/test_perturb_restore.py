@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fsam_kernels import ops
-from conftest import BACKENDS, DTYPES, compiled_backends, randn, seed_of, shapes
+from conftest import BACKENDS, DTYPES, all_backends, compiled_backends, randn, seed_of, shapes
 
 POISON = 0xAB
 
@@ -127,28 +127,29 @@ def test_grad_sumsq_flags_non_finite(backend, device, bad):
     assert not torch.isfinite(got[0])
 
 
-@pytest.mark.parametrize("backend", ["reference"] + [b for b, _ in compiled_backends()])
-def test_bad_input(backend):
-    params, grads, bits, offsets, saved = setup("mixed", torch.float32, "cpu", True, 1)
-    scale = torch.tensor(0.1)
-    snapshot = to_cpu(params)
-    with pytest.raises(TypeError, match=r"grads\[0\] is torch.float16"):
-        ops.masked_perturb(params, [grads[0].half()] + grads[1:], scale, mask_bits=bits, save_offsets=offsets,
-                           saved=saved, backend=backend)
-    with pytest.raises(ValueError, match="save_offsets has"):
-        ops.masked_perturb(params, grads, scale, mask_bits=bits, save_offsets=offsets[1:], saved=saved,
-                           backend=backend)
-    with pytest.raises(ValueError, match="mask_bits has"):
-        ops.masked_perturb(params, grads, scale, mask_bits=bits[8:], save_offsets=offsets, saved=saved,
-                           backend=backend)
-    with pytest.raises(TypeError, match="scale must be"):
-        ops.masked_perturb(params, grads, 0.1, mask_bits=bits, save_offsets=offsets, saved=saved, backend=backend)
-    with pytest.raises(ValueError, match=r"grads\[0\] has"):
-        ops.grad_sumsq(params, [torch.randn(2)] + grads[1:], backend=backend)
-    with pytest.raises(TypeError, match=r"params\[0\] must be one of"):
-        ops.grad_sumsq([params[0].double()], [grads[0].double()], backend=backend)
-    with pytest.raises(ValueError, match=r"params\[0\] must be contiguous"):
-        ops.masked_restore([torch.randn(4, 3).t()], save_offsets=torch.zeros(1, dtype=torch.int64),
-                           saved=torch.zeros(64, dtype=torch.uint8), backend=backend)
-    for p, o in zip(params, snapshot):
-        assert torch.equal(p, o)
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_bad_input(backend, device):
+    with torch.device(device):  # factories below make tensors there
+        params, grads, bits, offsets, saved = setup("mixed", torch.float32, device, True, 1)
+        scale = torch.tensor(0.1, device=device)
+        snapshot = to_cpu(params)
+        with pytest.raises(TypeError, match=r"grads\[0\] is torch.float16"):
+            ops.masked_perturb(params, [grads[0].half()] + grads[1:], scale, mask_bits=bits, save_offsets=offsets,
+                               saved=saved, backend=backend)
+        with pytest.raises(ValueError, match="save_offsets has"):
+            ops.masked_perturb(params, grads, scale, mask_bits=bits, save_offsets=offsets[1:], saved=saved,
+                               backend=backend)
+        with pytest.raises(ValueError, match="mask_bits has"):
+            ops.masked_perturb(params, grads, scale, mask_bits=bits[8:], save_offsets=offsets, saved=saved,
+                               backend=backend)
+        with pytest.raises(TypeError, match="scale must be"):
+            ops.masked_perturb(params, grads, 0.1, mask_bits=bits, save_offsets=offsets, saved=saved, backend=backend)
+        with pytest.raises(ValueError, match=r"grads\[0\] has"):
+            ops.grad_sumsq(params, [torch.randn(2)] + grads[1:], backend=backend)
+        with pytest.raises(TypeError, match=r"params\[0\] must be one of"):
+            ops.grad_sumsq([params[0].double()], [grads[0].double()], backend=backend)
+        with pytest.raises(ValueError, match=r"params\[0\] must be contiguous"):
+            ops.masked_restore([torch.randn(4, 3).t()], save_offsets=torch.zeros(1, dtype=torch.int64),
+                               saved=torch.zeros(64, dtype=torch.uint8), backend=backend)
+        for p, o in zip(params, snapshot):
+            assert torch.equal(p, o)

@@ -4,7 +4,7 @@ import torch
 
 from fsam_kernels import ops
 from fsam_kernels._layout import CHUNK
-from conftest import BACKENDS, DTYPES, compiled_backends, randn, seed_of, shapes
+from conftest import BACKENDS, DTYPES, all_backends, compiled_backends, randn, seed_of, shapes
 
 
 def check_same(scores, k, absolute, backend, device):
@@ -99,24 +99,25 @@ def test_infinities(backend, device):
     check_same(scores, 2, True, backend, device)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + [b for b, _ in compiled_backends()])
-def test_bad_input(backend):
-    x = [torch.randn(10), torch.randn(5)]
-    with pytest.raises(ValueError, match="k must be in"):
-        ops.topk_mask(x, 16, backend=backend)
-    with pytest.raises(ValueError, match="k must be in"):
-        ops.topk_mask(x, -1, backend=backend)
-    with pytest.raises(TypeError, match="k must be an int"):
-        ops.topk_mask(x, 2.5, backend=backend)
-    with pytest.raises(TypeError, match=r"scores\[0\]"):
-        ops.topk_mask([torch.arange(4)], 1, backend=backend)
-    with pytest.raises(TypeError, match="list of tensors"):
-        ops.topk_mask(torch.randn(4), 1, backend=backend)
-    nan = [torch.randn(10), torch.tensor([1.0, float("nan")])]
-    with pytest.raises(RuntimeError, match="NaN"):
-        ops.topk_mask(nan, 3, backend=backend)
-    with pytest.raises(RuntimeError, match="NaN"):
-        ops.topk_mask(nan, 0, backend=backend)
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_bad_input(backend, device):
+    with torch.device(device):  # factories below make tensors there
+        x = [torch.randn(10, device=device), torch.randn(5, device=device)]
+        with pytest.raises(ValueError, match="k must be in"):
+            ops.topk_mask(x, 16, backend=backend)
+        with pytest.raises(ValueError, match="k must be in"):
+            ops.topk_mask(x, -1, backend=backend)
+        with pytest.raises(TypeError, match="k must be an int"):
+            ops.topk_mask(x, 2.5, backend=backend)
+        with pytest.raises(TypeError, match=r"scores\[0\]"):
+            ops.topk_mask([torch.arange(4)], 1, backend=backend)
+        with pytest.raises(TypeError, match="list of tensors"):
+            ops.topk_mask(torch.randn(4), 1, backend=backend)
+        nan = [torch.randn(10), torch.tensor([1.0, float("nan")])]
+        with pytest.raises(RuntimeError, match="NaN"):
+            ops.topk_mask(nan, 3, backend=backend)
+        with pytest.raises(RuntimeError, match="NaN"):
+            ops.topk_mask(nan, 0, backend=backend)
 
 
 def test_unknown_backend():

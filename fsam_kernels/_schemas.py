@@ -1,0 +1,12 @@
+"""The op schemas, as csrc/*.cpp defines them for torch.ops.fsam.  The Triton backend defines
+the same ops under torch.ops.fsam_triton (tests check that the two stay equal)."""
+
+SCHEMAS = {
+    "fisher_accumulate_": "(Tensor(a!)[] fisher, Tensor?[] grads, float decay, float alpha, "
+                          "Tensor? found_inf=None) -> ()",
+    "topk_mask": "(Tensor[] scores, int k, bool absolute=False, bool check_nan=True) -> (Tensor bits, Tensor chunk_counts)",
+    "grad_sumsq": "(Tensor[] params, Tensor?[] grads, Tensor? mask_bits, bool adaptive=False, float eta=0.0) -> Tensor",
+    "masked_perturb_": "(Tensor(a!)[] params, Tensor?[] grads, Tensor? mask_bits, Tensor save_offsets, "
+                       "Tensor(b!) saved, Tensor scale, bool adaptive=False, float eta=0.0) -> ()",
+    "masked_restore_": "(Tensor(a!)[] params, Tensor? mask_bits, Tensor save_offsets, Tensor saved) -> ()",
+}

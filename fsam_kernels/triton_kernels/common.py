@@ -1,0 +1,59 @@
+"""Pieces every Triton kernel of the package shares."""
+import triton
+import triton.language as tl
+
+from .._layout import CHUNK
+
+BLOCK = CHUNK  # one program per chunk of the layout
+# Round as the reference does: no fused multiply-add.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+def tl_dtype(dtype):
+    import torch
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+@triton.jit
+def chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK: tl.constexpr):
+    """(member index, element offsets, in-bounds lanes) of this program's chunk."""
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor + pid)
+    offs = tl.load(chunk_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    return t, offs, offs < tl.load(numel + t)
+
+
+@triton.jit
+def typed(addr_table, t, DT: tl.constexpr):
+    """Pointer to the data of member t, from the int64 address table."""
+    return tl.load(addr_table + t).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def mask_lanes(bits, chunk, BLOCK: tl.constexpr):
+    """The chunk's mask bits, one per lane (bit j of byte b is lane 8 b + j)."""
+    lane = tl.arange(0, BLOCK)
+    byte = tl.load(bits + chunk * (BLOCK // 8) + lane // 8)
+    return ((byte >> (lane % 8).to(tl.uint8)) & 1) != 0
+
+
+@triton.jit
+def round_to(x, DT: tl.constexpr):
+    """fp32 -> DT rounding to nearest even.  bfloat16 is rounded by hand: the interpreter's
+    conversion truncates, and the hand rounding is what the GPU's cvt.rn does."""
+    if DT == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        return tl.where(x != x, x, u.to(tl.float32, bitcast=True)).to(DT)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def order_key(x, ABSOLUTE: tl.constexpr):
+    """uint32 keys that order like the floats (-0 folded onto +0)."""
+    u = x.to(tl.uint32, bitcast=True)
+    if ABSOLUTE:
+        u = u & 0x7FFFFFFF
+    u = tl.where(u == 0x80000000, 0, u)
+    return tl.where((u & 0x80000000) != 0, u ^ 0xFFFFFFFF, u | 0x80000000)

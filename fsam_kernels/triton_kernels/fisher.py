@@ -1,0 +1,33 @@
+"""Fisher accumulation F <- decay F + alpha g^2 over a list: the kernel, then its launcher."""
+import triton
+import triton.language as tl
+
+from . import tables
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, tl_dtype, typed
+
+
+@triton.jit
+def _fisher_kernel(f_addr, g_addr, chunk_tensor, chunk_start, numel, found_inf, decay, alpha,
+                   G_DT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
+    if HAS_FOUND_INF:
+        # skipped: nothing read, nothing written (tl.where: the interpreter cannot `and` a float
+        # comparison's scalar with a block)
+        lanes = tl.where(tl.load(found_inf) == 0, lanes, False)
+    f_ptr = typed(f_addr, t, tl.float32)
+    has_grad = tl.load(g_addr + t) != 0
+    g = tl.load(typed(g_addr, t, G_DT) + offs, mask=lanes & has_grad, other=0.0).to(tl.float32)
+    f = tl.load(f_ptr + offs, mask=lanes, other=0.0)
+    tl.store(f_ptr + offs, f * decay + (g * g) * alpha, mask=lanes)
+
+
+def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None):
+    # Grouped by the gradients' dtype (F is always fp32); a missing gradient goes with fp32.
+    keyed = [g if g is not None else f for f, g in zip(fisher, grads)]
+    device = fisher[0].device
+    for group in tables.groups(keyed):
+        _fisher_kernel[(group.chunks,)](
+            tables.addresses(fisher, group.members, device), tables.addresses(grads, group.members, device),
+            group.chunk_tensor, group.chunk_start, group.numel,
+            found_inf if found_inf is not None else group.numel, float(decay), float(alpha),
+            G_DT=tl_dtype(group.dtype), HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, **LAUNCH_OPTIONS)

@@ -1,0 +1,23 @@
+"""torch.ops.fsam_triton.*: the Triton launchers as torch.library ops (schemas of
+fsam_kernels/_schemas.py, impls for CUDA tensors and for CPU tensors under the interpreter,
+fake impls for torch.compile, which treats them as opaque calls)."""
+import torch
+
+from .._fakes import register_fakes
+from .._schemas import SCHEMAS
+from . import fisher, perturb, topk
+
+_IMPLS = {
+    "fisher_accumulate_": fisher.fisher_accumulate_,
+    "topk_mask": topk.topk_mask,
+    "grad_sumsq": perturb.grad_sumsq,
+    "masked_perturb_": perturb.masked_perturb_,
+    "masked_restore_": perturb.masked_restore_,
+}
+
+_lib = torch.library.Library("fsam_triton", "DEF")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+    for _key in ("CUDA", "CPU"):
+        _lib.impl(_name, _IMPLS[_name], _key)
+register_fakes("fsam_triton")

@@ -1,0 +1,104 @@
+"""Gradient norm, masked perturbation with compact saving, and restore: the kernels, then their
+launchers.  Saved values follow fsam_kernels/_layout.py: chunk c's originals, in their own
+dtype and element order, from byte save_offsets[c] of `saved`."""
+import torch
+import triton
+import triton.language as tl
+
+from . import tables
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, round_to, tl_dtype, typed
+
+
+@triton.jit
+def _sumsq_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel, bits, partials, eta,
+                  DT: tl.constexpr, MASKED: tl.constexpr, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
+    chunk = tl.load(chunk_index + tl.program_id(0))
+    lanes = lanes & (tl.load(g_addr + t) != 0)
+    v = tl.load(typed(g_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
+    if ADAPTIVE:
+        w = tl.load(typed(p_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
+        v = v * (tl.abs(w) + eta)
+    sq = v * v
+    tl.store(partials + 2 * chunk, tl.sum(sq, 0))
+    if MASKED:
+        sq = tl.where(mask_lanes(bits, chunk, BLOCK), sq, 0.0)
+    tl.store(partials + 2 * chunk + 1, tl.sum(sq, 0))
+
+
+@triton.jit
+def _saved_slots(bits, save_offsets, chunk, lanes, MASKED: tl.constexpr, ITEMSIZE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """(lanes saved, their slot in the saved buffer in elements)."""
+    if MASKED:
+        lanes = lanes & mask_lanes(bits, chunk, BLOCK)
+    rank = tl.cumsum(lanes.to(tl.int64), 0) - 1
+    return lanes, tl.load(save_offsets + chunk) // ITEMSIZE + rank
+
+
+@triton.jit
+def _perturb_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel, bits, save_offsets, saved,
+                    scale_ptr, eta, DT: tl.constexpr, ITEMSIZE: tl.constexpr, MASKED: tl.constexpr,
+                    ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
+    chunk = tl.load(chunk_index + tl.program_id(0))
+    lanes, slot = _saved_slots(bits, save_offsets, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
+    w_ptr = typed(p_addr, t, DT)
+    w = tl.load(w_ptr + offs, mask=lanes, other=0.0)
+    tl.store(saved + slot, w, mask=lanes)  # the originals, even when nothing moves: restore is exact
+    scale = tl.load(scale_ptr)
+    # tl.where, not &: the interpreter cannot `and` a float comparison's scalar with a block
+    move = tl.where(scale != 0.0, lanes & (tl.load(g_addr + t) != 0), False)
+    d = tl.load(typed(g_addr, t, DT) + offs, mask=move, other=0.0).to(tl.float32)
+    wf = w.to(tl.float32)
+    if ADAPTIVE:
+        tw = tl.abs(wf) + eta
+        d = d * (tw * tw)
+    tl.store(w_ptr + offs, round_to(wf + d * scale, DT), mask=move)
+
+
+@triton.jit
+def _restore_kernel(p_addr, chunk_tensor, chunk_start, chunk_index, numel, bits, save_offsets, saved,
+                    DT: tl.constexpr, ITEMSIZE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
+    chunk = tl.load(chunk_index + tl.program_id(0))
+    lanes, slot = _saved_slots(bits, save_offsets, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
+    tl.store(typed(p_addr, t, DT) + offs, tl.load(saved + slot, mask=lanes), mask=lanes)
+
+
+def _dummy(device):
+    return torch.empty(1, dtype=torch.uint8, device=device)
+
+
+def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
+    device = params[0].device
+    groups = tables.groups(params)
+    partials = torch.zeros(sum(g.chunks for g in groups), 2, dtype=torch.float32, device=device)
+    for g in groups:
+        _sumsq_kernel[(g.chunks,)](
+            tables.addresses(params, g.members, device), tables.addresses(grads, g.members, device), g.chunk_tensor,
+            g.chunk_start, g.chunk_index, g.numel, mask_bits if mask_bits is not None else _dummy(device), partials,
+            float(eta), DT=tl_dtype(g.dtype), MASKED=mask_bits is not None, ADAPTIVE=bool(adaptive), BLOCK=BLOCK,
+            **LAUNCH_OPTIONS)
+    return partials.sum(0)
+
+
+def masked_perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
+    device = params[0].device
+    for g in tables.groups(params):
+        itemsize = torch.empty(0, dtype=g.dtype).element_size()
+        _perturb_kernel[(g.chunks,)](
+            tables.addresses(params, g.members, device), tables.addresses(grads, g.members, device), g.chunk_tensor,
+            g.chunk_start, g.chunk_index, g.numel, mask_bits if mask_bits is not None else _dummy(device),
+            save_offsets, saved.view(g.dtype), scale, float(eta), DT=tl_dtype(g.dtype), ITEMSIZE=itemsize,
+            MASKED=mask_bits is not None, ADAPTIVE=bool(adaptive), BLOCK=BLOCK, **LAUNCH_OPTIONS)
+
+
+def masked_restore_(params, mask_bits, save_offsets, saved):
+    device = params[0].device
+    for g in tables.groups(params):
+        itemsize = torch.empty(0, dtype=g.dtype).element_size()
+        _restore_kernel[(g.chunks,)](
+            tables.addresses(params, g.members, device), g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel,
+            mask_bits if mask_bits is not None else _dummy(device), save_offsets, saved.view(g.dtype),
+            DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, MASKED=mask_bits is not None, BLOCK=BLOCK, **LAUNCH_OPTIONS)
