@@ -109,7 +109,7 @@ def run(family, spec, device, ours, *, with_compile, min_time, copy_gbps, only=N
         rows.append({"family": family, "list": spec, "params": n, "tensors": len(shapes), "provider": name, **t,
                      "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
                      "full_reads": t["median_ms"] * 1e-3 * copy_gbps * 1e9 / (4 * n)})
-        del fns
+        fns = None  # free this provider's inputs before the next one allocates its own
     published = [r for r in rows if r["provider"].startswith("published")]
     for r in rows:
         r["speedup_vs_published"] = published[0]["median_ms"] / r["median_ms"] if published else None

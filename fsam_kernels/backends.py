@@ -44,7 +44,8 @@ def resolve(backend, device):
     if backend is None or backend == "auto":
         _extension.warn_if_missing()
         for name in available_backends():
-            if device_of(name) in (None, device.type):
+            # The interpreted Triton kernels are for testing: never picked by themselves.
+            if device_of(name) in (None, device.type) and not (name == "triton" and _triton_device() == "cpu"):
                 return name
         return "reference"
     if backend not in BACKENDS:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fsam_kernels import ops
-from conftest import BACKENDS, DTYPES, all_backends, all_backends, compiled_backends, randn, seed_of, shapes
+from conftest import BACKENDS, DTYPES, all_backends, randn, seed_of, shapes
 
 
 @BACKENDS

@@ -3,61 +3,69 @@ dispatch), and the ops under torch.compile."""
 import pytest
 import torch
 
-import fsam_kernels
-from fsam_kernels import ops
-from conftest import devices
+from fsam_kernels import backends, ops
+from conftest import compiled_backends
 
-pytestmark = pytest.mark.skipif(not fsam_kernels.EXTENSION_LOADED, reason="fsam_kernels._C not built")
+# (namespace of the ops, device) for every compiled backend; `reference` is plain eager code.
+NAMESPACES = [({"triton": "fsam_triton"}.get(b, "fsam"), d) for b, d in compiled_backends()]
+CASES = pytest.mark.parametrize("namespace,device", NAMESPACES or [pytest.param(
+    None, None, marks=pytest.mark.skip(reason="no compiled backend built"))])
 
 
 def inputs(device):
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=g).to(device) for s in [(5000,), (3, 7), (64,)]]
     grads = [torch.randn(p.shape, generator=g).to(device) for p in params]
-    bits, counts = torch.ops.fsam.topk_mask(grads, 500, True)
+    bits, counts = ops.topk_mask_packed(grads, 500, absolute=True, backend="reference" if device == "cpu" else None)
     offsets, saved = ops.save_layout(params, counts)
     return params, grads, bits, offsets, saved
 
 
-@pytest.mark.parametrize("device", devices())
-def test_opcheck_all_ops(device):
+def namespace_ops(namespace):
+    backends.op("topk_mask", "triton" if namespace == "fsam_triton" else "cpu")  # defines the namespace
+    return getattr(torch.ops, namespace)
+
+
+@CASES
+def test_opcheck_all_ops(namespace, device):
+    fsam = namespace_ops(namespace)
     params, grads, bits, offsets, saved = inputs(device)
     scale = torch.tensor(0.1, device=device)
     fisher = [torch.rand(p.shape, device=device) for p in params]
-    torch.library.opcheck(torch.ops.fsam.topk_mask.default, (grads, 500, True))
-    torch.library.opcheck(torch.ops.fsam.topk_mask.default, (fisher, 0, False))
-    torch.library.opcheck(torch.ops.fsam.fisher_accumulate_.default, (fisher, [grads[0], None, grads[2]], 0.9, 0.1))
-    torch.library.opcheck(torch.ops.fsam.fisher_accumulate_.default,
-                          (fisher, grads, 0.9, 0.1, torch.tensor(0.0, device=device)))
-    torch.library.opcheck(torch.ops.fsam.grad_sumsq.default, (params, grads, bits, True, 0.01))
-    torch.library.opcheck(torch.ops.fsam.grad_sumsq.default, (params, [None, grads[1], None], None))
-    torch.library.opcheck(torch.ops.fsam.masked_perturb_.default,
-                          (params, grads, bits, offsets, saved, scale, False, 0.0))
-    torch.library.opcheck(torch.ops.fsam.masked_restore_.default, (params, bits, offsets, saved))
+    torch.library.opcheck(fsam.topk_mask.default, (grads, 500, True))
+    torch.library.opcheck(fsam.topk_mask.default, (fisher, 0, False))
+    torch.library.opcheck(fsam.fisher_accumulate_.default, (fisher, [grads[0], None, grads[2]], 0.9, 0.1))
+    torch.library.opcheck(fsam.fisher_accumulate_.default, (fisher, grads, 0.9, 0.1, torch.tensor(0.0, device=device)))
+    torch.library.opcheck(fsam.grad_sumsq.default, (params, grads, bits, True, 0.01))
+    torch.library.opcheck(fsam.grad_sumsq.default, (params, [None, grads[1], None], None))
+    torch.library.opcheck(fsam.masked_perturb_.default, (params, grads, bits, offsets, saved, scale, False, 0.0))
+    torch.library.opcheck(fsam.masked_restore_.default, (params, bits, offsets, saved))
 
 
-@pytest.mark.parametrize("device", devices())
-def test_ops_under_torch_compile(device):
+@CASES
+def test_ops_under_torch_compile(namespace, device):
+    fsam = namespace_ops(namespace)
     params, grads, bits, offsets, saved = inputs(device)
     original = [p.clone() for p in params]
 
     def sam_round_trip(params, grads, bits, offsets, saved):
-        stats = torch.ops.fsam.grad_sumsq(params, grads, bits, False, 0.0)
+        stats = fsam.grad_sumsq(params, grads, bits, False, 0.0)
         scale = 0.05 / (stats[0].sqrt() + 1e-12)
-        torch.ops.fsam.masked_perturb_(params, grads, bits, offsets, saved, scale, False, 0.0)
+        fsam.masked_perturb_(params, grads, bits, offsets, saved, scale, False, 0.0)
         moved = torch.stack([p.sum() for p in params])
-        torch.ops.fsam.masked_restore_(params, bits, offsets, saved)
+        fsam.masked_restore_(params, bits, offsets, saved)
         return stats, moved
 
     compiled = torch.compile(sam_round_trip, backend="aot_eager", fullgraph=True)
     stats, moved = compiled(params, grads, bits, offsets, saved)
-    expected = ops.grad_sumsq(original, grads, mask_bits=bits)
+    expected = ops.grad_sumsq(original, grads, mask_bits=bits, backend="reference")
     torch.testing.assert_close(stats, expected)
     assert not torch.equal(moved, torch.stack([p.sum() for p in original]))
     for p, o in zip(params, original):
         assert torch.equal(p, o)
 
 
+@pytest.mark.skipif(not __import__("fsam_kernels").EXTENSION_LOADED, reason="fsam_kernels._C not built")
 def test_triton_ops_share_the_cpp_schemas():
     from fsam_kernels._schemas import SCHEMAS
     from fsam_kernels.triton_kernels import library  # noqa: F401

@@ -359,3 +359,22 @@ def test_param_groups_and_plain_tensors():
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-2]
     n = sum(p.numel() for p in model.parameters())
     assert opt.mask_density() == (n // 2) / n
+
+
+GPU = [b for b, d in compiled_backends() if d == "cuda"]
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU backend")
+@pytest.mark.parametrize("backend", GPU)
+@pytest.mark.parametrize("cls", [FSAM, SAM])
+def test_no_host_sync_outside_mask_steps(backend, cls):
+    model, opt = make(cls, backend, mask_interval=100)
+    train(model, opt, 1)  # the mask step (may sync once)
+    for step in (opt.first_step, opt.second_step):  # the model's own forward/backward are not ours to check
+        loss_of(model, 1).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(zero_grad=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -4,7 +4,7 @@ import torch
 
 from fsam_kernels import ops
 from fsam_kernels._layout import CHUNK
-from conftest import BACKENDS, DTYPES, all_backends, compiled_backends, randn, seed_of, shapes
+from conftest import BACKENDS, DTYPES, all_backends, interpreted, randn, seed_of, shapes
 
 
 def check_same(scores, k, absolute, backend, device):
@@ -27,9 +27,11 @@ def ks(n):
 @pytest.mark.parametrize("shape_set", ["one_odd", "mixed", "many"])
 @pytest.mark.parametrize("absolute", [True, False])
 def test_random_scores(backend, device, dtype, shape_set, absolute):
+    if interpreted(backend, device) and shape_set == "many" and dtype != torch.float32:
+        pytest.skip("the interpreter is slow: 200 tensors in fp32 only (other dtypes run on the smaller sets)")
     scores = randn(shapes(shape_set), dtype, "cpu", seed=seed_of(dtype, shape_set, absolute))
     n = sum(s.numel() for s in scores)
-    for k in ks(n):
+    for k in (ks(n) if not interpreted(backend, device) or shape_set != "many" else [1, n // 10, n]):
         check_same(scores, k, absolute, backend, device)
 
 
