@@ -56,6 +56,16 @@ inline uint32_t order_key(float x, bool absolute) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The first radix pass: the top 11 bits of the key, plus a NaN count (fsam_kernels/_schemas.py).
+constexpr int kFirstShift = 21;
+constexpr int64_t kFirstBins = 1 << (32 - kFirstShift);
+constexpr int64_t kFirstHistSize = kFirstBins + 1;
+
+inline void check_first_hist(const at::Tensor& h, const char* op) {
+  TORCH_CHECK(h.scalar_type() == at::kLong && h.is_contiguous() && h.device().is_cpu() && h.numel() == kFirstHistSize,
+              op, ": first_hist must be a contiguous int64 CPU tensor of ", kFirstHistSize, " entries");
+}
+
 inline bool mask_bit(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 
 inline void check_float_dtype(const at::Tensor& t, const char* what, int64_t i) {

@@ -58,8 +58,9 @@ std::vector<int64_t> histogram(const Scores& s, int pass, uint32_t prefix, bool 
 }
 
 // check_nan=False lets a caller that knows the scores are finite spare the GPU backends a sync;
-// here the check is free and always done.
-std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t k, bool absolute, bool /*check_nan*/) {
+// a pass over the scores here checks for NaN anyway, it costs nothing.
+std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t k, bool absolute, bool check_nan,
+                                                 const std::optional<at::Tensor>& first_hist) {
   Scores s{{}, {}, absolute};
   std::vector<int64_t> numels;
   int64_t n = 0;
@@ -81,7 +82,16 @@ std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t 
   uint32_t prefix = 0;
   int64_t k_left = k, ties = 0;
   for (int pass = 0; pass < kPasses && (pass == 0 || k > 0); ++pass) {
-    auto hist = histogram(s, pass, prefix, pass == 0);
+    std::vector<int64_t> hist;
+    if (pass == 0 && first_hist.has_value()) {  // counted by fisher_accumulate_: no pass over the scores
+      check_first_hist(*first_hist, "topk_mask");
+      TORCH_CHECK(!absolute, "topk_mask: first_hist counts signed keys; it cannot serve absolute=True");
+      const int64_t* h = first_hist->const_data_ptr<int64_t>();
+      TORCH_CHECK(!check_nan || h[kFirstBins] == 0, "topk_mask: scores contain NaN; the ranking is undefined");
+      hist.assign(h, h + kFirstBins);
+    } else {
+      hist = histogram(s, pass, prefix, pass == 0);
+    }
     if (k == 0) break;
     int64_t greater = 0;
     int digit = static_cast<int>(hist.size()) - 1;
@@ -133,7 +143,9 @@ std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fsam, m) {
-  m.def("topk_mask(Tensor[] scores, int k, bool absolute=False, bool check_nan=True) -> (Tensor bits, Tensor chunk_counts)");
+  m.def(
+      "topk_mask(Tensor[] scores, int k, bool absolute=False, bool check_nan=True, Tensor? first_hist=None) "
+      "-> (Tensor bits, Tensor chunk_counts)");
 }
 
 TORCH_LIBRARY_IMPL(fsam, CPU, m) { m.impl("topk_mask", &topk_mask_cpu); }

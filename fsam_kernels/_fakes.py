@@ -7,11 +7,11 @@ from ._layout import CHUNK_BYTES, num_chunks
 
 def register_fakes(namespace):
     @torch.library.register_fake(f"{namespace}::fisher_accumulate_")
-    def _(fisher, grads, decay, alpha, found_inf=None):
+    def _(fisher, grads, decay, alpha, found_inf=None, first_hist=None):
         return None
 
     @torch.library.register_fake(f"{namespace}::topk_mask")
-    def _(scores, k, absolute=False, check_nan=True):
+    def _(scores, k, absolute=False, check_nan=True, first_hist=None):
         chunks = sum(num_chunks(s.numel()) for s in scores)
         device = scores[0].device
         return (torch.empty(chunks * CHUNK_BYTES, dtype=torch.uint8, device=device),

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ._schemas import FIRST_HIST_SIZE
 from .params import pool_predicate
 from .sam import SharpnessAwareOptimizer, _check_number
 
@@ -74,9 +75,9 @@ class FSAM(SharpnessAwareOptimizer):
     def _pool_mask(self):
         return self._mask_bits
 
-    def _rebuild_mask(self, scores, absolute, check_nan=True):
+    def _rebuild_mask(self, scores, absolute, check_nan=True, first_hist=None):
         scores = [torch.zeros_like(p) if s is None else s for p, s in zip(self._pool, scores)]
-        bits, counts = self._op["topk_mask"](scores, self.k, absolute, check_nan)
+        bits, counts = self._op["topk_mask"](scores, self.k, absolute, check_nan, first_hist)
         offsets, _ = self._pool_layout.save_offsets(counts)
         if self._pool_saved is None:  # sized for any mask of k entries: no sync to read the exact size
             self._pool_saved = torch.empty(self._pool_layout.saved_bytes_bound(self.k), dtype=torch.uint8,
@@ -90,14 +91,19 @@ class FSAM(SharpnessAwareOptimizer):
         return self.fisher != "samples" and self._steps_since_mask >= self.mask_interval
 
     def _before_perturb(self, pool_grads, dense_grads, rest_grads, stats, finite):
+        due = self._mask_due()
+        # On a mask step the accumulation also counts the top-k's first radix digit.
+        first_hist = None
         if self.fisher == "ema":
+            if due:
+                first_hist = torch.zeros(FIRST_HIST_SIZE, dtype=torch.int64, device=self._device)
             self._op["fisher_accumulate_"](self._fisher, pool_grads, self.fisher_decay, 1.0 - self.fisher_decay,
-                                           ~finite)
+                                           ~finite, first_hist)
         # A mask step may sync once: non-finite gradients postpone it to the next step.
-        if self._mask_due() and bool(finite):
+        if due and bool(finite):
             # Finite gradients (and so a finite F): the top-k needs no NaN check and no second sync.
             if self.fisher == "ema":
-                self._rebuild_mask(self._fisher, absolute=False, check_nan=False)
+                self._rebuild_mask(self._fisher, absolute=False, check_nan=False, first_hist=first_hist)
             else:
                 self._rebuild_mask(pool_grads, absolute=True, check_nan=False)
             if self.renormalize:

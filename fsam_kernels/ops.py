@@ -8,6 +8,7 @@ import torch
 
 from . import backends
 from ._layout import CHUNK_BYTES, ChunkLayout, num_chunks
+from ._schemas import FIRST_HIST_SIZE
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -77,11 +78,18 @@ def _total_chunks(tensors):
     return sum(num_chunks(t.numel()) for t in tensors)
 
 
-def fisher_accumulate(fisher, grads, *, decay=1.0, alpha=1.0, found_inf=None, backend=None):
+def new_first_hist(device):
+    """A zeroed first_hist for fisher_accumulate to fill and topk_mask_packed to use."""
+    return torch.zeros(FIRST_HIST_SIZE, dtype=torch.int64, device=device)
+
+
+def fisher_accumulate(fisher, grads, *, decay=1.0, alpha=1.0, found_inf=None, first_hist=None, backend=None):
     """In place: fisher[i] <- decay * fisher[i] + alpha * grads[i]**2 (fp32), for every i.
 
     A None gradient counts as zero.  With `found_inf` (a one-element tensor on the device),
-    nothing changes when it is non-zero, without a host sync.
+    nothing changes when it is non-zero, without a host sync.  With `first_hist` (from
+    new_first_hist) the pass also counts the first radix digit of the new values, which
+    topk_mask_packed(fisher, k, first_hist=...) then need not read them for.
     """
     fisher = _tensor_list("fisher", fisher)
     grads = _tensor_list("grads", grads, optional=True)
@@ -96,19 +104,22 @@ def fisher_accumulate(fisher, grads, *, decay=1.0, alpha=1.0, found_inf=None, ba
     device = _device_of(fisher=fisher, grads=grads)
     if found_inf is not None and (found_inf.numel() != 1 or found_inf.device != device):
         raise ValueError(f"found_inf must be a one-element tensor on {device}")
+    if first_hist is not None:
+        _check_buffer("first_hist", first_hist, torch.int64, FIRST_HIST_SIZE, device)
     if not fisher:
         return
     grads = [g if g is None else g.contiguous() for g in grads]
     impl = backends.op("fisher_accumulate_", backends.resolve(backend, device))
-    impl(fisher, grads, float(decay), float(alpha), found_inf)
+    impl(fisher, grads, float(decay), float(alpha), found_inf, first_hist)
 
 
-def topk_mask_packed(scores, k, *, absolute=False, backend=None):
+def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None):
     """The k largest scores over the whole list (|scores| with absolute=True) as a packed bit
     mask and per-chunk popcounts (layout in fsam_kernels/_layout.py).
 
     Exactly k entries are selected; among equal scores the lower flat index wins (flat index:
-    list order, then row-major).  NaN scores raise.
+    list order, then row-major).  NaN scores raise.  `first_hist`: what fisher_accumulate
+    counted while writing these scores (saves a pass; not with absolute=True).
     """
     scores = _tensor_list("scores", scores)
     _check_floats("scores", scores)
@@ -118,12 +129,16 @@ def topk_mask_packed(scores, k, *, absolute=False, backend=None):
     if not 0 <= k <= total:
         raise ValueError(f"k must be in [0, {total}] (the number of scores), got {k}")
     device = _device_of(scores=scores)
+    if first_hist is not None:
+        _check_buffer("first_hist", first_hist, torch.int64, FIRST_HIST_SIZE, device)
+        if absolute:
+            raise ValueError("first_hist counts the signed scores; it cannot serve absolute=True")
     if total == 0:
         chunks = _total_chunks(scores)
         return (torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(chunks, dtype=torch.int32, device=device))
     scores = [s.contiguous() for s in scores]
     impl = backends.op("topk_mask", backends.resolve(backend, device))
-    return impl(scores, k, bool(absolute), True)
+    return impl(scores, k, bool(absolute), True, first_hist)
 
 
 def topk_mask(scores, k, *, absolute=False, backend=None):

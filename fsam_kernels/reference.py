@@ -7,9 +7,19 @@ torch.ops.fsam ops (see csrc/); the element-wise arithmetic rounds in the same o
 import torch
 
 from ._layout import ChunkLayout
+from ._schemas import FIRST_HIST_SIZE
+
+FIRST_BINS = FIRST_HIST_SIZE - 1
 
 
-def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None):
+def order_key(x):
+    """The radix keys of fp32 values as int64 in [0, 2^32): ordered like the floats, -0 = +0."""
+    u = x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    u = torch.where(u == 0x80000000, 0, u)
+    return torch.where(u >= 0x80000000, u ^ 0xFFFFFFFF, u | 0x80000000)
+
+
+def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=None):
     for f, g in zip(fisher, grads):
         new = f * decay
         if g is not None:
@@ -18,14 +28,17 @@ def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None):
         if found_inf is not None:
             new = torch.where(found_inf != 0, f, new)
         f.copy_(new)
+        if first_hist is not None:
+            first_hist[:FIRST_BINS] += torch.bincount((order_key(f) >> 21).reshape(-1), minlength=FIRST_BINS)
+            first_hist[FIRST_BINS] += torch.isnan(f).sum()
 
 
-def topk_mask(scores, k, absolute=False, check_nan=True):
+def topk_mask(scores, k, absolute=False, check_nan=True, first_hist=None):
     layout = ChunkLayout(scores)
     keys = torch.cat([s.reshape(-1).float() for s in scores]) if scores else torch.zeros(0)
     if absolute:
         keys = keys.abs()
-    if torch.isnan(keys).any():
+    if torch.isnan(keys).any() or (check_nan and first_hist is not None and first_hist[FIRST_BINS] > 0):
         raise RuntimeError("topk_mask: scores contain NaN; the ranking is undefined")
     if not 0 <= k <= keys.numel():
         raise RuntimeError(f"topk_mask: k must be in [0, {keys.numel()}] (the number of scores), got {k}")

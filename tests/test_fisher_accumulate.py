@@ -17,11 +17,14 @@ def test_matches_reference(backend, device, dtype, shape_set, decay, alpha):
     grads = randn(shp, dtype, device, seed + 1)
     grads[len(grads) // 2] = None  # a parameter without a gradient: F only decays
     expected = [f.cpu().clone() for f in fisher]
+    hist, ref_hist = ops.new_first_hist(device), ops.new_first_hist("cpu")
     ops.fisher_accumulate(expected, [g if g is None else g.cpu() for g in grads], decay=decay, alpha=alpha,
-                          backend="reference")
-    ops.fisher_accumulate(fisher, grads, decay=decay, alpha=alpha, backend=backend)
+                          first_hist=ref_hist, backend="reference")
+    ops.fisher_accumulate(fisher, grads, decay=decay, alpha=alpha, first_hist=hist, backend=backend)
     for f, e in zip(fisher, expected):
         assert torch.equal(f.cpu(), e)
+    assert torch.equal(hist.cpu(), ref_hist)
+    assert int(ref_hist.sum()) == sum(f.numel() for f in fisher) and int(ref_hist[-1]) == 0
     # and the reference is the formula
     f0 = [f.abs() for f in randn(shp, torch.float32, "cpu", seed)]
     for f, e, g in zip(f0, expected, grads):
@@ -54,3 +57,23 @@ def test_bad_input(backend, device):
             ops.fisher_accumulate([torch.zeros(3)], [torch.randn(3), torch.randn(3)], backend=backend)
         with pytest.raises(ValueError, match=r"fisher\[0\] must be contiguous"):
             ops.fisher_accumulate([torch.zeros(3, 4).t()], [torch.randn(12)], backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_first_hist_is_the_first_radix_pass(backend, device):
+    """topk_mask with the histogram counted by fisher_accumulate = topk_mask without it."""
+    shp = shapes("mixed")
+    fisher = [f.abs() for f in randn(shp, torch.float32, device, 31)]
+    grads = randn(shp, torch.float32, device, 32)
+    hist = ops.new_first_hist(device)
+    ops.fisher_accumulate(fisher, grads, decay=0.9, alpha=0.1, first_hist=hist, backend=backend)
+    n = sum(f.numel() for f in fisher)
+    for k in (0, 1, n // 10, n):
+        with_hist = ops.topk_mask_packed(fisher, k, first_hist=hist, backend=backend)
+        without = ops.topk_mask_packed(fisher, k, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(with_hist, without))
+    hist[-1] = 1  # a NaN was counted
+    with pytest.raises(RuntimeError, match="NaN"):
+        ops.topk_mask_packed(fisher, 3, first_hist=hist, backend=backend)
+    with pytest.raises(ValueError, match="absolute"):
+        ops.topk_mask_packed(fisher, 3, absolute=True, first_hist=hist, backend=backend)

@@ -57,3 +57,13 @@ def order_key(x, ABSOLUTE: tl.constexpr):
         u = u & 0x7FFFFFFF
     u = tl.where(u == 0x80000000, 0, u)
     return tl.where((u & 0x80000000) != 0, u ^ 0xFFFFFFFF, u | 0x80000000)
+
+
+@triton.jit
+def count_digits(hist, digit, lanes, BINS: tl.constexpr, BLOCK: tl.constexpr):
+    """hist[d] += how many of `lanes` have digit d (global atomics, only for bins hit)."""
+    bins = tl.arange(0, BINS)
+    h = tl.histogram(tl.where(lanes, digit, 0), BINS).to(tl.int64)
+    # lanes left out were counted in bin 0: take them back out
+    h = h - tl.where(bins == 0, BLOCK - tl.sum(lanes.to(tl.int64), 0), 0)
+    tl.atomic_add(hist + bins, h, mask=h != 0)

@@ -3,12 +3,12 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, tl_dtype, typed
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, count_digits, order_key, tl_dtype, typed
 
 
 @triton.jit
-def _fisher_kernel(f_addr, g_addr, chunk_tensor, chunk_start, numel, found_inf, decay, alpha,
-                   G_DT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+def _fisher_kernel(f_addr, g_addr, chunk_tensor, chunk_start, numel, found_inf, first_hist, decay, alpha,
+                   G_DT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HIST: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     if HAS_FOUND_INF:
         # skipped: nothing read, nothing written (tl.where: the interpreter cannot `and` a float
@@ -18,10 +18,14 @@ def _fisher_kernel(f_addr, g_addr, chunk_tensor, chunk_start, numel, found_inf, 
     has_grad = tl.load(g_addr + t) != 0
     g = tl.load(typed(g_addr, t, G_DT) + offs, mask=lanes & has_grad, other=0.0).to(tl.float32)
     f = tl.load(f_ptr + offs, mask=lanes, other=0.0)
-    tl.store(f_ptr + offs, f * decay + (g * g) * alpha, mask=lanes)
+    f = f * decay + (g * g) * alpha
+    tl.store(f_ptr + offs, f, mask=lanes)
+    if HIST:  # the top-k's first radix pass, while F is in registers (see _schemas.py)
+        count_digits(first_hist, (order_key(f, False) >> 21).to(tl.int32), lanes, 2048, BLOCK)
+        tl.atomic_add(first_hist + 2048, tl.sum(((f != f) & lanes).to(tl.int64), 0))
 
 
-def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None):
+def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=None):
     # Grouped by the gradients' dtype (F is always fp32); a missing gradient goes with fp32.
     keyed = [g if g is not None else f for f, g in zip(fisher, grads)]
     device = fisher[0].device
@@ -29,5 +33,7 @@ def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None):
         _fisher_kernel[(group.chunks,)](
             tables.addresses(fisher, group.members, device), tables.addresses(grads, group.members, device),
             group.chunk_tensor, group.chunk_start, group.numel,
-            found_inf if found_inf is not None else group.numel, float(decay), float(alpha),
-            G_DT=tl_dtype(group.dtype), HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+            found_inf if found_inf is not None else group.numel,
+            first_hist if first_hist is not None else group.numel, float(decay), float(alpha),
+            G_DT=tl_dtype(group.dtype), HAS_FOUND_INF=found_inf is not None, HIST=first_hist is not None,
+            BLOCK=BLOCK, **LAUNCH_OPTIONS)

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .._layout import CHUNK_BYTES
 from . import tables
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, order_key, tl_dtype, typed
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, count_digits, order_key, tl_dtype, typed
 
 WIDTH = (11, 11, 10)
 SHIFT = (21, 10, 0)
@@ -40,12 +40,7 @@ def _histogram_kernel(s_addr, chunk_tensor, chunk_start, numel, state, hist,
     if CHECK_NAN:
         tl.atomic_max(state + 3, tl.max(((x != x) & lanes).to(tl.int64), 0))
     BINS: tl.constexpr = 1 << WIDTH
-    digit = tl.where(match, (key >> SHIFT) & (BINS - 1), 0).to(tl.int32)
-    h = tl.histogram(digit, BINS).to(tl.int64)
-    # lanes that do not match were counted in bin 0: take them out
-    bins = tl.arange(0, BINS)
-    h = h - tl.where(bins == 0, BLOCK - tl.sum(match.to(tl.int64), 0), 0)
-    tl.atomic_add(hist + bins, h, mask=h != 0)
+    count_digits(hist, ((key >> SHIFT) & (BINS - 1)).to(tl.int32), match, BINS, BLOCK)
 
 
 @triton.jit
@@ -93,7 +88,7 @@ def _mask_kernel(s_addr, chunk_tensor, chunk_start, chunk_index, numel, state, t
     tl.store(counts + chunk, tl.sum(selected.to(tl.int32), 0))
 
 
-def topk_mask(scores, k, absolute=False, check_nan=True):
+def topk_mask(scores, k, absolute=False, check_nan=True, first_hist=None):
     device = scores[0].device
     groups = tables.groups(scores)
     nchunks = sum(g.chunks for g in groups)
@@ -112,8 +107,12 @@ def topk_mask(scores, k, absolute=False, check_nan=True):
     for p, (shift, width) in enumerate(zip(SHIFT, WIDTH)):
         if p > 0 and k == 0:
             break
-        each_group(_histogram_kernel, lambda g: (g.numel, state, hist[p]), SHIFT=shift, WIDTH=width, FIRST=p == 0,
-                   CHECK_NAN=bool(check_nan) and p == 0)
+        if p == 0 and first_hist is not None:  # counted by fisher_accumulate_: no pass over the scores
+            hist[0].copy_(first_hist[:MAX_BINS])
+            state[NAN] = first_hist[MAX_BINS]
+        else:
+            each_group(_histogram_kernel, lambda g: (g.numel, state, hist[p]), SHIFT=shift, WIDTH=width,
+                       FIRST=p == 0, CHECK_NAN=bool(check_nan) and p == 0)
         if k > 0:
             _select_kernel[(1,)](state, hist[p], WIDTH=width)
     if check_nan and bool(state[NAN]):  # the one host sync, when asked for
