@@ -73,6 +73,9 @@ class PublishedSAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
 
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
     @torch.no_grad()
     def first_step(self):
         grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for g in self.param_groups for p in g["params"]
@@ -94,16 +97,25 @@ class PublishedSAM(torch.optim.Optimizer):
         self.base_optimizer.step()
 
 
-class PublishedFSAM(PublishedSAM):
-    """The official FSAM code's step: F = g*g of the batch, torch.cat + torch.topk, a dense float
-    mask per parameter, e_w stored per parameter (its zero_grad defect left out)."""
+class _PublishedMasked(PublishedSAM):
+    """What the published sparse-SAM codes share: a dense float mask rebuilt every
+    `mask_interval` steps, and the norm-and-scale of their first step."""
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.9, mask_interval=100, **kwargs):
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         self.sparsity, self.mask_interval, self.steps = sparsity, mask_interval, 0
 
-    def _params(self):
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+    def _scale(self, params):
+        if self.steps % self.mask_interval == 0:
+            self.build_mask()
+        self.steps += 1
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
+        return self.param_groups[0]["rho"] / (grad_norm + 1e-7)
+
+
+class PublishedFSAM(_PublishedMasked):
+    """The official FSAM code's step: F = g*g of the batch, torch.cat + torch.topk, a dense float
+    mask per parameter, e_w stored per parameter (its zero_grad defect left out)."""
 
     @torch.no_grad()
     def build_mask(self):
@@ -118,12 +130,8 @@ class PublishedFSAM(PublishedSAM):
 
     @torch.no_grad()
     def first_step(self):
-        if self.steps % self.mask_interval == 0:
-            self.build_mask()
-        self.steps += 1
         params = self._params()
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
-        scale = self.param_groups[0]["rho"] / (grad_norm + 1e-7)
+        scale = self._scale(params)
         for p in params:
             e_w = p.grad * scale * self.state[p]["mask"]
             p.add_(e_w)
@@ -136,16 +144,13 @@ class PublishedFSAM(PublishedSAM):
         self.base_optimizer.step()
 
 
-class PublishedSSAMF(PublishedSAM):
+class PublishedSSAMF(_PublishedMasked):
     """SSAM-F's step (Mi et al., 2022): Fisher summed over N_F per-sample gradients into a dict,
     torch.cat + sort for the threshold, a dense float mask, and `old_p` copies."""
 
-    def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.9, mask_interval=100, num_samples=4, **kwargs):
-        super().__init__(params, base_optimizer, rho=rho, **kwargs)
-        self.sparsity, self.mask_interval, self.num_samples, self.steps = sparsity, mask_interval, num_samples, 0
-
-    def _params(self):
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+    def __init__(self, params, base_optimizer, num_samples=4, **kwargs):
+        super().__init__(params, base_optimizer, **kwargs)
+        self.num_samples = num_samples
 
     @torch.no_grad()
     def build_mask(self):
@@ -164,12 +169,8 @@ class PublishedSSAMF(PublishedSAM):
 
     @torch.no_grad()
     def first_step(self):
-        if self.steps % self.mask_interval == 0:
-            self.build_mask()
-        self.steps += 1
         params = self._params()
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
-        scale = self.param_groups[0]["rho"] / (grad_norm + 1e-7)
+        scale = self._scale(params)
         for p in params:
             self.state[p]["old_p"] = p.data.clone()
             p.add_(p.grad * scale * self.state[p]["mask"])

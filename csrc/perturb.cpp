@@ -78,6 +78,11 @@ int64_t chunk_entries(const Inputs& in, const Chunk& c) {
   return n;
 }
 
+// Whether chunk c's saved values fit in a buffer of `capacity` bytes at their offset.
+bool saved_fits(const Inputs& in, const Chunk& c, const int64_t* offsets, int64_t capacity, int64_t itemsize) {
+  return offsets[c.index] >= 0 && offsets[c.index] + chunk_entries(in, c) * itemsize <= capacity;
+}
+
 // kByteLanes[b][l] = bit l of b, as a float: the mask byte spread over 8 lanes.
 const auto kByteLanes = [] {
   std::array<std::array<float, 8>, 256> t{};
@@ -184,7 +189,7 @@ void masked_perturb_cpu(at::TensorList params, const OptTensors& grads, const st
     const auto& g = in.grads[c.tensor];
     FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "masked_perturb_", [&] {
       const int64_t n = c.end - c.begin;
-      if (offsets[c.index] < 0 || offsets[c.index] + chunk_entries(in, c) * int64_t(sizeof(scalar_t)) > capacity) {
+      if (!saved_fits(in, c, offsets, capacity, sizeof(scalar_t))) {
         overflow = true;
         return;
       }
@@ -222,7 +227,7 @@ void masked_restore_cpu(at::TensorList params, const std::optional<at::Tensor>& 
   parallel_chunks(in.chunks, [&](const Chunk& c) {
     FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "masked_restore_", [&] {
       const int64_t n = c.end - c.begin;
-      if (offsets[c.index] < 0 || offsets[c.index] + chunk_entries(in, c) * int64_t(sizeof(scalar_t)) > capacity) {
+      if (!saved_fits(in, c, offsets, capacity, sizeof(scalar_t))) {
         overflow = true;
         return;
       }

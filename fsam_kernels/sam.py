@@ -77,10 +77,19 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     # ---- the step -------------------------------------------------------------------------
 
     def _grads(self, tensors):
+        """The gradients of `tensors`, checked before anything is written (every backend reads
+        them as contiguous arrays of the parameter's dtype)."""
         grads = [p.grad for p in tensors]
-        for g in grads:
-            if g is not None and g.is_sparse:
+        for i, (p, g) in enumerate(zip(tensors, grads)):
+            if g is None:
+                continue
+            if g.is_sparse:
                 raise RuntimeError("sparse gradients are not supported by SAM/FSAM")
+            if g.dtype != p.dtype or g.shape != p.shape:
+                raise RuntimeError(f"a gradient is {g.dtype} {tuple(g.shape)} but its parameter is "
+                                   f"{p.dtype} {tuple(p.shape)}")
+            if not g.is_contiguous():
+                grads[i] = g.contiguous()
         return grads
 
     def _sumsq(self, pool_grads, dense_grads, rest_grads):

@@ -317,7 +317,12 @@ def test_misuse_raises_before_any_change(backend):
         opt.first_step()
     assert_bits_equal(snapshot(model), before)
     assert not opt._perturbed and opt._mask_bits is None
-    model.bert.pooler.dense.weight.grad = model.bert.pooler.dense.weight.grad.to_dense()
+    model.bert.pooler.dense.weight.grad = model.bert.pooler.dense.weight.grad.to_dense().half()
+    with pytest.raises(RuntimeError, match="gradient is torch.float16"):
+        opt.first_step()
+    assert_bits_equal(snapshot(model), before)
+    grad = model.bert.pooler.dense.weight.grad.float()
+    model.bert.pooler.dense.weight.grad = grad.t().contiguous().t()  # same values, transposed strides
     opt.first_step()
     with pytest.raises(RuntimeError, match="twice"):
         opt.first_step()
