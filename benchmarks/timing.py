@@ -82,8 +82,8 @@ def environment(device):
         here = os.path.dirname(os.path.abspath(__file__))
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
                                        text=True).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":!/benchmarks/results"], cwd=here, capture_output=True, text=True).stdout.strip()
         env["dirty"] = bool(dirty)
     except OSError:
         env["commit"] = None
