@@ -61,6 +61,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._step_count = 0
         self._set_roles(pool=[], dense=list(range(len(self._params))), rest=[])
 
+    def add_param_group(self, param_group):
+        if hasattr(self, "_roles"):  # after construction: the roles, the mask layout and the base are fixed
+            raise RuntimeError("add_param_group() after construction is not supported: build a new optimizer "
+                               "over all the parameters")
+        super().add_param_group(param_group)
+
     def _name(self, i):
         return self._names[i] if self._names[i] is not None else f"#{i}"
 

@@ -146,7 +146,7 @@ def test_resume_reproduces_an_uninterrupted_run(backend, fisher):
     buf = io.BytesIO()
     torch.save({"model": m_half.state_dict(), "opt": o_half.state_dict()}, buf)
     buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
+    saved = torch.load(buf, weights_only=True)  # plain tensors and containers: loads without pickle
     m_new, o_new = make(FSAM, backend, seed=123, **kw)
     m_new.load_state_dict(saved["model"])
     o_new.load_state_dict(saved["opt"])
@@ -339,6 +339,8 @@ def test_misuse_raises_before_any_change(backend):
     opt.second_step()
     with pytest.raises(RuntimeError, match="fisher='samples'"):
         opt.accumulate_fisher()
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
 
 
 def test_load_state_dict_checks_the_layout():

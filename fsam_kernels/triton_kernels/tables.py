@@ -7,15 +7,10 @@ by shapes and dtypes, the addresses by the data pointers, so a step whose gradie
 where they were last time builds nothing."""
 from dataclasses import dataclass
 import functools
-import os
 
 import torch
 
 from .._layout import CHUNK, num_chunks
-
-
-def interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)
