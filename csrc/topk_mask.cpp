@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <type_traits>
 
 namespace fsam {
 namespace {
@@ -19,16 +20,20 @@ struct Scores {
   std::vector<Chunk> chunks;
   bool absolute;
 
-  // Calls f(key, value, offset inside the chunk) for every element of chunk c.
+  // Calls f(key, value, offset inside the chunk) for every element of chunk c (the dtype and
+  // `absolute` are resolved once per chunk, so the element loop has no branch on them).
   template <typename F>
   void visit(const Chunk& c, const F& f) const {
     const at::Tensor& t = tensors[c.tensor];
     FSAM_DISPATCH_FLOATS(t.scalar_type(), "topk_mask", [&] {
       const scalar_t* p = t.const_data_ptr<scalar_t>();
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        const float x = static_cast<float>(p[i]);
-        f(order_key(x, absolute), x, i - c.begin);
-      }
+      auto loop = [&](auto abs) {
+        for (int64_t i = c.begin; i < c.end; ++i) {
+          const float x = static_cast<float>(p[i]);
+          f(order_key(x, decltype(abs)::value), x, i - c.begin);
+        }
+      };
+      absolute ? loop(std::true_type{}) : loop(std::false_type{});
     });
   }
 };
@@ -40,14 +45,22 @@ std::vector<int64_t> histogram(const Scores& s, int pass, uint32_t prefix, bool 
   std::vector<int64_t> total(bins, 0);
   std::mutex mu;
   std::atomic<bool> nan{false};
+  const int shift = kShift[pass];
+  const uint32_t digit_mask = bins - 1;
   at::parallel_for(0, static_cast<int64_t>(s.chunks.size()), 1, [&](int64_t b, int64_t e) {
     std::vector<int64_t> local(bins, 0);
     bool local_nan = false;
     for (int64_t c = b; c < e; ++c) {
-      s.visit(s.chunks[c], [&](uint32_t key, float x, int64_t) {
-        if (check_nan && x != x) local_nan = true;
-        if (above == 32 || (key >> above) == prefix) ++local[(key >> kShift[pass]) & (bins - 1)];
-      });
+      if (above == 32) {
+        s.visit(s.chunks[c], [&](uint32_t key, float x, int64_t) {
+          local_nan |= check_nan && x != x;
+          ++local[key >> shift];
+        });
+      } else {
+        s.visit(s.chunks[c], [&](uint32_t key, float, int64_t) {
+          local[(key >> shift) & digit_mask] += (key >> above) == prefix;
+        });
+      }
     }
     if (local_nan) nan = true;
     std::lock_guard<std::mutex> lock(mu);
