@@ -59,7 +59,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._pool_perturbed = False
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         self._step_count = 0
-        self._set_roles(pool=[], dense=list(range(len(self._params))), rest=[])
 
     def add_param_group(self, param_group):
         if hasattr(self, "_roles"):  # after construction: the roles, the mask layout and the base are fixed
@@ -71,7 +70,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return self._names[i] if self._names[i] is not None else f"#{i}"
 
     def _set_roles(self, pool, dense, rest):
-        """Split the parameters (by flat index) into pool, dense and rest."""
+        """Split the parameters (by flat index) into pool, dense and rest: each subclass does it once
+        in its constructor (the dense ones cost a full copy, so no provisional split)."""
         self._pool = [self._params[i] for i in pool]
         self._dense = [self._params[i] for i in dense]
         self._rest = [self._params[i] for i in rest]
@@ -237,3 +237,4 @@ class SAM(SharpnessAwareOptimizer):
                  backend="auto", **base_kwargs):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, norm_eps=norm_eps,
                          backend=backend, base_kwargs=base_kwargs)
+        self._set_roles(pool=[], dense=list(range(len(self._params))), rest=[])
