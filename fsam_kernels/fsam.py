@@ -66,14 +66,10 @@ class FSAM(SharpnessAwareOptimizer):
         self._fisher = ([torch.zeros_like(p, dtype=torch.float32) for p in self._pool]
                         if fisher in ("ema", "samples") else None)
         self._samples = 0
-        self._mask_bits = self._chunk_counts = None
-        self._pool_offsets = self._pool_saved = None
+        self._chunk_counts = None
         self._steps_since_mask = 0
 
     # ---- the mask ----------------------------------------------------------------------------
-
-    def _pool_mask(self):
-        return self._mask_bits
 
     def _rebuild_mask(self, scores, absolute, check_nan=True, first_hist=None):
         scores = [torch.zeros_like(p) if s is None else s for p, s in zip(self._pool, scores)]

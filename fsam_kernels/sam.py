@@ -56,7 +56,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._op = {name: backends.op(name, self.backend)
                     for name in ("grad_sumsq", "masked_perturb_", "masked_restore_", "topk_mask", "fisher_accumulate_")}
         self._perturbed = False
-        self._pool_perturbed = False
+        # The pool's packed mask and the saved originals of its entries (FSAM builds them).
+        self._mask_bits = self._pool_offsets = self._pool_saved = None
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         self._step_count = 0
 
@@ -102,8 +103,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Device tensor [sum of (T g)^2 over every gradient, the same over what is perturbed]."""
         op = self._op["grad_sumsq"]
         stats = torch.zeros(2, dtype=torch.float32, device=self._device)
-        if self._pool and self._pool_mask() is not None:
-            stats += op(self._pool, pool_grads, self._pool_mask(), self.adaptive, self.eta)
+        if self._pool and self._mask_bits is not None:
+            stats += op(self._pool, pool_grads, self._mask_bits, self.adaptive, self.eta)
         elif self._pool:
             stats[0] += op(self._pool, pool_grads, None, self.adaptive, self.eta)[0]
         if self._dense:
@@ -111,9 +112,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._rest:
             stats[0] += op(self._rest, rest_grads, None, self.adaptive, self.eta)[0]
         return stats
-
-    def _pool_mask(self):
-        return None
 
     def _before_perturb(self, pool_grads, dense_grads, rest_grads, stats, finite):
         """FSAM hooks its Fisher and mask work here; returns the (possibly updated) stats."""
@@ -131,9 +129,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         norm = stats[1 if self.renormalize else 0].sqrt() + self.norm_eps
         scale = torch.where(finite & (norm > 0), self.rho / norm, torch.zeros_like(norm))
         op = self._op["masked_perturb_"]
-        self._pool_perturbed = self._pool_mask() is not None
-        if self._pool_perturbed:
-            op(self._pool, pool_grads, self._pool_mask(), self._pool_offsets, self._pool_saved, scale,
+        if self._mask_bits is not None:  # no mask yet (a postponed first mask step): the pool stays
+            op(self._pool, pool_grads, self._mask_bits, self._pool_offsets, self._pool_saved, scale,
                self.adaptive, self.eta)
         if self._dense:
             op(self._dense, dense_grads, None, self._dense_offsets, self._dense_saved, scale, self.adaptive, self.eta)
@@ -157,11 +154,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def _restore(self):
         op = self._op["masked_restore_"]
-        if self._pool_perturbed:
-            op(self._pool, self._pool_mask(), self._pool_offsets, self._pool_saved)
+        # The mask cannot change while perturbed (update_mask refuses): it is the one first_step used.
+        if self._mask_bits is not None:
+            op(self._pool, self._mask_bits, self._pool_offsets, self._pool_saved)
         if self._dense:
             op(self._dense, None, self._dense_offsets, self._dense_saved)
-        self._perturbed = self._pool_perturbed = False
+        self._perturbed = False
 
     def step(self, closure=None):
         """davda54/sam's step: the gradients of a first forward/backward must be in .grad;
