@@ -56,6 +56,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._op = {name: backends.op(name, self.backend)
                     for name in ("grad_sumsq", "masked_perturb_", "masked_restore_", "topk_mask", "fisher_accumulate_")}
         self._perturbed = False
+        self._awaiting_step = False  # first_step ran; second_step has not
+        self._first_finite = None
         # The pool's packed mask and the saved originals of its entries (FSAM builds them).
         self._mask_bits = self._pool_offsets = self._pool_saved = None
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
@@ -118,10 +120,19 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return stats
 
     @torch.no_grad()
-    def first_step(self, zero_grad=False):
-        """Perturb the weights to w + e (e = scale * m * T^2 g), keeping what restores them."""
+    def first_step(self, zero_grad=False, scaler=None):
+        """Perturb the weights to w + e (e = scale * m * T^2 g), keeping what restores them.
+
+        scaler: the torch.amp.GradScaler that scaled the first backward: the gradients are
+        unscaled in place first (`scaler.unscale_(self)`; the base optimizer's own unscale is
+        left for the second pass), and an overflow counts in the scaler's next update().
+
+        Returns a 0-dim bool device tensor: False when non-finite gradients skipped the
+        perturbation (reading it syncs)."""
         if self._perturbed:
             raise RuntimeError("first_step() called twice: call second_step() to restore the weights first")
+        if scaler is not None:
+            scaler.unscale_(self)
         pool_grads, dense_grads, rest_grads = self._grads(self._pool), self._grads(self._dense), self._grads(self._rest)
         stats = self._sumsq(pool_grads, dense_grads, rest_grads)
         finite = torch.isfinite(stats[0])
@@ -135,19 +146,39 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._dense:
             op(self._dense, dense_grads, None, self._dense_offsets, self._dense_saved, scale, self.adaptive, self.eta)
         self._skipped += ~finite
-        self._perturbed = True
+        self._perturbed = self._awaiting_step = True
+        self._first_finite = finite
         self._step_count += 1
         if zero_grad:
             self.zero_grad()
+        return finite
 
     @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        """Restore the exact weights of before first_step, then run the base optimizer with the
-        gradients now in .grad (those at the perturbed point)."""
+    def restore(self):
+        """Put back the exact weights of before first_step() without the base step, for loops
+        where the base step comes later or may be skipped (the Trainer's GradScaler, clipping of
+        the second-pass gradient); second_step() then takes only the base step."""
         if not self._perturbed:
-            raise RuntimeError("second_step() called without first_step()")
+            raise RuntimeError("restore() called without first_step(), or twice")
         self._restore()
-        self.base_optimizer.step()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False, scaler=None):
+        """Restore the exact weights of before first_step (unless restore() already did), then
+        run the base optimizer with the gradients now in .grad (those at the perturbed point).
+
+        scaler: the GradScaler that scaled the second backward: the base step goes through
+        `scaler.step(self.base_optimizer)`, and is skipped, like GradScaler skips it, when either
+        pass overflowed.  Call scaler.update() afterwards as usual."""
+        if not self._awaiting_step:
+            raise RuntimeError("second_step() called without first_step()")
+        if self._perturbed:
+            self._restore()
+        if scaler is None:
+            self.base_optimizer.step()
+        elif bool(self._first_finite):  # one sync, as GradScaler.step's own
+            scaler.step(self.base_optimizer)
+        self._awaiting_step = False
         self._opt_called = True  # what LR schedulers check for "optimizer.step() came first"
         if zero_grad:
             self.zero_grad()

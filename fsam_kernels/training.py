@@ -1,0 +1,80 @@
+"""The two passes of a SAM/FSAM step over the micro-batches of one optimizer step, for
+training loops with gradient accumulation, a GradScaler and DistributedDataParallel.
+
+Semantics: the first-pass gradient is accumulated over all the micro-batches, the weights
+are perturbed once from it, and the second pass accumulates over the same micro-batches at
+that one perturbation.  Under DDP the perturbation is per replica by default (the SAM
+paper's: each replica perturbs with its own gradient, the first pass never all-reduces);
+sync_perturbation=True all-reduces the first pass, so every replica takes the same one.
+The second-pass gradient, the one the base optimizer uses, is always all-reduced.
+"""
+import contextlib
+
+import torch
+
+
+def _accumulate(micro_batches, backward, no_sync, sync_last):
+    loss = None
+    for i, batch in enumerate(micro_batches):
+        syncs = no_sync is None or (sync_last and i == len(micro_batches) - 1)
+        with contextlib.nullcontext() if syncs else no_sync():
+            step_loss = backward(batch)
+        loss = step_loss if loss is None else loss + step_loss
+    return loss
+
+
+def sharpness_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_perturbation=False, scaler=None):
+    """Both passes of one step; the caller then clips and takes the base step.
+
+    backward(batch) runs the forward and backward of one micro-batch (its loss already divided
+    for the accumulation and scaled by `scaler`) and returns the detached loss.  no_sync: a
+    factory of the context that suspends the gradient all-reduce (DDP's `model.no_sync`), None
+    when not distributed.  The forward runs inside it, as DDP requires.
+
+    Leaves the second-pass gradient in .grad and the weights restored; returns (the first-pass
+    loss summed over the micro-batches, whether the second pass ran).  With a scaler, a
+    first-pass overflow skips the perturbation and the second pass: the non-finite gradient
+    stays in .grad, so the scaler's unscale_ finds it, skips the base step and backs off."""
+    if not micro_batches:
+        raise ValueError("micro_batches is empty: a step needs at least one micro-batch")
+    loss = _accumulate(micro_batches, backward, no_sync, sync_last=sync_perturbation)
+    finite = optimizer.first_step(scaler=scaler)
+    if scaler is not None and not bool(finite):  # one sync per step, as GradScaler.step's own
+        optimizer.restore()
+        return loss, False
+    optimizer.zero_grad()
+    _accumulate(micro_batches, backward, no_sync, sync_last=True)
+    optimizer.restore()
+    return loss, True
+
+
+def sharpness_step(optimizer, micro_batches, loss_fn, *, model=None, scaler=None, max_grad_norm=None,
+                   sync_perturbation=False):
+    """One whole SAM/FSAM step for a plain training loop.
+
+    loss_fn(batch) returns the mean loss of one micro-batch (the forward included); the
+    gradient is averaged over the micro-batches.  model: the DistributedDataParallel (or any
+    module with `no_sync`) when training distributed.  max_grad_norm clips the second-pass
+    gradient after unscaling.  With a scaler, scaler.update() is called here.  Returns the
+    mean first-pass loss (detached)."""
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    n = len(micro_batches)
+
+    def backward(batch):
+        loss = loss_fn(batch) / n
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        return loss.detach()
+
+    no_sync = getattr(model, "no_sync", None) if model is not None else None
+    loss, second_pass_ran = sharpness_passes(optimizer, micro_batches, backward, no_sync=no_sync,
+                                             sync_perturbation=sync_perturbation, scaler=scaler)
+    if max_grad_norm is not None and second_pass_ran:
+        if scaler is not None:
+            scaler.unscale_(optimizer.base_optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.second_step(zero_grad=True, scaler=scaler)
+    if scaler is not None:
+        scaler.update()
+    return loss

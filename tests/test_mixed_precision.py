@@ -1,0 +1,146 @@
+"""The split step (restore() then second_step()), and the GradScaler path of the optimizers and
+of `fsam_kernels.training.sharpness_step`: unscaled first pass, overflow skips."""
+import pytest
+import torch
+
+from fsam_kernels import FSAM, SAM
+from fsam_kernels.training import sharpness_step
+from models import assert_bits_equal, batch, loss_of, snapshot, tiny_bert, train
+
+KW = dict(rho=0.05, sparsity=0.8, mask_interval=2, lr=1e-3)
+
+
+def make(cls=FSAM, seed=0, **kw):
+    model = tiny_bert(seed)
+    kw = {**KW, **kw} if cls is FSAM else {"rho": KW["rho"], "lr": KW["lr"], **kw}
+    return model, cls(model.named_parameters(), torch.optim.AdamW, backend="reference", **kw)
+
+
+def scaler(init_scale=2.0**12):
+    return torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+
+
+@pytest.mark.parametrize("cls", [FSAM, SAM])
+def test_restore_then_second_step_is_second_step(cls):
+    m1, o1 = make(cls)
+    m2, o2 = make(cls)
+    train(m1, o1, 3)
+    for s in range(3):
+        loss_of(m2, s).backward()
+        o2.first_step(zero_grad=True)
+        loss_of(m2, s).backward()
+        perturbed = snapshot(m2)
+        o2.restore()
+        assert any(not torch.equal(perturbed[n], p) for n, p in m2.named_parameters())
+        o2.second_step(zero_grad=True)
+    assert_bits_equal(snapshot(m1), snapshot(m2))
+
+
+def test_restore_misuse():
+    model, opt = make()
+    with pytest.raises(RuntimeError, match="without first_step"):
+        opt.restore()
+    loss_of(model, 0).backward()
+    opt.first_step()
+    opt.restore()
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.restore()
+    opt.state_dict()  # restored: the weights are the real ones again
+    opt.second_step()
+    with pytest.raises(RuntimeError, match="without first_step"):
+        opt.second_step()
+
+
+def test_first_step_reports_finiteness():
+    model, opt = make()
+    loss_of(model, 0).backward()
+    assert bool(opt.first_step(zero_grad=True))
+    loss_of(model, 0).backward()
+    opt.second_step(zero_grad=True)
+    loss_of(model, 1).backward()
+    model.classifier.weight.grad[0, 0] = float("nan")
+    before = snapshot(model)
+    assert not bool(opt.first_step())
+    assert_bits_equal(snapshot(model), before)
+
+
+@pytest.mark.parametrize("cls", [FSAM, SAM])
+def test_grad_scaler_matches_unscaled(cls):
+    """Power-of-two scales are exact: the scaled run takes the unscaled run's steps."""
+    m1, o1 = make(cls)
+    m2, o2 = make(cls)
+    sc = scaler()
+    train(m1, o1, 3)
+    for s in range(3):
+        sc.scale(loss_of(m2, s)).backward()
+        o2.first_step(zero_grad=True, scaler=sc)
+        sc.scale(loss_of(m2, s)).backward()
+        o2.second_step(zero_grad=True, scaler=sc)
+        sc.update()
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+    if cls is FSAM:
+        assert torch.equal(o1._mask_bits, o2._mask_bits)
+
+
+def poison_first_backward(model, at_call):
+    """A gradient hook that makes the `at_call`-th backward (counting from 0) overflow."""
+    calls = [0]
+
+    def hook(grad):
+        calls[0] += 1
+        return grad * float("inf") if calls[0] - 1 == at_call else grad
+    model.classifier.weight.register_hook(hook)
+
+
+@pytest.mark.parametrize("cls", [FSAM, SAM])
+def test_first_pass_overflow_skips_perturbation_and_step(cls):
+    model, opt = make(cls)
+    sc = scaler()
+    poison_first_backward(model, at_call=2)  # backward 0, 1: step 0; backward 2: step 1's first pass
+    loss_fn = lambda b: model(**b).loss
+    sharpness_step(opt, [batch(0)], loss_fn, scaler=sc)
+    before, scale = snapshot(model), sc.get_scale()
+    sharpness_step(opt, [batch(1)], loss_fn, scaler=sc, max_grad_norm=1.0)
+    assert_bits_equal(snapshot(model), before)  # no perturbation left behind, no base step
+    assert sc.get_scale() == scale / 2
+    assert opt.skipped_perturbations == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if cls is FSAM:  # the due mask step (step 2 with mask_interval=2 counts 1 and 2) is not lost
+        assert opt._steps_since_mask == 2
+    sharpness_step(opt, [batch(2)], loss_fn, scaler=sc)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert opt.skipped_perturbations == 1 and sc.get_scale() == scale / 2
+
+
+def test_second_pass_overflow_skips_only_the_step():
+    model, opt = make()
+    sc = scaler()
+    poison_first_backward(model, at_call=1)
+    before = snapshot(model)
+    sharpness_step(opt, [batch(0)], lambda b: model(**b).loss, scaler=sc)
+    assert_bits_equal(snapshot(model), before)
+    assert opt.skipped_perturbations == 0 and sc.get_scale() == 2.0**11
+    assert opt._mask_bits is not None  # the first pass was fine: its mask stands
+
+
+def test_sharpness_step_accumulation_and_clipping():
+    """Two micro-batches: one perturbation from their mean gradient, the second pass averaged at
+    it, the second-pass gradient clipped; against the optimizer's own API by hand."""
+    m1, o1 = make()
+    m2, o2 = make()
+    parts = [{k: v[i::2] for k, v in batch(0).items()} for i in range(2)]
+    sharpness_step(o1, parts, lambda b: m1(**b).loss, max_grad_norm=0.1)
+    for b in parts:
+        (m2(**b).loss / 2).backward()
+    o2.first_step(zero_grad=True)
+    for b in parts:
+        (m2(**b).loss / 2).backward()
+    norm = torch.nn.utils.clip_grad_norm_(m2.parameters(), 0.1)
+    assert norm > 0.1  # the clip did something
+    o2.second_step(zero_grad=True)
+    assert_bits_equal(snapshot(m1), snapshot(m2))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        sharpness_step(o1, parts, lambda b: m1(**b).loss, max_grad_norm=0)
+    with pytest.raises(ValueError, match="empty"):
+        sharpness_step(o1, [], lambda b: m1(**b).loss)
