@@ -1,0 +1,168 @@
+"""FSAMTrainer on a tiny random-weight BERT: the Trainer's step against the optimizer's own API
+by hand (accumulation, clipping), bf16 autocast and bf16 parameters, checkpoint resume equal
+to an uninterrupted run, logging, an fp16 overflow through the Trainer's GradScaler."""
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+
+from fsam_kernels import FSAM, SAM  # noqa: E402
+from fsam_kernels.integrations.transformers import FSAMTrainer  # noqa: E402
+from models import assert_bits_equal, batch, snapshot, tiny_bert  # noqa: E402
+
+FSAM_KW = dict(rho=0.05, sparsity=0.8, mask_interval=3, backend="reference")
+
+
+class Examples(torch.utils.data.Dataset):
+    def __init__(self, n=32):
+        b = batch(0, size=n)
+        self.items = [{k: v[i] for k, v in b.items()} for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3, max_steps=3,
+                lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=0.3, logging_steps=1,
+                save_strategy="no", report_to=[], seed=0, data_seed=0, use_cpu=True,
+                train_sampling_strategy="sequential", disable_tqdm=True)
+    return TrainingArguments(**{**base, **kw})
+
+
+def trainer(tmp_path, model=None, sharpness="fsam", sharpness_kwargs=FSAM_KW, **kw):
+    model = tiny_bert(0) if model is None else model
+    # BERT's classification loss ignores num_items_in_batch, and the Trainer would then sum the
+    # micro-batch means; this makes it average them (the same for every optimizer).
+    model.accepts_loss_kwargs = False
+    return FSAMTrainer(model=model, args=args(tmp_path, **kw), train_dataset=Examples(), sharpness=sharpness,
+                       sharpness_kwargs=sharpness_kwargs if sharpness else None)
+
+
+def test_step_is_fsam_by_hand(tmp_path):
+    """Accumulation 2: perturb once from the window's gradient, the second pass over the same
+    micro-batches, clip the second-pass gradient, AdamW with the Trainer's decay groups."""
+    t = trainer(tmp_path, gradient_accumulation_steps=2)
+    t.train()
+    model = tiny_bert(0)
+    named = list(model.named_parameters())
+    decay = set(t.get_decay_parameter_names(model))
+    opt = FSAM([{"params": [(n, p) for n, p in named if n in decay], "weight_decay": 0.01},
+                {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0}],
+               torch.optim.AdamW, lr=1e-3, **FSAM_KW)
+    items = Examples().items
+    clipped = 0
+    for step in range(3):
+        window = [items[8 * step + 4 * i: 8 * step + 4 * i + 4] for i in range(2)]
+        window = [{k: torch.stack([x[k] for x in mb]) for k in mb[0]} for mb in window]
+        for mb in window:
+            (model(**mb).loss / 2).backward()
+        opt.first_step(zero_grad=True)
+        for mb in window:
+            (model(**mb).loss / 2).backward()
+        clipped += torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3) > 0.3
+        opt.second_step(zero_grad=True)
+    assert clipped  # the clip mattered in this run
+    for (n, a), b in zip(t.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    assert t.sharpness_optimizer._step_count == 3
+
+
+def test_logs_and_schedulers(tmp_path):
+    t = trainer(tmp_path, lr_scheduler_type="linear", max_steps=4)
+    t.train()
+    logs = [h for h in t.state.log_history if "loss" in h]
+    assert len(logs) == 4
+    assert all(h["mask_density"] == pytest.approx(0.2, abs=1e-3) for h in logs)
+    assert all(h["skipped_perturbations"] == 0 for h in logs)
+    lrs = [h["learning_rate"] for h in logs]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]
+    assert t.sharpness_optimizer.param_groups[0]["lr"] == 0.0  # the linear schedule reached its end
+
+
+def test_sam_and_default_optimizer(tmp_path):
+    sam = trainer(tmp_path, sharpness="sam", sharpness_kwargs={"rho": 0.05, "backend": "reference"})
+    sam.train()
+    assert isinstance(sam.sharpness_optimizer, SAM)
+    assert all(h.get("mask_density", 1.0) == 1.0 for h in sam.state.log_history)
+    plain = trainer(tmp_path, sharpness=None)
+    plain.train()
+    assert plain.sharpness_optimizer is None
+    assert not any("mask_density" in h for h in plain.state.log_history)
+    differ = [not torch.equal(a, b) for a, b in zip(sam.model.parameters(), plain.model.parameters())]
+    assert any(differ)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="sharpness must be"):
+        trainer(tmp_path, sharpness="asam")
+    with pytest.raises(ValueError, match="base optimizer's"):
+        trainer(tmp_path, sharpness_kwargs={"lr": 0.1}).create_optimizer()
+    with pytest.raises(TypeError, match="sharpness_kwargs"):
+        FSAMTrainer(model=tiny_bert(0), args=args(tmp_path), sharpness_kwargs=[("rho", 1)])
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
+    t = trainer(tmp_path, bf16=True, max_steps=2)
+    before = snapshot(t.model)
+    out_dtypes = set()
+    t.model.classifier.register_forward_hook(lambda m, i, out: out_dtypes.add(out.dtype))
+    t.train()
+    assert out_dtypes == {torch.bfloat16}  # both passes ran under autocast
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in t.model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters())
+    assert t.sharpness_optimizer.skipped_perturbations == 0
+
+
+def test_bf16_parameters(tmp_path):
+    t = trainer(tmp_path, model=tiny_bert(0, torch.bfloat16), max_steps=2, learning_rate=1e-2)
+    before = snapshot(t.model)
+    t.train()
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in t.model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters())
+
+
+@pytest.mark.parametrize("fisher", ["batch", "ema"])
+def test_resume_equals_uninterrupted(tmp_path, fisher):
+    kw = dict(max_steps=5, save_strategy="steps", save_steps=2, gradient_accumulation_steps=2,
+              lr_scheduler_type="linear")
+    kwargs = {**FSAM_KW, "fisher": fisher}
+    whole = trainer(tmp_path / "whole", sharpness_kwargs=kwargs, **kw)
+    whole.train()
+    resumed = trainer(tmp_path / "resumed", sharpness_kwargs=kwargs, **kw)
+    steps = []
+    resumed.add_callback(type("Count", (TrainerCallback,), {"on_step_end": lambda self, a, state, c, **k:
+                                                             steps.append(state.global_step)})())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert steps == [3, 4, 5]  # it did resume
+    assert_bits_equal(snapshot(resumed.model), snapshot(whole.model))
+    a, b = whole.sharpness_optimizer, resumed.sharpness_optimizer
+    assert torch.equal(a._mask_bits, b._mask_bits) and a._step_count == b._step_count == 5
+
+
+def test_fp16_overflow_through_the_trainers_scaler(tmp_path):
+    """The Trainer's GradScaler (CPU here, where accelerate makes none for fp16): a first pass
+    that overflows skips the perturbation and the base step, the scale backs off."""
+    t = trainer(tmp_path, max_steps=3, max_grad_norm=0.0)
+    t.accelerator.scaler = sc = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    calls, seen = [0], {}
+
+    def hook(grad):  # backward 2 is step 1's first pass
+        calls[0] += 1
+        return grad * float("inf") if calls[0] == 3 else grad
+    t.model.classifier.weight.register_hook(hook)
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen[state.global_step] = (snapshot(t.model), sc.get_scale())
+    t.add_callback(Watch())
+    t.train()
+    assert_bits_equal(seen[2][0], seen[1][0])  # step 2 (the overflow) changed nothing
+    assert seen[2][1] == seen[1][1] / 2
+    assert any(not torch.equal(seen[3][0][n], seen[2][0][n]) for n in seen[2][0])
+    assert t.sharpness_optimizer.skipped_perturbations == 1
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
