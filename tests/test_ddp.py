@@ -103,3 +103,31 @@ def test_per_replica_perturbation(tmp_path):
         assert torch.equal(ranks[r]["mask"], opt._mask_bits)
         assert_params_close(ranks[r]["params"], m)
     assert_params_close(ranks[0]["params"], models[1])  # the weights stay the same on every replica
+
+
+def trainer_worker(rank, port, out_dir, sync):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import pathlib
+    from test_trainer import trainer
+    t = trainer(pathlib.Path(out_dir), ddp_backend="gloo", max_steps=3, gradient_accumulation_steps=2,
+                sync_perturbation=sync)
+    t.train()
+    assert isinstance(t.model_wrapped, torch.nn.parallel.DistributedDataParallel) and t.args.world_size == WORLD
+    torch.save({"params": [p.detach().clone() for p in t.model.parameters()],
+                "mask": t.sharpness_optimizer._mask_bits.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+@pytest.mark.parametrize("sync", [False, True])
+def test_trainer_under_ddp(tmp_path, sync):
+    """FSAMTrainer in 2 processes: the replicas keep equal weights; per replica, each its own mask."""
+    pytest.importorskip("accelerate")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(trainer_worker, args=(port, str(tmp_path), sync), nprocs=WORLD, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    assert torch.equal(a["mask"], b["mask"]) == sync

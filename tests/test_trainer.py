@@ -34,13 +34,13 @@ def args(tmp_path, **kw):
     return TrainingArguments(**{**base, **kw})
 
 
-def trainer(tmp_path, model=None, sharpness="fsam", sharpness_kwargs=FSAM_KW, **kw):
+def trainer(tmp_path, model=None, sharpness="fsam", sharpness_kwargs=FSAM_KW, sync_perturbation=False, **kw):
     model = tiny_bert(0) if model is None else model
     # BERT's classification loss ignores num_items_in_batch, and the Trainer would then sum the
     # micro-batch means; this makes it average them (the same for every optimizer).
     model.accepts_loss_kwargs = False
     return FSAMTrainer(model=model, args=args(tmp_path, **kw), train_dataset=Examples(), sharpness=sharpness,
-                       sharpness_kwargs=sharpness_kwargs if sharpness else None)
+                       sharpness_kwargs=sharpness_kwargs if sharpness else None, sync_perturbation=sync_perturbation)
 
 
 def test_step_is_fsam_by_hand(tmp_path):
