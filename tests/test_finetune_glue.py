@@ -1,0 +1,95 @@
+"""benchmarks/finetune_glue.py: the GLUE file formats, the official metrics, the clear
+message without data, and one whole run on a tiny random BERT."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import finetune_glue as fg
+from models import tiny_bert
+
+FILES = {  # train and dev share each task's layout
+    "CoLA": "gj04\t1\t\tthe cat sat .\ngj04\t0\t*\tsat cat the .\n",
+    "SST-2": "sentence\tlabel\na fine film \t1\na dull film \t0\n",
+    "MRPC": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tthe cat sat .\ta cat sat .\n"
+            "0\t3\t4\tthe dog ran .\tthe cat sat .\n",
+    "STS-B": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+             "0\tg\tf\ty\t0\tn\tn\ta cat .\tthe cat .\t4.200\n1\tg\tf\ty\t1\tn\tn\ta dog .\tthe cat .\t0.500\n",
+    "RTE": "index\tsentence1\tsentence2\tlabel\n0\tthe cat sat .\ta cat sat .\tentailment\n"
+           "1\tthe dog ran .\tthe cat sat .\tnot_entailment\n",
+}
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    for folder, text in FILES.items():
+        os.makedirs(tmp_path / folder)
+        for split in ("train", "dev"):
+            header, rows = ("", text) if folder == "CoLA" else text.split("\n", 1)
+            (tmp_path / folder / f"{split}.tsv").write_text(
+                (header + "\n" if header else "") + (rows * 4 if split == "train" else rows))
+    return tmp_path
+
+
+def test_read_split(data_dir):
+    assert fg.read_split(data_dir, "cola", "dev") == ([("the cat sat .",), ("sat cat the .",)], [1, 0])
+    assert fg.read_split(data_dir, "sst2", "dev") == ([("a fine film ",), ("a dull film ",)], [1, 0])
+    texts, labels = fg.read_split(data_dir, "mrpc", "dev")
+    assert texts[0] == ("the cat sat .", "a cat sat .") and labels == [1, 0]
+    assert fg.read_split(data_dir, "stsb", "dev") == ([("a cat .", "the cat ."), ("a dog .", "the cat .")], [4.2, 0.5])
+    assert fg.read_split(data_dir, "rte", "dev")[1] == [1, 0]
+    assert len(fg.read_split(data_dir, "rte", "train")[0]) == 8
+
+
+def test_metrics():
+    p, t = [1, 1, 0, 0, 1, 0, 1], [1, 0, 0, 1, 1, 0, 0]
+    tp, tn, fp, fn = 2, 2, 2, 1
+    m = fg.metrics("cola", p, t)
+    assert m["accuracy"] == pytest.approx(4 / 7)
+    assert m["matthews"] == pytest.approx((tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    assert fg.metrics("mrpc", p, t)["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    pred, gold = [0.3, 2.0, 2.0, 3.5, 1.0], [1.0, 3.0, 2.0, 4.0, 2.0]
+    s = fg.metrics("stsb", pred, gold)
+    assert s["pearson"] == pytest.approx(np.corrcoef(pred, gold)[0, 1])
+    ranks_p, ranks_g = [0, 2.5, 2.5, 4, 1], [0, 3, 1.5, 4, 1.5]  # ties take their average rank
+    assert s["spearman"] == pytest.approx(np.corrcoef(ranks_p, ranks_g)[0, 1])
+
+
+def test_missing_data_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no GLUE data for RTE.*--data-dir"):
+        fg.main(["--data-dir", str(tmp_path / "nowhere"), "--tasks", "rte"])
+
+
+def tiny_model_dir(path, data_dir):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for text in FILES.values() for w in text.lower().split()})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words[:93])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(path)
+    model = tiny_bert(0)
+    model.config.num_labels = 2
+    model.bert.save_pretrained(path)  # the encoder only, as the MiniLM package ships it
+    return str(path)
+
+
+@pytest.mark.parametrize("task,optimizer", [("rte", "fsam"), ("stsb", "adamw")])
+def test_one_run_end_to_end(tmp_path, data_dir, capsys, task, optimizer):
+    model = tiny_model_dir(tmp_path, data_dir)
+    fg.main(["--data-dir", str(data_dir), "--model-dir", model, "--max-length", "24", "--epochs", "2",
+             "--batch-size", "4", "--mask-interval", "2", "--cpu", "--work-dir", str(tmp_path / "work"),
+             "--single", task, optimizer, "0"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")][-1]
+    r = json.loads(line[7:])
+    assert r["task"] == task and r["optimizer"] == optimizer and r["steps"] == 4
+    assert r["metric"] == ("accuracy" if task == "rte" else "pearson") and -1 <= r["score"] <= 1
+    assert 0 < r["optimizer_s"] < r["wall_s"] and r["peak_mem_mib"] > 0
+    assert r["skipped_perturbations"] == (0 if optimizer == "fsam" else None)
+    assert torch.isfinite(torch.tensor(r["train_loss"]))
