@@ -144,3 +144,17 @@ def test_sharpness_step_accumulation_and_clipping():
         sharpness_step(o1, parts, lambda b: m1(**b).loss, max_grad_norm=0)
     with pytest.raises(ValueError, match="empty"):
         sharpness_step(o1, [], lambda b: m1(**b).loss)
+
+
+def test_sharpness_step_scaler_with_clipping_matches_unscaled():
+    """Both unscales in one iteration (the optimizer's for the first pass, the base's for the
+    clip of the second) and the clip see the true gradient."""
+    m1, o1 = make()
+    m2, o2 = make()
+    sc = scaler()
+    for s in range(3):
+        sharpness_step(o1, [batch(s)], lambda b: m1(**b).loss, max_grad_norm=0.1)
+        sharpness_step(o2, [batch(s)], lambda b: m2(**b).loss, max_grad_norm=0.1, scaler=sc)
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+    assert sc.get_scale() == 2.0**12

@@ -166,3 +166,16 @@ def test_fp16_overflow_through_the_trainers_scaler(tmp_path):
     assert any(not torch.equal(seen[3][0][n], seen[2][0][n]) for n in seen[2][0])
     assert t.sharpness_optimizer.skipped_perturbations == 1
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_hand_built_optimizer(tmp_path):
+    model = tiny_bert(0)
+    model.accepts_loss_kwargs = False
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, backend="reference")
+    t = FSAMTrainer(model=model, args=args(tmp_path), train_dataset=Examples(), sharpness=None,
+                    optimizers=(opt, None))
+    t.train()
+    assert t.sharpness_optimizer is opt and opt._step_count == 3
+    with pytest.raises(ValueError, match="not SAM/FSAM"):
+        FSAMTrainer(model=model, args=args(tmp_path), train_dataset=Examples(),
+                    optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
