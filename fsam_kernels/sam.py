@@ -256,6 +256,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups  # the base replaced its group dicts
         self._load_extra_state(extra)
+        self._awaiting_step = False  # a loaded state starts a new step
 
 
 class SAM(SharpnessAwareOptimizer):
