@@ -246,7 +246,7 @@ def main(argv=None):
     check_data(a.data_dir, a.tasks)
     model_dir(a.model_dir)
     rows = []
-    forwarded = [x for x in (argv if argv is not None else sys.argv[1:])]
+    forwarded = list(argv if argv is not None else sys.argv[1:])
     for task in a.tasks:
         for seed in a.seeds:
             for opt in a.optimizers:

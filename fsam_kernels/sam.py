@@ -56,8 +56,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._op = {name: backends.op(name, self.backend)
                     for name in ("grad_sumsq", "masked_perturb_", "masked_restore_", "topk_mask", "fisher_accumulate_")}
         self._perturbed = False
-        self._awaiting_step = False  # first_step ran; second_step has not
-        self._first_finite = None
+        self._first_finite = None  # first_step's finite flag while its second_step is pending
         # The pool's packed mask and the saved originals of its entries (FSAM builds them).
         self._mask_bits = self._pool_offsets = self._pool_saved = None
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
@@ -146,7 +145,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._dense:
             op(self._dense, dense_grads, None, self._dense_offsets, self._dense_saved, scale, self.adaptive, self.eta)
         self._skipped += ~finite
-        self._perturbed = self._awaiting_step = True
+        self._perturbed = True
         self._first_finite = finite
         self._step_count += 1
         if zero_grad:
@@ -170,7 +169,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         scaler: the GradScaler that scaled the second backward: the base step goes through
         `scaler.step(self.base_optimizer)`, and is skipped, like GradScaler skips it, when either
         pass overflowed.  Call scaler.update() afterwards as usual."""
-        if not self._awaiting_step:
+        if self._first_finite is None:
             raise RuntimeError("second_step() called without first_step()")
         if self._perturbed:
             self._restore()
@@ -178,7 +177,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self.base_optimizer.step()
         elif bool(self._first_finite):  # one sync, as GradScaler.step's own
             scaler.step(self.base_optimizer)
-        self._awaiting_step = False
+        self._first_finite = None
         self._opt_called = True  # what LR schedulers check for "optimizer.step() came first"
         if zero_grad:
             self.zero_grad()
@@ -256,7 +255,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups  # the base replaced its group dicts
         self._load_extra_state(extra)
-        self._awaiting_step = False  # a loaded state starts a new step
+        self._first_finite = None  # a loaded state starts a new step
 
 
 class SAM(SharpnessAwareOptimizer):

@@ -66,8 +66,8 @@ def sharpness_step(optimizer, micro_batches, loss_fn, *, model=None, scaler=None
         (loss if scaler is None else scaler.scale(loss)).backward()
         return loss.detach()
 
-    no_sync = getattr(model, "no_sync", None) if model is not None else None
-    loss, second_pass_ran = sharpness_passes(optimizer, micro_batches, backward, no_sync=no_sync,
+    loss, second_pass_ran = sharpness_passes(optimizer, micro_batches, backward,
+                                             no_sync=getattr(model, "no_sync", None),
                                              sync_perturbation=sync_perturbation, scaler=scaler)
     if max_grad_norm is not None and second_pass_ran:
         if scaler is not None:

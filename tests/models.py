@@ -30,6 +30,17 @@ def train(model, opt, steps, start=0):
         opt.second_step(zero_grad=True)
 
 
+def overflow_backward(model, at_call):
+    """Make the `at_call`-th backward through `model` (counting from 0) overflow, via a gradient
+    hook on the classifier weight."""
+    calls = [0]
+
+    def hook(grad):
+        calls[0] += 1
+        return grad * float("inf") if calls[0] - 1 == at_call else grad
+    model.classifier.weight.register_hook(hook)
+
+
 def snapshot(model):
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 

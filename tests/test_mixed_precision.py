@@ -5,7 +5,7 @@ import torch
 
 from fsam_kernels import FSAM, SAM
 from fsam_kernels.training import sharpness_step
-from models import assert_bits_equal, batch, loss_of, snapshot, tiny_bert, train
+from models import assert_bits_equal, batch, loss_of, overflow_backward, snapshot, tiny_bert, train
 
 KW = dict(rho=0.05, sparsity=0.8, mask_interval=2, lr=1e-3)
 
@@ -83,21 +83,11 @@ def test_grad_scaler_matches_unscaled(cls):
         assert torch.equal(o1._mask_bits, o2._mask_bits)
 
 
-def poison_first_backward(model, at_call):
-    """A gradient hook that makes the `at_call`-th backward (counting from 0) overflow."""
-    calls = [0]
-
-    def hook(grad):
-        calls[0] += 1
-        return grad * float("inf") if calls[0] - 1 == at_call else grad
-    model.classifier.weight.register_hook(hook)
-
-
 @pytest.mark.parametrize("cls", [FSAM, SAM])
 def test_first_pass_overflow_skips_perturbation_and_step(cls):
     model, opt = make(cls)
     sc = scaler()
-    poison_first_backward(model, at_call=2)  # backward 0, 1: step 0; backward 2: step 1's first pass
+    overflow_backward(model, at_call=2)  # backward 0, 1: step 0; backward 2: step 1's first pass
     loss_fn = lambda b: model(**b).loss
     sharpness_step(opt, [batch(0)], loss_fn, scaler=sc)
     before, scale = snapshot(model), sc.get_scale()
@@ -116,7 +106,7 @@ def test_first_pass_overflow_skips_perturbation_and_step(cls):
 def test_second_pass_overflow_skips_only_the_step():
     model, opt = make()
     sc = scaler()
-    poison_first_backward(model, at_call=1)
+    overflow_backward(model, at_call=1)
     before = snapshot(model)
     sharpness_step(opt, [batch(0)], lambda b: model(**b).loss, scaler=sc)
     assert_bits_equal(snapshot(model), before)

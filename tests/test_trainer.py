@@ -9,7 +9,7 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from fsam_kernels import FSAM, SAM  # noqa: E402
 from fsam_kernels.integrations.transformers import FSAMTrainer  # noqa: E402
-from models import assert_bits_equal, batch, snapshot, tiny_bert  # noqa: E402
+from models import assert_bits_equal, batch, overflow_backward, snapshot, tiny_bert  # noqa: E402
 
 FSAM_KW = dict(rho=0.05, sparsity=0.8, mask_interval=3, backend="reference")
 
@@ -149,12 +149,8 @@ def test_fp16_overflow_through_the_trainers_scaler(tmp_path):
     that overflows skips the perturbation and the base step, the scale backs off."""
     t = trainer(tmp_path, max_steps=3, max_grad_norm=0.0)
     t.accelerator.scaler = sc = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
-    calls, seen = [0], {}
-
-    def hook(grad):  # backward 2 is step 1's first pass
-        calls[0] += 1
-        return grad * float("inf") if calls[0] == 3 else grad
-    t.model.classifier.weight.register_hook(hook)
+    seen = {}
+    overflow_backward(t.model, at_call=2)  # backward 2 is step 1's first pass
 
     class Watch(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
