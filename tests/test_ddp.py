@@ -110,6 +110,12 @@ def trainer_worker(rank, port, out_dir, sync):
                       MASTER_PORT=str(port))
     import pathlib
     from test_trainer import trainer
+    destroy = dist.destroy_process_group
+
+    def destroy_and_mark():  # FSAMTrainer must destroy the group before the interpreter finalizes
+        destroy()
+        pathlib.Path(out_dir, f"destroyed{rank}").touch()
+    dist.destroy_process_group = destroy_and_mark
     t = trainer(pathlib.Path(out_dir), ddp_backend="gloo", max_steps=3, gradient_accumulation_steps=2,
                 sync_perturbation=sync)
     t.train()
@@ -121,7 +127,9 @@ def trainer_worker(rank, port, out_dir, sync):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 @pytest.mark.parametrize("sync", [False, True])
 def test_trainer_under_ddp(tmp_path, sync):
-    """FSAMTrainer in 2 processes: the replicas keep equal weights; per replica, each its own mask."""
+    """FSAMTrainer in 2 processes: the replicas keep equal weights; per replica, each its own mask.
+    Each process destroys its process group at exit (FSAMTrainer registers that): a gloo group
+    left to interpreter finalization can abort the process after training."""
     pytest.importorskip("accelerate")
     import socket
     with socket.socket() as s:
@@ -131,3 +139,4 @@ def test_trainer_under_ddp(tmp_path, sync):
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
     assert torch.equal(a["mask"], b["mask"]) == sync
+    assert all((tmp_path / f"destroyed{r}").exists() for r in range(WORLD))

@@ -7,7 +7,11 @@ the restore (`fsam_kernels.training.sharpness_passes`).  The Trainer then does w
 always does with the gradient in .grad, now the second-pass one: unscale, clip, the base
 step (skipped by the GradScaler on overflow), the LR scheduler and zero_grad.
 """
+import atexit
+import functools
+
 import torch
+import torch.distributed as dist
 from transformers import Trainer
 
 from ..fsam import FSAM
@@ -15,6 +19,24 @@ from ..sam import SAM, SharpnessAwareOptimizer
 from ..training import sharpness_passes
 
 SHARPNESS = {"fsam": FSAM, "sam": SAM, None: None}
+
+
+def _destroy_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@functools.cache
+def _destroy_process_group_at_exit():
+    """Destroy the default process group at interpreter exit, before finalization starts.
+
+    The Trainer (accelerate) creates the group and nothing destroys it.  Left to interpreter
+    finalization, a gloo group's worker threads may still be releasing the last collective's
+    tensors, which takes the GIL; a thread that asks for the GIL once Python has begun to
+    finalize is ended with pthread_exit, whose forced unwind through a noexcept destructor
+    aborts the process ("terminate called without an active exception", SIGABRT) after
+    training has finished.  atexit handlers run while threads can still take the GIL."""
+    atexit.register(_destroy_process_group)
 
 
 class _BaseStepOptimizer(torch.optim.Optimizer):
@@ -97,6 +119,8 @@ class FSAMTrainer(Trainer):
         self.sharpness_optimizer = given if isinstance(given, SharpnessAwareOptimizer) else None
         self._window = []
         super().__init__(*args, **kwargs)
+        if dist.is_available() and dist.is_initialized():
+            _destroy_process_group_at_exit()
         if self.sharpness_optimizer is not None:
             self.optimizer = _BaseStepOptimizer(self.sharpness_optimizer)
 

@@ -22,7 +22,7 @@ def _fisher_kernel(f_addr, g_addr, chunk_tensor, chunk_start, numel, found_inf, 
     tl.store(f_ptr + offs, f, mask=lanes)
     if HIST:  # the top-k's first radix pass, while F is in registers (see _schemas.py)
         count_digits(first_hist, (order_key(f, False) >> 21).to(tl.int32), lanes, 2048, BLOCK)
-        tl.atomic_add(first_hist + 2048, tl.sum(((f != f) & lanes).to(tl.int64), 0))
+        tl.atomic_add(first_hist + 2048, tl.sum(((f != f) & lanes).to(tl.int32), 0).to(tl.int64))
 
 
 def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=None):

@@ -32,8 +32,8 @@ def _saved_slots(bits, save_offsets, chunk, lanes, MASKED: tl.constexpr, ITEMSIZ
     """(lanes saved, their slot in the saved buffer in elements)."""
     if MASKED:
         lanes = lanes & mask_lanes(bits, chunk, BLOCK)
-    rank = tl.cumsum(lanes.to(tl.int64), 0) - 1
-    return lanes, tl.load(save_offsets + chunk) // ITEMSIZE + rank
+    rank = tl.cumsum(lanes.to(tl.int32), 0) - 1  # within a chunk: fits int32
+    return lanes, tl.load(save_offsets + chunk) // ITEMSIZE + rank.to(tl.int64)
 
 
 @triton.jit

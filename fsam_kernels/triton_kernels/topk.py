@@ -38,7 +38,7 @@ def _histogram_kernel(s_addr, chunk_tensor, chunk_start, numel, state, hist,
     if not FIRST:
         match = lanes & ((key >> (SHIFT + WIDTH)) == tl.load(state + 0).to(tl.uint32))
     if CHECK_NAN:
-        tl.atomic_max(state + 3, tl.max(((x != x) & lanes).to(tl.int64), 0))
+        tl.atomic_max(state + 3, tl.max(((x != x) & lanes).to(tl.int32), 0).to(tl.int64))
     BINS: tl.constexpr = 1 << WIDTH
     count_digits(hist, ((key >> SHIFT) & (BINS - 1)).to(tl.int32), match, BINS, BLOCK)
 
@@ -66,7 +66,7 @@ def _tie_count_kernel(s_addr, chunk_tensor, chunk_start, chunk_index, numel, sta
     lanes = lanes & partial
     x = tl.load(typed(s_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
     kth = tl.load(state + 0).to(tl.uint32)
-    count = tl.sum((lanes & (order_key(x, ABSOLUTE) == kth)).to(tl.int64), 0)
+    count = tl.sum((lanes & (order_key(x, ABSOLUTE) == kth)).to(tl.int32), 0)
     tl.store(ties + tl.load(chunk_index + tl.program_id(0)), count)
 
 
@@ -79,9 +79,9 @@ def _mask_kernel(s_addr, chunk_tensor, chunk_start, chunk_index, numel, state, t
     k_left = tl.load(state + 1)
     all_ties = k_left == tl.load(state + 2)
     # ties go to the lowest flat indices: this chunk takes what the chunks before it left
-    quota = tl.minimum(tl.maximum(k_left - tl.load(ties_before + chunk), 0), tl.load(ties + chunk))
+    quota = tl.minimum(tl.maximum(k_left - tl.load(ties_before + chunk), 0), tl.load(ties + chunk)).to(tl.int32)
     tie = lanes & (key == kth)
-    rank = tl.cumsum(tie.to(tl.int64), 0) - 1
+    rank = tl.cumsum(tie.to(tl.int32), 0) - 1
     selected = lanes & ((key > kth) | (tie & (all_ties | (rank < quota))))
     packed = tl.reshape(selected.to(tl.int32), [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :]
     tl.store(bits + chunk * (BLOCK // 8) + tl.arange(0, BLOCK // 8), tl.sum(packed, 1).to(tl.uint8))
