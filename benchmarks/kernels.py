@@ -6,7 +6,7 @@ from fsam_kernels import backends
 from fsam_kernels._layout import ChunkLayout
 
 from . import anchors
-from .param_lists import random_tensors, shapes_for
+from .param_lists import dtype_of, random_tensors, shapes_for
 from .timing import measure, rotation
 
 FAMILIES = ("fisher", "topk", "perturb", "restore")
@@ -24,15 +24,15 @@ def bytes_per_param(family):
     }[family]
 
 
-def _inputs(family, shapes, device, seed, k):
-    G = random_tensors(shapes, device, seed=seed)
+def _inputs(family, shapes, device, seed, k, dtype):
+    G = random_tensors(shapes, device, dtype, seed=seed)
     x = {"G": G}
     if family == "fisher":
         x["F"] = random_tensors(shapes, device, seed=seed + 1, positive=True)
         return x
     if family == "topk":
         return x
-    x["P"] = random_tensors(shapes, device, seed=seed + 2)
+    x["P"] = random_tensors(shapes, device, dtype, seed=seed + 2)
     # One selection for every provider: the k largest |g|.
     bits, counts = backends.op("topk_mask", backends.resolve(None, device))(G, k, True)
     layout = ChunkLayout(G)
@@ -96,21 +96,31 @@ def run(family, spec, device, ours, *, with_compile, min_time, copy_gbps, only=N
     shapes = shapes_for(spec)
     n = sum(torch.Size(s).numel() for _, s in shapes)
     k = int(n * DENSITY)
+    dtype = dtype_of(spec)
     working = 4 * n * {"fisher": 2, "topk": 1, "perturb": 4, "restore": 4}[family]
     rows = []
     for name, setup in providers(family, device, ours, with_compile).items():
         if only and not any(o in name for o in only):
             continue
-        fns = [setup(x) for x in rotation(lambda i: {**_inputs(family, shapes, device, 10 * i, k), "k": k},
-                                          working, device)]
-        turn = iter(range(1 << 62))
-        t = measure(lambda: fns[next(turn) % len(fns)](), device, min_time)
+        try:
+            fns = [setup(x) for x in rotation(lambda i: {**_inputs(family, shapes, device, 10 * i, k, dtype), "k": k},
+                                              working, device)]
+            turn = iter(range(1 << 62))
+            t = measure(lambda: fns[next(turn) % len(fns)](), device, min_time)
+        except torch.OutOfMemoryError:  # the eager anchors' copies do not fit the largest lists
+            fns = None
+            torch.cuda.empty_cache()
+            rows.append({"family": family, "list": spec, "params": n, "tensors": len(shapes), "provider": name,
+                         "dtype": str(dtype).replace("torch.", ""), "oom": True})
+            continue
         gbps = bytes_per_param(family) * n / (t["median_ms"] * 1e-3) / 1e9
-        rows.append({"family": family, "list": spec, "params": n, "tensors": len(shapes), "provider": name, **t,
+        rows.append({"family": family, "list": spec, "params": n, "tensors": len(shapes), "provider": name,
+                     "dtype": str(dtype).replace("torch.", ""), **t,
                      "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
                      "full_reads": t["median_ms"] * 1e-3 * copy_gbps * 1e9 / (4 * n)})
         fns = None  # free this provider's inputs before the next one allocates its own
-    published = [r for r in rows if r["provider"].startswith("published")]
+    published = [r for r in rows if r["provider"].startswith("published") and not r.get("oom")]
     for r in rows:
-        r["speedup_vs_published"] = published[0]["median_ms"] / r["median_ms"] if published else None
+        r["speedup_vs_published"] = (published[0]["median_ms"] / r["median_ms"] if published and not r.get("oom")
+                                     else None)
     return rows

@@ -11,7 +11,7 @@ def plot_all(out, kernel_rows, step_rows, env):
     if families:
         fig, axes = plt.subplots(2, len(families), figsize=(4.5 * len(families), 7), squeeze=False)
         for col, family in enumerate(families):
-            rows = [r for r in kernel_rows if r["family"] == family]
+            rows = [r for r in kernel_rows if r["family"] == family and not r.get("oom")]
             for provider in dict.fromkeys(r["provider"] for r in rows):
                 pts = sorted((r["params"], r["median_ms"], r["gbps"]) for r in rows if r["provider"] == provider)
                 xs = [p[0] for p in pts]

@@ -21,8 +21,8 @@ from .timing import copy_bandwidth, environment
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {
     "cpu": {"sizes": "1M,4M,16M,50M", "lists": "minilm,bert-base", "step_lists": "minilm,bert-base"},
-    "cuda": {"sizes": "1M,10M,100M,355M", "lists": "minilm,bert-base,roberta-large",
-             "step_lists": "minilm,bert-base,roberta-large"},
+    "cuda": {"sizes": "1M,10M,100M", "lists": "minilm,bert-base,roberta-large,opt-1.3b,llama-7b",
+             "step_lists": "minilm,bert-base,roberta-large,opt-1.3b"},
 }
 
 
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--out", help="results folder (default benchmarks/results/<device>)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no job after this many seconds (the jobs left are listed in the report)")
     return ap.parse_args(argv)
 
 
@@ -77,8 +79,11 @@ def main(argv=None):
     env["copy_gbps"] = bw
     reference_max = parse_size(args.reference_max or ("20M" if device == "cpu" else "400M"))
     jobs = [("kernel", f, s) for s in sizes + lists for f in families] + [("step", None, s) for s in step_lists]
-    kernel_rows, step_rows = [], []
+    kernel_rows, step_rows, env["not_run"] = [], [], []
     for kind, family, spec in tqdm(jobs, desc="fsam benchmarks", unit="job"):
+        if args.budget_s is not None and time.time() - started > args.budget_s:
+            env["not_run"].append(f"{kind} {family or ''} {spec}".replace("  ", " "))
+            continue
         n = sum(torch.Size(s).numel() for _, s in shapes_for(spec))
         backends_here = [b for b in ours if b != "reference" or n <= reference_max]
         if kind == "kernel":
@@ -125,6 +130,13 @@ def summary(env, kernel_rows, step_rows, markdown=False):
             f"{env['threads']} CPU threads, backends {env['backends']}; measured copy bandwidth "
             f"{env['copy_gbps']:.1f} GB/s (read + write); {env['seconds']:.0f} s in all.\n")
     parts = [head]
+    if env.get("not_run"):
+        parts.append(f"Not run, over the time budget: {', '.join(env['not_run'])}.\n")
+    oom = [r for r in kernel_rows if r.get("oom")]
+    if oom:
+        parts.append("Out of GPU memory (not measured): " +
+                     ", ".join(f"{r['family']} {r['list']} {r['provider']}" for r in oom) + ".\n")
+    kernel_rows = [r for r in kernel_rows if not r.get("oom")]
     if kernel_rows:
         rows = [(r["family"], r["list"], f"{r['params'] / 1e6:.1f}M", r["provider"], f"{r['median_ms']:.3f}",
                  f"{r['p25_ms']:.3f}-{r['p75_ms']:.3f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}%",

@@ -175,3 +175,24 @@ def test_hand_built_optimizer(tmp_path):
     with pytest.raises(ValueError, match="not SAM/FSAM"):
         FSAMTrainer(model=model, args=args(tmp_path), train_dataset=Examples(),
                     optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate's fp16 GradScaler needs a GPU")
+def test_fp16_through_accelerate_on_cuda(tmp_path):
+    """The real mixed-precision path: accelerate's CUDA GradScaler, unscale of the first pass
+    before first_step, clipping of the second-pass gradient; an overflow skips the step."""
+    t = trainer(tmp_path, model=tiny_bert(0).cuda(), use_cpu=False, fp16=True, max_steps=4, max_grad_norm=0.3,
+                sharpness_kwargs={**FSAM_KW, "backend": "auto"})
+    overflow_backward(t.model, at_call=2)  # step 1's first pass
+    seen = {}
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen[state.global_step] = (snapshot(t.model), t.accelerator.scaler.get_scale())
+    t.add_callback(Watch())
+    t.train()
+    assert isinstance(t.accelerator.scaler, torch.amp.GradScaler) and t.sharpness_optimizer.backend != "reference"
+    assert_bits_equal(seen[2][0], seen[1][0]) and seen[2][1] == seen[1][1] / 2
+    assert any(not torch.equal(seen[4][0][n], seen[2][0][n]) for n in seen[2][0])
+    assert t.sharpness_optimizer.skipped_perturbations == 1
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in t.model.parameters())
