@@ -46,7 +46,7 @@ gpu-carry: build
 	du -sh .gpu
 
 gpu-build:
-	$(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e . || $(GPU_PY) setup.py -q build_ext --inplace
 	$(GPU_PY) -c "import fsam_kernels as f; print('fsam_kernels backends:', f.available_backends())"
 
 gpu-test: gpu-build
