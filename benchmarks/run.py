@@ -12,7 +12,7 @@ import time
 
 import torch
 
-import fsam_kernels
+from fsam_kernels import backends
 
 from . import kernels, step
 from .param_lists import parse_size, shapes_for
@@ -65,8 +65,7 @@ def main(argv=None):
     step_lists = _split(args.step_lists if args.step_lists is not None else d["step_lists"])
     families = _split(args.families)
     only = _split(args.providers) or None
-    runs_on = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
-    ours = _split(args.backends) or [b for b in fsam_kernels.available_backends() if runs_on.get(b, device) == device]
+    ours = _split(args.backends) or backends.native_backends(device)
     min_time = args.min_time or (0.3 if device == "cpu" else 0.5)
     tag = "cpu" if device == "cpu" else torch.cuda.get_device_name().lower().replace(" ", "-")
     out = args.out or os.path.join(HERE, "results", tag)

@@ -2,6 +2,8 @@
 // transform, and the dtype checks.
 #pragma once
 
+#include "layout.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -12,13 +14,8 @@
 
 namespace fsam {
 
-// A tensor list is cut into chunks of kChunk elements, each chunk inside one tensor.  A chunk
-// is the unit of parallel work (so results never depend on the thread count), of the packed
-// mask (tensor i's bits start at byte kChunkBytes * first chunk of i, so no byte is shared by
-// two tensors) and of the popcounts that place the saved values.
-constexpr int64_t kChunk = 4096;
-constexpr int64_t kChunkBytes = kChunk / 8;
-
+// Chunks are the unit of parallel work (so results never depend on the thread count); tensor
+// i's mask bits start at byte kChunkBytes * its first chunk, so no byte is shared by two tensors.
 inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 struct Chunk {
@@ -55,11 +52,6 @@ inline uint32_t order_key(float x, bool absolute) {
   if (u == 0x80000000u) u = 0;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
-
-// The first radix pass: the top 11 bits of the key, plus a NaN count (fsam_kernels/_schemas.py).
-constexpr int kFirstShift = 21;
-constexpr int64_t kFirstBins = 1 << (32 - kFirstShift);
-constexpr int64_t kFirstHistSize = kFirstBins + 1;
 
 inline void check_first_hist(const at::Tensor& h, const char* op) {
   TORCH_CHECK(h.scalar_type() == at::kLong && h.is_contiguous() && h.device().is_cpu() && h.numel() == kFirstHistSize,

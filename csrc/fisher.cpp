@@ -75,12 +75,6 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fsam, m) {
-  m.def(
-      "fisher_accumulate_(Tensor(a!)[] fisher, Tensor?[] grads, float decay, float alpha, "
-      "Tensor? found_inf=None, Tensor(b!)? first_hist=None) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(fsam, CPU, m) { m.impl("fisher_accumulate_", &fisher_accumulate_cpu); }
 
 }  // namespace fsam

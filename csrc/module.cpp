@@ -1,5 +1,5 @@
-// The Python module fsam_kernels._C: importing it runs the TORCH_LIBRARY registrations of the
-// other translation units; the ops are then reached through torch.ops.fsam.
+// The Python module fsam_kernels._C: importing it runs the TORCH_LIBRARY_IMPL registrations of the
+// other translation units (the schemas are defined in fsam_kernels/_schemas.py, imported first).
 #include <Python.h>
 
 extern "C" {

@@ -94,29 +94,30 @@ const auto kByteLanes = [] {
 // (T g)^2 summed in fp32 per chunk, with T = |w| + eta for ASAM and 1 for SAM, in 8 lanes (one
 // mask byte per step) so that the loop vectorises.  Returns {all, masked}.
 template <bool adaptive, typename scalar_t>
-std::array<float, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, const uint8_t* bits, int64_t n, float eta) {
+std::array<double, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, const uint8_t* bits, int64_t n, float eta) {
   constexpr int L = 8;
-  float all[L] = {0}, masked[L] = {0};
+  double all[L] = {0}, masked[L] = {0};
   auto term = [&](int64_t i) {
     float v = static_cast<float>(g[i]);
     if (adaptive) v *= std::abs(static_cast<float>(w[i])) + eta;
-    return v * v;
+    const double d = v;
+    return d * d;  // exact: the square of an fp32 value fits a double
   };
   const int64_t full = n / L * L;
   for (int64_t i = 0; i < full; i += L) {
     const float* keep = kByteLanes[bits ? bits[i / L] : 0xff].data();
     for (int l = 0; l < L; ++l) {
-      const float sq = term(i + l);
+      const double sq = term(i + l);
       all[l] += sq;
       masked[l] += sq * keep[l];  // 0 * sq = 0 for finite sq; a non-finite sq shows in `all`
     }
   }
   for (int64_t i = full; i < n; ++i) {
-    const float sq = term(i);
+    const double sq = term(i);
     all[i - full] += sq;
     if (!bits || mask_bit(bits, i)) masked[i - full] += sq;
   }
-  float a = 0, m = 0;
+  double a = 0, m = 0;
   for (int l = 0; l < L; ++l) a += all[l], m += masked[l];
   return {a, m};
 }
@@ -139,7 +140,7 @@ inline void for_each_set_bit(const uint8_t* bits, int64_t n, const F& f) {
 at::Tensor grad_sumsq_cpu(at::TensorList params, const OptTensors& grads,
                          const std::optional<at::Tensor>& mask_bits, bool adaptive, double eta) {
   Inputs in = check_inputs("grad_sumsq", params, grads, mask_bits);
-  std::vector<std::array<float, 2>> partial(in.chunks.size(), {0.f, 0.f});
+  std::vector<std::array<double, 2>> partial(in.chunks.size(), {0.0, 0.0});
   parallel_chunks(in.chunks, [&](const Chunk& c) {
     const auto& g = in.grads[c.tensor];
     if (!g.has_value()) return;
@@ -152,7 +153,8 @@ at::Tensor grad_sumsq_cpu(at::TensorList params, const OptTensors& grads,
                                   : chunk_sumsq<false>(w, gp, bits, c.end - c.begin, e);
     });
   });
-  // Chunk partials are added in chunk order: the result does not depend on the thread count.
+  // The one summation order of every backend: fp64 within a chunk, the chunk partials added in
+  // fp64 in chunk order (so the result does not depend on the thread count), fp32 once.
   double all = 0, masked = 0;
   for (const auto& p : partial) all += p[0], masked += p[1];
   auto out = at::empty({2}, at::TensorOptions().dtype(at::kFloat));
@@ -245,14 +247,6 @@ void masked_restore_cpu(at::TensorList params, const std::optional<at::Tensor>& 
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(fsam, m) {
-  m.def("grad_sumsq(Tensor[] params, Tensor?[] grads, Tensor? mask_bits, bool adaptive=False, float eta=0.0) -> Tensor");
-  m.def(
-      "masked_perturb_(Tensor(a!)[] params, Tensor?[] grads, Tensor? mask_bits, Tensor save_offsets, "
-      "Tensor(b!) saved, Tensor scale, bool adaptive=False, float eta=0.0) -> ()");
-  m.def("masked_restore_(Tensor(a!)[] params, Tensor? mask_bits, Tensor save_offsets, Tensor saved) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(fsam, CPU, m) {
   m.impl("grad_sumsq", &grad_sumsq_cpu);

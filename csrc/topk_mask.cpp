@@ -11,10 +11,6 @@
 namespace fsam {
 namespace {
 
-constexpr int kPasses = 3;
-constexpr int kWidth[kPasses] = {11, 11, 10};
-constexpr int kShift[kPasses] = {21, 10, 0};
-
 struct Scores {
   std::vector<at::Tensor> tensors;
   std::vector<Chunk> chunks;
@@ -40,12 +36,12 @@ struct Scores {
 
 // Histogram of the digit at `shift` over the keys whose bits above the digit equal `prefix`.
 std::vector<int64_t> histogram(const Scores& s, int pass, uint32_t prefix, bool check_nan) {
-  const int bins = 1 << kWidth[pass];
-  const int above = kShift[pass] + kWidth[pass];  // 32 on the first pass: every key matches
+  const int bins = 1 << kRadixWidth[pass];
+  const int above = kRadixShift[pass] + kRadixWidth[pass];  // 32 on the first pass: every key matches
   std::vector<int64_t> total(bins, 0);
   std::mutex mu;
   std::atomic<bool> nan{false};
-  const int shift = kShift[pass];
+  const int shift = kRadixShift[pass];
   const uint32_t digit_mask = bins - 1;
   at::parallel_for(0, static_cast<int64_t>(s.chunks.size()), 1, [&](int64_t b, int64_t e) {
     std::vector<int64_t> local(bins, 0);
@@ -94,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t 
   // `k_left` how many of the scores equal to T belong to the top k.
   uint32_t prefix = 0;
   int64_t k_left = k, ties = 0;
-  for (int pass = 0; pass < kPasses && (pass == 0 || k > 0); ++pass) {
+  for (int pass = 0; pass < kRadixPasses && (pass == 0 || k > 0); ++pass) {
     std::vector<int64_t> hist;
     if (pass == 0 && first_hist.has_value()) {  // counted by fisher_accumulate_: no pass over the scores
       check_first_hist(*first_hist, "topk_mask");
@@ -111,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t 
     for (; digit > 0 && greater + hist[digit] < k_left; --digit) greater += hist[digit];
     k_left -= greater;
     ties = hist[digit];
-    prefix = (prefix << kWidth[pass]) | static_cast<uint32_t>(digit);
+    prefix = (prefix << kRadixWidth[pass]) | static_cast<uint32_t>(digit);
   }
   const uint32_t kth = prefix;
 
@@ -154,12 +150,6 @@ std::tuple<at::Tensor, at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t 
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(fsam, m) {
-  m.def(
-      "topk_mask(Tensor[] scores, int k, bool absolute=False, bool check_nan=True, Tensor? first_hist=None) "
-      "-> (Tensor bits, Tensor chunk_counts)");
-}
 
 TORCH_LIBRARY_IMPL(fsam, CPU, m) { m.impl("topk_mask", &topk_mask_cpu); }
 

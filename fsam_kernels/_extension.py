@@ -7,8 +7,10 @@ import warnings
 
 import torch
 
+from . import _schemas  # noqa: F401  (defines torch.ops.fsam before the extension registers its impls)
+
 try:
-    from . import _C  # noqa: F401  (its TORCH_LIBRARY blocks define torch.ops.fsam)
+    from . import _C  # noqa: F401  (its TORCH_LIBRARY_IMPL blocks register the CPU (and CUDA) kernels)
     LOAD_ERROR = None
 except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = exc

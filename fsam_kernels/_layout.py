@@ -1,6 +1,7 @@
-"""Where each tensor of a list lives in the packed mask and in the saved-values buffer.
+"""Where each tensor of a list lives in the packed mask and in the saved-values buffer, and the
+radix digits of the top-k.
 
-Every backend shares this layout (csrc/common.h says the same in C++): a list is cut into
+Every backend shares this layout (csrc/layout.h holds the same constants in C++): a list is cut into
 chunks of CHUNK elements inside each tensor; tensor i's mask bits start at byte
 CHUNK_BYTES * (its first chunk), bit j of a byte is element 8 * byte + j.  The originals of
 the masked entries of a tensor are saved contiguously, in its own dtype and element order,
@@ -13,7 +14,17 @@ CHUNK = 4096
 CHUNK_BYTES = CHUNK // 8
 SAVE_ALIGN = 16
 
+# Radix select over the 32-bit order-preserving keys: three digits, most significant first.
+RADIX_WIDTHS = (11, 11, 10)
+RADIX_SHIFTS = (21, 10, 0)
+RADIX_MAX_BINS = 1 << max(RADIX_WIDTHS)
+# fisher_accumulate_'s first_hist: the first digit's bins, then a NaN count.
+FIRST_SHIFT = RADIX_SHIFTS[0]
+FIRST_BINS = 1 << RADIX_WIDTHS[0]
+FIRST_HIST_SIZE = FIRST_BINS + 1
+
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
 
 
 def num_chunks(numel):
@@ -63,6 +74,20 @@ class ChunkLayout:
         base = torch.cumsum(padded, 0) - padded
         offsets = base[self._tensor_of_chunk] + before - before[self._first_chunk_of_chunk]
         return offsets, padded.sum()
+
+    def chunk_counts(self, bits):
+        """Per-chunk popcounts of a packed mask of this layout."""
+        return _POPCOUNT.to(bits.device)[bits.long()].view(self.total_chunks, CHUNK_BYTES).sum(1)
+
+    def saved_bytes_needed(self, save_offsets, chunk_counts):
+        """0-dim tensor: the end of the furthest run that save_offsets places in `saved` for a
+        mask with these per-chunk counts (-1 when an offset is negative or misaligned)."""
+        if not self.total_chunks:
+            return torch.zeros((), dtype=torch.int64, device=save_offsets.device)
+        itemsize = self._itemsize_of_chunk.to(save_offsets.device)
+        ends = save_offsets + chunk_counts.to(save_offsets.device, torch.int64) * itemsize
+        bad = (save_offsets < 0) | (save_offsets % itemsize != 0)
+        return torch.where(bad.any(), -1, ends.max())
 
     def saved_bytes_bound(self, k):
         """Bytes that the originals of any k entries need, padding included (known without

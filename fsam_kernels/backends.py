@@ -38,16 +38,19 @@ def available_backends():
     return found
 
 
+def native_backends(device_type):
+    """The available backends that run natively on tensors of `device_type`, fastest first (the
+    interpreted Triton kernels are for testing: never among them)."""
+    return [name for name in available_backends()
+            if device_of(name) in (None, device_type) and not (name == "triton" and _triton_device() == "cpu")]
+
+
 def resolve(backend, device):
     """The backend to use for tensors on `device`; `None` or "auto" picks the fastest."""
     device = torch.device(device)
     if backend is None or backend == "auto":
         _extension.warn_if_missing()
-        for name in available_backends():
-            # The interpreted Triton kernels are for testing: never picked by themselves.
-            if device_of(name) in (None, device.type) and not (name == "triton" and _triton_device() == "cpu"):
-                return name
-        return "reference"
+        return native_backends(device.type)[0]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend not in available_backends():

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ._schemas import FIRST_HIST_SIZE
+from . import ops
 from .params import pool_predicate
 from .sam import SharpnessAwareOptimizer, _check_number
 
@@ -92,7 +92,7 @@ class FSAM(SharpnessAwareOptimizer):
         first_hist = None
         if self.fisher == "ema":
             if due:
-                first_hist = torch.zeros(FIRST_HIST_SIZE, dtype=torch.int64, device=self._device)
+                first_hist = ops.new_first_hist(self._device)
             self._op["fisher_accumulate_"](self._fisher, pool_grads, self.fisher_decay, 1.0 - self.fisher_decay,
                                            ~finite, first_hist)
         # A mask step may sync once: non-finite gradients postpone it to the next step.

@@ -7,8 +7,7 @@ checked here, before anything is written, and errors name the argument at fault.
 import torch
 
 from . import backends
-from ._layout import CHUNK_BYTES, ChunkLayout, num_chunks
-from ._schemas import FIRST_HIST_SIZE
+from ._layout import CHUNK_BYTES, FIRST_HIST_SIZE, ChunkLayout, num_chunks
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -167,11 +166,22 @@ def grad_sumsq(params, grads, *, mask_bits=None, adaptive=False, eta=0.0, backen
 
 
 def _check_saving(params, mask_bits, save_offsets, saved, device):
+    """The buffers of a save, and that `saved` holds every run save_offsets places in it for
+    this mask: no backend then writes or reads outside it.  One sync on a GPU (the optimizers,
+    which size `saved` by construction, call the backends directly and never sync here)."""
     chunks = _total_chunks(params)
     if mask_bits is not None:
         _check_buffer("mask_bits", mask_bits, torch.uint8, chunks * CHUNK_BYTES, device)
     _check_buffer("save_offsets", save_offsets, torch.int64, chunks, device)
     _check_buffer("saved", saved, torch.uint8, None, device)
+    layout = ChunkLayout(params)
+    counts = layout.full_counts() if mask_bits is None else layout.chunk_counts(mask_bits)
+    needed = int(layout.saved_bytes_needed(save_offsets, counts))
+    if needed < 0:
+        raise ValueError("save_offsets has a negative offset or one not aligned to its tensor's element size")
+    if needed > saved.numel():
+        raise ValueError(f"saved has {saved.numel()} bytes but save_offsets and the mask need {needed}: "
+                         "size it with save_layout(params, chunk_counts)")
 
 
 def masked_perturb(params, grads, scale, *, save_offsets, saved, mask_bits=None, adaptive=False, eta=0.0,

@@ -2,14 +2,11 @@
 
 Readable first: this is the executable specification the compiled backends are tested
 against, and the eager baseline of the benchmarks.  Signatures and results are those of the
-torch.ops.fsam ops (see csrc/); the element-wise arithmetic rounds in the same order.
+torch.ops.fsam ops (fsam_kernels/_schemas.py); the element-wise arithmetic rounds in the same order.
 """
 import torch
 
-from ._layout import ChunkLayout
-from ._schemas import FIRST_HIST_SIZE
-
-FIRST_BINS = FIRST_HIST_SIZE - 1
+from ._layout import CHUNK, FIRST_BINS, FIRST_SHIFT, ChunkLayout
 
 
 def order_key(x):
@@ -29,7 +26,7 @@ def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=N
             new = torch.where(found_inf != 0, f, new)
         f.copy_(new)
         if first_hist is not None:
-            first_hist[:FIRST_BINS] += torch.bincount((order_key(f) >> 21).reshape(-1), minlength=FIRST_BINS)
+            first_hist[:FIRST_BINS] += torch.bincount((order_key(f) >> FIRST_SHIFT).reshape(-1), minlength=FIRST_BINS)
             first_hist[FIRST_BINS] += torch.isnan(f).sum()
 
 
@@ -64,21 +61,29 @@ def _direction(p, g, adaptive, eta):
     return d
 
 
+def _chunk_sums(x):
+    """fp64 sums of each CHUNK-element chunk of a flat tensor."""
+    pad = -x.numel() % CHUNK
+    return torch.nn.functional.pad(x, (0, pad)).view(-1, CHUNK).sum(1)
+
+
 def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
+    """The summation order of every backend: (T g)^2 summed in fp64 within each chunk (the
+    square of an fp32 value is exact in fp64), the chunk partials added in fp64 in chunk
+    order, the result rounded to fp32 once."""
     layout = ChunkLayout(params)
-    total = torch.zeros((), dtype=torch.float32, device=layout.device)
-    masked = torch.zeros((), dtype=torch.float32, device=layout.device)
+    partials = []  # [all, masked] per chunk, in chunk order
     for p, g, m in zip(params, grads, _masks(layout, mask_bits)):
-        if g is None:
+        if g is None or p.numel() == 0:
             continue
         v = g.float().reshape(-1)
         if adaptive:
             v = v * (p.float().reshape(-1).abs() + eta)
-        sq = v * v
-        total += sq.sum()
-        if m is not None:
-            masked += sq[m].sum()
-    return torch.stack([total, total if mask_bits is None else masked])
+        sq = v.double() * v.double()
+        partials.append(torch.stack([_chunk_sums(sq), _chunk_sums(sq if m is None else torch.where(m, sq, 0))], 1))
+    if not partials:
+        return torch.zeros(2, dtype=torch.float32, device=layout.device)
+    return torch.cat(partials).cumsum(0)[-1].float()  # cumsum: one addition after another
 
 
 def masked_perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):

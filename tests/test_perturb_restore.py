@@ -153,3 +153,70 @@ def test_bad_input(backend, device):
                                saved=torch.zeros(64, dtype=torch.uint8), backend=backend)
         for p, o in zip(params, snapshot):
             assert torch.equal(p, o)
+
+
+@BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_norm_scale_and_perturbation_are_bit_identical(backend, device, dtype, adaptive):
+    """One summation order in every backend (fp64 within chunks, chunk partials in fp64 in chunk
+    order, fp32 once): the norms, the scales and the perturbed weights equal the reference's
+    bit for bit, each backend perturbing with its own norm."""
+    seed = seed_of("bit-identical", dtype, adaptive)
+    params, grads, bits, offsets, saved = setup("mixed", dtype, device, True, seed)
+    ref_params, ref_grads = to_cpu(params), to_cpu(grads)
+    results = []
+    for b, ps, gs, dev in ((backend, params, grads, device), ("reference", ref_params, ref_grads, "cpu")):
+        m = bits.to(dev)
+        sums = ops.grad_sumsq(ps, gs, mask_bits=m, adaptive=adaptive, eta=0.01, backend=b)
+        scale = (0.05 / (sums[0].sqrt() + 1e-12)).reshape(1)
+        ops.masked_perturb(ps, gs, scale, mask_bits=m, save_offsets=offsets.to(dev), saved=saved.to(dev).clone(),
+                           adaptive=adaptive, eta=0.01, backend=b)
+        results.append((sums.cpu(), scale.cpu(), [bits_of(p.cpu()) for p in ps]))
+    (sums, scale, moved), (ref_sums, ref_scale, ref_moved) = results
+    assert torch.equal(sums.view(torch.int32), ref_sums.view(torch.int32))
+    assert torch.equal(scale.view(torch.int32), ref_scale.view(torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip(moved, ref_moved))
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+@pytest.mark.parametrize("masked", [True, False])
+def test_undersized_saved_raises_before_any_write(backend, device, masked):
+    """Every buffer written through save_offsets is checked for size first, on every backend:
+    a `saved` too small for the mask (or an offset pointing outside it) is an error, and
+    neither the weights nor the buffer change."""
+    params, grads, bits, offsets, saved = setup("mixed", torch.float32, device, masked, 5, missing_grad=False)
+    scale = torch.tensor(0.3, device=device)
+    snapshot = to_cpu(params)
+    short = saved[:-24].clone()
+    far = offsets.clone()
+    far[-1] += 64
+    for buf, offs in ((short, offsets), (saved, far)):
+        before = buf.clone()
+        with pytest.raises(ValueError, match="saved has .* bytes but save_offsets and the mask need"):
+            ops.masked_perturb(params, grads, scale, mask_bits=bits, save_offsets=offs, saved=buf, backend=backend)
+        with pytest.raises(ValueError, match="saved has .* bytes but save_offsets and the mask need"):
+            ops.masked_restore(params, mask_bits=bits, save_offsets=offs, saved=buf, backend=backend)
+        assert torch.equal(buf, before)
+    bad = offsets.clone()
+    bad[0] = -4
+    with pytest.raises(ValueError, match="negative offset"):
+        ops.masked_perturb(params, grads, scale, mask_bits=bits, save_offsets=bad, saved=saved, backend=backend)
+    for p, o in zip(params, snapshot):
+        assert torch.equal(p.cpu(), o)
+
+
+@BACKENDS
+def test_kernels_never_write_past_saved(backend, device):
+    """Called directly, past the Python checks, a backend given too small a `saved` writes
+    nothing outside it (the Triton kernels drop the slots past the end; C++ refuses)."""
+    from fsam_kernels import backends
+    params, grads, bits, offsets, saved = setup("mixed", torch.float32, device, True, 9, missing_grad=False)
+    guarded = torch.full((saved.numel() + 256,), POISON, dtype=torch.uint8, device=device)
+    short = guarded[:saved.numel() - 64]  # a view: what lies past its end must stay untouched
+    try:
+        backends.op("masked_perturb_", backend)(params, grads, bits, offsets, short, torch.tensor(0.3, device=device),
+                                                False, 0.0)
+    except RuntimeError as e:
+        assert "saved" in str(e)
+    assert bool((guarded[saved.numel() - 64:] == POISON).all())

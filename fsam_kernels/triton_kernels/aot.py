@@ -25,8 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-from .._layout import CHUNK_BYTES, num_chunks
-from .._schemas import FIRST_HIST_SIZE, SCHEMAS
+from .._layout import CHUNK_BYTES, FIRST_HIST_SIZE, num_chunks
+from .._schemas import SCHEMAS
 from ..ops import FLOAT_DTYPES, save_layout
 from . import fisher, perturb, topk
 from .library import _IMPLS

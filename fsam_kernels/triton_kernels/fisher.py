@@ -2,8 +2,12 @@
 import triton
 import triton.language as tl
 
+from .._layout import FIRST_BINS, FIRST_SHIFT
 from . import tables
 from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, count_digits, order_key, tl_dtype, typed
+
+_FIRST_SHIFT = tl.constexpr(FIRST_SHIFT)
+_FIRST_BINS = tl.constexpr(FIRST_BINS)
 
 
 @triton.jit
@@ -21,8 +25,8 @@ def _fisher_kernel(f_addr, g_addr, chunk_tensor, chunk_start, numel, found_inf, 
     f = f * decay + (g * g) * alpha
     tl.store(f_ptr + offs, f, mask=lanes)
     if HIST:  # the top-k's first radix pass, while F is in registers (see _schemas.py)
-        count_digits(first_hist, (order_key(f, False) >> 21).to(tl.int32), lanes, 2048, BLOCK)
-        tl.atomic_add(first_hist + 2048, tl.sum(((f != f) & lanes).to(tl.int32), 0).to(tl.int64))
+        count_digits(first_hist, (order_key(f, False) >> _FIRST_SHIFT).to(tl.int32), lanes, _FIRST_BINS, BLOCK)
+        tl.atomic_add(first_hist + _FIRST_BINS, tl.sum(((f != f) & lanes).to(tl.int32), 0).to(tl.int64))
 
 
 def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=None):

@@ -1,10 +1,8 @@
-"""torch.ops.fsam_triton.*: the Triton launchers as torch.library ops (schemas of
+"""torch.ops.fsam_triton.*: the Triton launchers as torch.library ops (the schemas of
 fsam_kernels/_schemas.py, impls for CUDA tensors and for CPU tensors under the interpreter,
 fake impls for torch.compile, which treats them as opaque calls)."""
-import torch
-
 from .._fakes import register_fakes
-from .._schemas import SCHEMAS
+from .._schemas import SCHEMAS, define
 from . import fisher, perturb, topk
 
 _IMPLS = {
@@ -15,9 +13,9 @@ _IMPLS = {
     "masked_restore_": perturb.masked_restore_,
 }
 
-_lib = torch.library.Library("fsam_triton", "DEF")
-for _name, _schema in SCHEMAS.items():
-    _lib.define(_name + _schema)
+assert set(_IMPLS) == set(SCHEMAS), "every op needs a Triton impl"
+_lib = define("fsam_triton")
+for _name in SCHEMAS:
     for _key in ("CUDA", "CPU"):
         _lib.impl(_name, _IMPLS[_name], _key)
 register_fakes("fsam_triton")

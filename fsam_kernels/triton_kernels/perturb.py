@@ -19,7 +19,8 @@ def _sumsq_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel,
     if ADAPTIVE:
         w = tl.load(typed(p_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
         v = v * (tl.abs(w) + eta)
-    sq = v * v
+    v = v.to(tl.float64)
+    sq = v * v  # exact in fp64; the chunk's sum in fp64 (the summation order of every backend)
     tl.store(partials + 2 * chunk, tl.sum(sq, 0))
     if MASKED:
         sq = tl.where(mask_lanes(bits, chunk, BLOCK), sq, 0.0)
@@ -27,22 +28,25 @@ def _sumsq_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel,
 
 
 @triton.jit
-def _saved_slots(bits, save_offsets, chunk, lanes, MASKED: tl.constexpr, ITEMSIZE: tl.constexpr,
+def _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED: tl.constexpr, ITEMSIZE: tl.constexpr,
                  BLOCK: tl.constexpr):
-    """(lanes saved, their slot in the saved buffer in elements)."""
+    """(lanes saved, their slot in the saved buffer in elements).  Slots past `capacity` (the
+    buffer's size in elements) are dropped: the launcher's caller checked the size, and no
+    input makes the kernel touch memory outside the buffer."""
     if MASKED:
         lanes = lanes & mask_lanes(bits, chunk, BLOCK)
     rank = tl.cumsum(lanes.to(tl.int32), 0) - 1  # within a chunk: fits int32
-    return lanes, tl.load(save_offsets + chunk) // ITEMSIZE + rank.to(tl.int64)
+    slot = tl.load(save_offsets + chunk) // ITEMSIZE + rank.to(tl.int64)
+    return lanes & (slot >= 0) & (slot < capacity), slot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["capacity"])  # one compiled variant whatever the size
 def _perturb_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel, bits, save_offsets, saved,
-                    scale_ptr, eta, DT: tl.constexpr, ITEMSIZE: tl.constexpr, MASKED: tl.constexpr,
+                    capacity, scale_ptr, eta, DT: tl.constexpr, ITEMSIZE: tl.constexpr, MASKED: tl.constexpr,
                     ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
-    lanes, slot = _saved_slots(bits, save_offsets, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
+    lanes, slot = _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
     w_ptr = typed(p_addr, t, DT)
     w = tl.load(w_ptr + offs, mask=lanes, other=0.0)
     tl.store(saved + slot, w, mask=lanes)  # the originals, even when nothing moves: restore is exact
@@ -57,12 +61,12 @@ def _perturb_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, nume
     tl.store(w_ptr + offs, round_to(wf + d * scale, DT), mask=move)
 
 
-@triton.jit
-def _restore_kernel(p_addr, chunk_tensor, chunk_start, chunk_index, numel, bits, save_offsets, saved,
+@triton.jit(do_not_specialize=["capacity"])  # one compiled variant whatever the size
+def _restore_kernel(p_addr, chunk_tensor, chunk_start, chunk_index, numel, bits, save_offsets, saved, capacity,
                     DT: tl.constexpr, ITEMSIZE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
-    lanes, slot = _saved_slots(bits, save_offsets, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
+    lanes, slot = _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
     tl.store(typed(p_addr, t, DT) + offs, tl.load(saved + slot, mask=lanes), mask=lanes)
 
 
@@ -73,14 +77,14 @@ def _dummy(device):
 def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
     device = params[0].device
     groups = tables.groups(params)
-    partials = torch.zeros(sum(g.chunks for g in groups), 2, dtype=torch.float32, device=device)
+    partials = torch.zeros(sum(g.chunks for g in groups), 2, dtype=torch.float64, device=device)
     for g in groups:
         _sumsq_kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), tables.addresses(grads, g.members, device), g.chunk_tensor,
             g.chunk_start, g.chunk_index, g.numel, mask_bits if mask_bits is not None else _dummy(device), partials,
             float(eta), DT=tl_dtype(g.dtype), MASKED=mask_bits is not None, ADAPTIVE=bool(adaptive), BLOCK=BLOCK,
             **LAUNCH_OPTIONS)
-    return partials.sum(0)
+    return partials.sum(0).to(torch.float32)  # chunk partials added in fp64, rounded to fp32 once
 
 
 def masked_perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
@@ -90,7 +94,8 @@ def masked_perturb_(params, grads, mask_bits, save_offsets, saved, scale, adapti
         _perturb_kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), tables.addresses(grads, g.members, device), g.chunk_tensor,
             g.chunk_start, g.chunk_index, g.numel, mask_bits if mask_bits is not None else _dummy(device),
-            save_offsets, saved.view(g.dtype), scale, float(eta), DT=tl_dtype(g.dtype), ITEMSIZE=itemsize,
+            save_offsets, saved.view(g.dtype), saved.numel() // itemsize, scale, float(eta), DT=tl_dtype(g.dtype),
+            ITEMSIZE=itemsize,
             MASKED=mask_bits is not None, ADAPTIVE=bool(adaptive), BLOCK=BLOCK, **LAUNCH_OPTIONS)
 
 
@@ -101,4 +106,5 @@ def masked_restore_(params, mask_bits, save_offsets, saved):
         _restore_kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel,
             mask_bits if mask_bits is not None else _dummy(device), save_offsets, saved.view(g.dtype),
-            DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, MASKED=mask_bits is not None, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+            saved.numel() // itemsize, DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, MASKED=mask_bits is not None,
+            BLOCK=BLOCK, **LAUNCH_OPTIONS)

@@ -4,18 +4,15 @@ Three histogram passes over the order-preserving keys (11/11/10-bit digits), eac
 a one-program kernel that picks the digit holding the k-th largest key, all on the device;
 then, only when some but not all keys equal to the k-th one are taken, a pass counting them
 per chunk; then the pass that writes the packed mask and the per-chunk popcounts.  Extra
-memory: the histograms (3 x 2048 counts), a state of 4 numbers and a count per chunk."""
+memory: the histograms (3 x 2048 counts, RADIX_* of fsam_kernels/_layout.py), a state of 4 numbers and a count per chunk."""
 import torch
 import triton
 import triton.language as tl
 
-from .._layout import CHUNK_BYTES
+from .._layout import CHUNK_BYTES, FIRST_BINS, RADIX_MAX_BINS, RADIX_SHIFTS, RADIX_WIDTHS
 from . import tables
 from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, count_digits, order_key, tl_dtype, typed
 
-WIDTH = (11, 11, 10)
-SHIFT = (21, 10, 0)
-MAX_BINS = 2048
 # state: [prefix of the k-th key, how many keys equal to it are still to take, how many
 # keys share the prefix's digit, NaN seen]
 PREFIX, K_LEFT, TIES, NAN = range(4)
@@ -94,7 +91,7 @@ def topk_mask(scores, k, absolute=False, check_nan=True, first_hist=None):
     nchunks = sum(g.chunks for g in groups)
     state = torch.zeros(4, dtype=torch.int64, device=device)
     state[K_LEFT] = k
-    hist = torch.zeros(len(WIDTH), MAX_BINS, dtype=torch.int64, device=device)
+    hist = torch.zeros(len(RADIX_WIDTHS), RADIX_MAX_BINS, dtype=torch.int64, device=device)
     bits = torch.empty(nchunks * CHUNK_BYTES, dtype=torch.uint8, device=device)
     counts = torch.empty(nchunks, dtype=torch.int32, device=device)
     ties = torch.zeros(nchunks, dtype=torch.int64, device=device)
@@ -104,12 +101,12 @@ def topk_mask(scores, k, absolute=False, check_nan=True, first_hist=None):
             kernel[(g.chunks,)](tables.addresses(scores, g.members, device), g.chunk_tensor, g.chunk_start, *args(g),
                                 DT=tl_dtype(g.dtype), ABSOLUTE=bool(absolute), BLOCK=BLOCK, **meta, **LAUNCH_OPTIONS)
 
-    for p, (shift, width) in enumerate(zip(SHIFT, WIDTH)):
+    for p, (shift, width) in enumerate(zip(RADIX_SHIFTS, RADIX_WIDTHS)):
         if p > 0 and k == 0:
             break
         if p == 0 and first_hist is not None:  # counted by fisher_accumulate_: no pass over the scores
-            hist[0].copy_(first_hist[:MAX_BINS])
-            state[NAN] = first_hist[MAX_BINS]
+            hist[0].copy_(first_hist[:FIRST_BINS])
+            state[NAN] = first_hist[FIRST_BINS]
         else:
             each_group(_histogram_kernel, lambda g: (g.numel, state, hist[p]), SHIFT=shift, WIDTH=width,
                        FIRST=p == 0, CHECK_NAN=bool(check_nan) and p == 0)
