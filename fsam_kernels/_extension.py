@@ -29,8 +29,9 @@ def warn_if_missing():
 
 
 def has_cuda_kernels():
-    """Whether the extension was built with its CUDA impls."""
-    return LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("fsam::topk_mask", "CUDA")
+    """Whether the extension registered a CUDA kernel for every op."""
+    return LOADED and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fsam::{name}", "CUDA")
+                          for name in _schemas.SCHEMAS)
 
 
 if LOADED:

@@ -7,7 +7,8 @@ import torch
 
 from . import ops
 from .params import pool_predicate
-from .sam import SharpnessAwareOptimizer, _check_number
+from ._checks import check_number
+from .sam import SharpnessAwareOptimizer
 
 FISHER_ESTIMATES = ("batch", "ema", "samples")
 OUTSIDE_POOL = ("dense", "none")
@@ -34,14 +35,14 @@ class FSAM(SharpnessAwareOptimizer):
     def __init__(self, params, base_optimizer, *, rho=0.05, sparsity=0.9, mask_interval=100, fisher="batch",
                  fisher_decay=0.95, renormalize=False, adaptive=False, eta=0.0, norm_eps=1e-12, pool=None,
                  outside_pool="dense", backend="auto", **base_kwargs):
-        _check_number("sparsity", sparsity, 0.0)
+        check_number("sparsity", sparsity, 0.0)
         if not sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         if isinstance(mask_interval, bool) or not isinstance(mask_interval, int) or mask_interval < 1:
             raise ValueError(f"mask_interval must be an int >= 1, got {mask_interval!r}")
         if fisher not in FISHER_ESTIMATES:
             raise ValueError(f"fisher must be one of {FISHER_ESTIMATES}, got {fisher!r}")
-        _check_number("fisher_decay", fisher_decay, 0.0)
+        check_number("fisher_decay", fisher_decay, 0.0)
         if not fisher_decay < 1:
             raise ValueError(f"fisher_decay must be in [0, 1), got {fisher_decay}")
         if outside_pool not in OUTSIDE_POOL:

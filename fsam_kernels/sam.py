@@ -7,16 +7,10 @@ optimizer so LR schedulers work on either object.
 import torch
 
 from . import backends
+from ._checks import check_number
 from ._layout import ChunkLayout
 from .ops import FLOAT_DTYPES, save_layout
 from .params import param_groups_with_names
-
-
-def _check_number(name, value, low, *, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if value != value or value < low or (low_open and value == low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
 
 
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
@@ -29,9 +23,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer, *, rho, adaptive, eta, norm_eps, backend, base_kwargs):
-        _check_number("rho", rho, 0.0)
-        _check_number("eta", eta, 0.0)
-        _check_number("norm_eps", norm_eps, 0.0)
+        check_number("rho", rho, 0.0)
+        check_number("eta", eta, 0.0)
+        check_number("norm_eps", norm_eps, 0.0)
         if not callable(base_optimizer):
             raise TypeError(f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}")
         groups, names = param_groups_with_names(params)

@@ -13,13 +13,6 @@ from fsam_kernels._layout import CHUNK  # noqa: E402
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def devices():
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out.append("cuda")
-    return out
-
-
 def compiled_backends():
     """(backend, device) pairs of every compiled backend that can run here."""
     return [(b, backends.device_of(b)) for b in fsam_kernels.available_backends() if b != "reference"]

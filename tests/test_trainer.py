@@ -196,3 +196,30 @@ def test_fp16_through_accelerate_on_cuda(tmp_path):
     assert any(not torch.equal(seen[4][0][n], seen[2][0][n]) for n in seen[2][0])
     assert t.sharpness_optimizer.skipped_perturbations == 1
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_methods_are_chosen_by_name_from_a_registry(tmp_path):
+    from fsam_kernels.integrations import transformers as integration
+
+    class RecordingSAM(SAM):
+        built = 0
+
+        def __init__(self, *args, **kwargs):
+            RecordingSAM.built += 1
+            super().__init__(*args, **kwargs)
+    integration.register_method("recording-sam", RecordingSAM)
+    try:
+        model = tiny_bert(0)
+        model.accepts_loss_kwargs = False
+        t = integration.FineTuningTrainer(model=model, args=args(tmp_path), train_dataset=Examples(),
+                                          method="recording-sam", method_kwargs={"rho": 0.05, "backend": "reference"})
+        t.train()
+        assert RecordingSAM.built == 1 and isinstance(t.method_optimizer, RecordingSAM)
+        assert t.sharpness_optimizer is t.method_optimizer and t.method_optimizer._step_count == 3
+    finally:
+        del integration.METHODS["recording-sam"]
+    assert integration.FSAMTrainer is integration.FineTuningTrainer
+    with pytest.raises(ValueError, match="method must be one of"):
+        integration.FineTuningTrainer(model=tiny_bert(0), args=args(tmp_path), method="recording-sam")
+    with pytest.raises(TypeError, match="register_method"):
+        integration.register_method("x", SAM(tiny_bert(0).parameters(), torch.optim.SGD, lr=0.1))

@@ -1,4 +1,6 @@
-"""`FSAMTrainer`: the Hugging Face Trainer with SAM/FSAM's two-pass step.
+"""`FineTuningTrainer` (alias `FSAMTrainer`): the Hugging Face Trainer with the step of a
+fine-tuning method chosen by name from a registry (`METHODS`: "sam", "fsam"; more register
+with `register_method`), here SAM/FSAM's two-pass step.
 
 Per optimizer step (one accumulation window) the Trainer's loop hands the micro-batches to
 `training_step`; this trainer runs them only when the window is complete: the first pass
@@ -15,10 +17,19 @@ import torch.distributed as dist
 from transformers import Trainer
 
 from ..fsam import FSAM
-from ..sam import SAM, SharpnessAwareOptimizer
+from ..sam import SAM
 from ..training import sharpness_passes
 
-SHARPNESS = {"fsam": FSAM, "sam": SAM, None: None}
+# name -> optimizer class (built as cls(param_groups, base_optimizer_class, **kwargs)); None
+# keeps the Trainer's own optimizer.
+METHODS = {"sam": SAM, "fsam": FSAM}
+
+
+def register_method(name, cls):
+    """Make `FineTuningTrainer(method=name)` build `cls(param_groups, base_cls, **kwargs)`."""
+    if not isinstance(name, str) or not isinstance(cls, type):
+        raise TypeError("register_method(name, cls) takes a name and an optimizer class")
+    METHODS[name] = cls
 
 
 def _destroy_process_group():
@@ -85,13 +96,18 @@ class _BaseStepOptimizer(torch.optim.Optimizer):
         return f"BaseStep({self.sharpness!r})"
 
 
-class FSAMTrainer(Trainer):
-    """A `transformers.Trainer` whose optimizer step is SAM's or FSAM's.
+_UNSET = object()
 
-    sharpness: "fsam" (default), "sam", or None for the Trainer's own optimizer.  The base
-    optimizer is the one `args.optim` names (AdamW by default) with the Trainer's weight-decay
-    groups; sharpness_kwargs go to FSAM/SAM (rho, sparsity, mask_interval, fisher, pool, ...).
-    A SAM/FSAM built by hand may instead come in `optimizers=(opt, scheduler)`.
+
+class FineTuningTrainer(Trainer):
+    """A `transformers.Trainer` whose optimizer step is a fine-tuning method's (SAM's or FSAM's).
+
+    method: a name of METHODS ("fsam", the default, or "sam"), or None for the Trainer's own
+    optimizer.  The base optimizer is the one `args.optim` names (AdamW by default) with the
+    Trainer's weight-decay groups; method_kwargs go to the method's optimizer (rho, sparsity,
+    mask_interval, fisher, pool, ...).  An optimizer of a registered method built by hand may
+    instead come in `optimizers=(opt, scheduler)`.  `sharpness=` and `sharpness_kwargs=` are the
+    older names of `method=` and `method_kwargs=`.
 
     sync_perturbation: under DDP, False (default) perturbs each replica with its own first-pass
     gradient (the SAM paper's); True all-reduces the first pass so all replicas share one.
@@ -103,29 +119,42 @@ class FSAMTrainer(Trainer):
     pass and the base step (the scaler backs off).  The logged loss is the first pass's.
     """
 
-    def __init__(self, *args, sharpness="fsam", sharpness_kwargs=None, sync_perturbation=False, **kwargs):
-        if sharpness not in SHARPNESS:
-            raise ValueError(f"sharpness must be one of {list(SHARPNESS)}, got {sharpness!r}")
-        if sharpness_kwargs is not None and not isinstance(sharpness_kwargs, dict):
-            raise TypeError(f"sharpness_kwargs must be a dict, got {type(sharpness_kwargs).__name__}")
-        if sharpness is None and sharpness_kwargs:
-            raise ValueError("sharpness_kwargs given but sharpness=None (the Trainer's own optimizer)")
+    def __init__(self, *args, method="fsam", method_kwargs=None, sync_perturbation=False, sharpness=_UNSET,
+                 sharpness_kwargs=_UNSET, **kwargs):
+        names = ("method", "method_kwargs")
+        if sharpness is not _UNSET or sharpness_kwargs is not _UNSET:  # the older names
+            names = ("sharpness", "sharpness_kwargs")
+            method = "fsam" if sharpness is _UNSET else sharpness
+            method_kwargs = None if sharpness_kwargs is _UNSET else sharpness_kwargs
+        if method is not None and method not in METHODS:
+            raise ValueError(f"{names[0]} must be one of {list(METHODS) + [None]}, got {method!r}")
+        if method_kwargs is not None and not isinstance(method_kwargs, dict):
+            raise TypeError(f"{names[1]} must be a dict, got {type(method_kwargs).__name__}")
+        if method is None and method_kwargs:
+            raise ValueError(f"{names[1]} given but {names[0]}=None (the Trainer's own optimizer)")
         given = kwargs.get("optimizers", (None, None))[0]
-        if sharpness is not None and given is not None and not isinstance(given, SharpnessAwareOptimizer):
-            raise ValueError("optimizers= holds an optimizer that is not SAM/FSAM: pass sharpness=None to use it")
-        self.sharpness = sharpness
-        self.sharpness_kwargs = dict(sharpness_kwargs or {})
+        registered = tuple(METHODS.values())
+        if method is not None and given is not None and not isinstance(given, registered):
+            raise ValueError(f"optimizers= holds an optimizer that is not {'/'.join(c.__name__ for c in registered)}: "
+                             f"pass {names[0]}=None to use it")
+        self.method = method
+        self.method_kwargs = dict(method_kwargs or {})
         self.sync_perturbation = bool(sync_perturbation)
-        self.sharpness_optimizer = given if isinstance(given, SharpnessAwareOptimizer) else None
+        self.method_optimizer = given if isinstance(given, registered) else None
         self._window = []
         super().__init__(*args, **kwargs)
         if dist.is_available() and dist.is_initialized():
             _destroy_process_group_at_exit()
-        if self.sharpness_optimizer is not None:
-            self.optimizer = _BaseStepOptimizer(self.sharpness_optimizer)
+        if self.method_optimizer is not None:
+            self.optimizer = _BaseStepOptimizer(self.method_optimizer)
+
+    @property
+    def sharpness_optimizer(self):
+        """The method's optimizer (the older name of method_optimizer)."""
+        return self.method_optimizer
 
     def create_optimizer(self, model=None):
-        if self.sharpness is None or self.optimizer is not None:
+        if self.method is None or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
@@ -139,35 +168,37 @@ class FSAMTrainer(Trainer):
             base_cls, base_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         unsupported = {"params", "model", "optimizer_dict"} & set(base_kwargs)
         if unsupported or not isinstance(base_cls, type) or not issubclass(base_cls, torch.optim.Optimizer):
-            raise ValueError(f"optim={self.args.optim!r} cannot be the base optimizer of {self.sharpness}: "
+            raise ValueError(f"optim={self.args.optim!r} cannot be the base optimizer of {self.method}: "
                              "it needs a torch.optim.Optimizer class built from parameter groups")
-        clash = set(self.sharpness_kwargs) & set(base_kwargs)
+        clash = set(self.method_kwargs) & set(base_kwargs)
         if clash:
-            raise ValueError(f"sharpness_kwargs {sorted(clash)} are the base optimizer's: set them in "
-                             "TrainingArguments")
-        self.sharpness_optimizer = SHARPNESS[self.sharpness](groups, base_cls, **self.sharpness_kwargs,
-                                                             **base_kwargs)
-        self.optimizer = _BaseStepOptimizer(self.sharpness_optimizer)
+            raise ValueError(f"method options {sorted(clash)} (sharpness_kwargs/method_kwargs) are the base "
+                             "optimizer's: set them in TrainingArguments")
+        self.method_optimizer = METHODS[self.method](groups, base_cls, **self.method_kwargs, **base_kwargs)
+        self.optimizer = _BaseStepOptimizer(self.method_optimizer)
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.sharpness_optimizer is None:
+        if self.method_optimizer is None:
             return super().training_step(model, inputs, num_items_in_batch)
         self._window.append((inputs, num_items_in_batch))
         if not self.accelerator.sync_gradients:  # the window is reported whole, at its last micro-batch
             return torch.zeros((), device=self.args.device)
         window, self._window = self._window, []
         loss, _ = sharpness_passes(
-            self.sharpness_optimizer, window, lambda item: super(FSAMTrainer, self).training_step(model, *item),
+            self.method_optimizer, window, lambda item: super(FineTuningTrainer, self).training_step(model, *item),
             no_sync=lambda: self.accelerator.no_sync(model), sync_perturbation=self.sync_perturbation,
             scaler=self.accelerator.scaler)
         return loss
 
     def log(self, logs, *args, **kwargs):
-        opt = self.sharpness_optimizer
+        opt = self.method_optimizer
         if opt is not None and "loss" in logs:
             logs["skipped_perturbations"] = opt.skipped_perturbations
-            density = opt.mask_density() if isinstance(opt, FSAM) else 1.0
+            density = opt.mask_density() if hasattr(opt, "mask_density") else 1.0
             if density is not None:
                 logs["mask_density"] = density
         super().log(logs, *args, **kwargs)
+
+
+FSAMTrainer = FineTuningTrainer  # the older name

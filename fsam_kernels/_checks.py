@@ -1,0 +1,10 @@
+"""Argument checks shared by the optimizers: each raises before any state changes, naming the
+argument."""
+
+
+def check_number(name, value, low, *, low_open=False):
+    """`value` is a real number >= low (> low with low_open), not a bool, not NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if value != value or value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
