@@ -153,7 +153,10 @@ def step_glue(a, env, out):
            *(["--cpu"] if a.device == "cpu" else []), *(a.glue_args or [])]
     code, seconds, output = _run_logged(cmd, os.path.join(out, "glue.log"))
     md = os.path.join(out, "glue", "glue.md")
-    table = open(md).read().split("\n\n", 2)[-1] if os.path.exists(md) else "(no run finished)"
+    table = "(no run finished)"
+    if os.path.exists(md):
+        with open(md) as f:
+            table = f.read().split("\n\n", 2)[-1]
     left = [x for x in output.splitlines() if x.startswith("left for the next call")]
     _write_summary(out, "glue", env, f"exit {code}, {seconds:.0f} s in this call. {left[-1] if left else 'All runs done.'}"
                                       f"\n\n{table}")

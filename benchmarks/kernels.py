@@ -102,6 +102,8 @@ def run(family, spec, device, ours, *, with_compile, min_time, copy_gbps, only=N
     for name, setup in providers(family, device, ours, with_compile).items():
         if only and not any(o in name for o in only):
             continue
+        row = {"family": family, "list": spec, "params": n, "tensors": len(shapes), "provider": name,
+               "dtype": str(dtype).replace("torch.", "")}
         try:
             fns = [setup(x) for x in rotation(lambda i: {**_inputs(family, shapes, device, 10 * i, k, dtype), "k": k},
                                               working, device)]
@@ -110,12 +112,10 @@ def run(family, spec, device, ours, *, with_compile, min_time, copy_gbps, only=N
         except torch.OutOfMemoryError:  # the eager anchors' copies do not fit the largest lists
             fns = None
             torch.cuda.empty_cache()
-            rows.append({"family": family, "list": spec, "params": n, "tensors": len(shapes), "provider": name,
-                         "dtype": str(dtype).replace("torch.", ""), "oom": True})
+            rows.append({**row, "oom": True})
             continue
         gbps = bytes_per_param(family) * n / (t["median_ms"] * 1e-3) / 1e9
-        rows.append({"family": family, "list": spec, "params": n, "tensors": len(shapes), "provider": name,
-                     "dtype": str(dtype).replace("torch.", ""), **t,
+        rows.append({**row, **t,
                      "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
                      "full_reads": t["median_ms"] * 1e-3 * copy_gbps * 1e9 / (4 * n)})
         fns = None  # free this provider's inputs before the next one allocates its own

@@ -19,39 +19,42 @@ def shape_sets(many):
 
 
 def each_op(backend, device, dtype, shapes, seed):
-    """Run every op on `backend` and on `reference`; returns how many calls ran."""
+    """Run every op on `backend` and on `reference`; returns how many op calls ran on `backend`."""
     g = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     grads[len(grads) // 2] = None  # a parameter without a gradient
     fisher = [torch.rand(s, generator=g) for s in shapes]
     n = sum(p.numel() for p in params)
-    results = {}
+    results, calls = {}, {backend: 0, "reference": 0}
     for b, dev in ((backend, device), ("reference", "cpu")):
+        def call(op, *args, **kwargs):
+            calls[b] += 1
+            return op(*args, backend=b, **kwargs)
         on = lambda ts: [None if t is None else t.to(dev, copy=True) for t in ts]  # noqa: E731  (fresh copies)
         P, G, F = on(params), on(grads), on(fisher)
         hist = ops.new_first_hist(dev)
-        ops.fisher_accumulate(F, G, decay=0.9, alpha=0.1, found_inf=torch.zeros(1, device=dev), first_hist=hist,
-                              backend=b)
-        bits, counts = ops.topk_mask_packed(F, n // 10, first_hist=hist, backend=b)
-        abits, _ = ops.topk_mask_packed([torch.zeros_like(f) if t is None else t for f, t in zip(F, G)], n // 3,
-                                        absolute=True, backend=b)
+        call(ops.fisher_accumulate, F, G, decay=0.9, alpha=0.1, found_inf=torch.zeros(1, device=dev), first_hist=hist)
+        bits, counts = call(ops.topk_mask_packed, F, n // 10, first_hist=hist)
+        abits, _ = call(ops.topk_mask_packed, [torch.zeros_like(f) if t is None else t for f, t in zip(F, G)], n // 3,
+                        absolute=True)
         out = [F, bits, counts, abits]
         for mask, adaptive in ((bits, False), (None, True)):
             G0 = [torch.zeros_like(p) if t is None else t for p, t in zip(P, G)]
-            sums = ops.grad_sumsq(P, G, mask_bits=mask, adaptive=adaptive, eta=0.01, backend=b)
+            sums = call(ops.grad_sumsq, P, G, mask_bits=mask, adaptive=adaptive, eta=0.01)
             offsets, saved = ops.save_layout(P, counts if mask is not None else None)
             before = [p.clone() for p in P]
-            ops.masked_perturb(P, G0, torch.full((1,), 0.05, device=dev), save_offsets=offsets, saved=saved,
-                               mask_bits=mask, adaptive=adaptive, eta=0.01, backend=b)
+            call(ops.masked_perturb, P, G0, torch.full((1,), 0.05, device=dev), save_offsets=offsets, saved=saved,
+                 mask_bits=mask, adaptive=adaptive, eta=0.01)
             out += [sums, [p.clone() for p in P]]
-            ops.masked_restore(P, save_offsets=offsets, saved=saved, mask_bits=mask, backend=b)
+            call(ops.masked_restore, P, save_offsets=offsets, saved=saved, mask_bits=mask)
             assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(P, before) if x.numel())
         results[b] = out
     for got, want in zip(results[backend], results["reference"]):
         for x, y in zip(*(v if isinstance(v, list) else [v] for v in (got, want))):
             torch.testing.assert_close(x.cpu(), y, rtol=2e-5, atol=1e-6)
-    return 8
+    assert calls[backend] == calls["reference"]
+    return calls[backend]
 
 
 def main(argv=None):

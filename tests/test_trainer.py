@@ -221,5 +221,7 @@ def test_methods_are_chosen_by_name_from_a_registry(tmp_path):
     assert integration.FSAMTrainer is integration.FineTuningTrainer
     with pytest.raises(ValueError, match="method must be one of"):
         integration.FineTuningTrainer(model=tiny_bert(0), args=args(tmp_path), method="recording-sam")
+    with pytest.raises(TypeError, match="not both"):
+        integration.FineTuningTrainer(model=tiny_bert(0), args=args(tmp_path), method="sam", sharpness="fsam")
     with pytest.raises(TypeError, match="register_method"):
         integration.register_method("x", SAM(tiny_bert(0).parameters(), torch.optim.SGD, lr=0.1))

@@ -119,13 +119,16 @@ class FineTuningTrainer(Trainer):
     pass and the base step (the scaler backs off).  The logged loss is the first pass's.
     """
 
-    def __init__(self, *args, method="fsam", method_kwargs=None, sync_perturbation=False, sharpness=_UNSET,
+    def __init__(self, *args, method=_UNSET, method_kwargs=_UNSET, sync_perturbation=False, sharpness=_UNSET,
                  sharpness_kwargs=_UNSET, **kwargs):
         names = ("method", "method_kwargs")
         if sharpness is not _UNSET or sharpness_kwargs is not _UNSET:  # the older names
-            names = ("sharpness", "sharpness_kwargs")
-            method = "fsam" if sharpness is _UNSET else sharpness
-            method_kwargs = None if sharpness_kwargs is _UNSET else sharpness_kwargs
+            if method is not _UNSET or method_kwargs is not _UNSET:
+                raise TypeError("pass method=/method_kwargs= or their older names sharpness=/sharpness_kwargs=, "
+                                "not both")
+            names, method, method_kwargs = ("sharpness", "sharpness_kwargs"), sharpness, sharpness_kwargs
+        method = "fsam" if method is _UNSET else method
+        method_kwargs = None if method_kwargs is _UNSET else method_kwargs
         if method is not None and method not in METHODS:
             raise ValueError(f"{names[0]} must be one of {list(METHODS) + [None]}, got {method!r}")
         if method_kwargs is not None and not isinstance(method_kwargs, dict):
