@@ -31,11 +31,11 @@ def _build_cuda(cuda_sources):
 
 
 def _extension():
-    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # No FMA contraction: the kernels round in the same order as the reference backend.
     cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]
-    common = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
+    common = dict(include_dirs=[os.path.join(HERE, "csrc", "include")], extra_link_args=["-fopenmp"])
     if _build_cuda(cuda_sources):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(

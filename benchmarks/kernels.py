@@ -2,7 +2,7 @@
 restore) on one parameter list, every provider side by side."""
 import torch
 
-from fsam_kernels import backends
+from fsam_kernels import backends, radix_topk
 from fsam_kernels._layout import ChunkLayout
 
 from . import anchors
@@ -34,7 +34,7 @@ def _inputs(family, shapes, device, seed, k, dtype):
         return x
     x["P"] = random_tensors(shapes, device, dtype, seed=seed + 2)
     # One selection for every provider: the k largest |g|.
-    bits, counts = backends.op("topk_mask", backends.resolve(None, device))(G, k, True)
+    bits, counts = radix_topk.topk_mask(G, k, backend=backends.resolve(None, device), absolute=True)
     layout = ChunkLayout(G)
     x["bits"], x["counts"] = bits, counts
     x["offsets"], total = layout.save_offsets(counts)
@@ -59,8 +59,7 @@ def providers(family, device, ours, with_compile):
         p["published-cat-topk"] = lambda x: lambda: anchors.topk_published(x["G"], x["k"])
         p["cat-kthvalue"] = lambda x: lambda: anchors.topk_kthvalue(x["G"], x["k"])
         for b in ours:
-            op = backends.op("topk_mask", b)
-            p[f"fsam-{b}"] = lambda x, op=op: lambda: op(x["G"], x["k"], True)
+            p[f"fsam-{b}"] = lambda x, b=b: lambda: radix_topk.topk_mask(x["G"], x["k"], backend=b, absolute=True)
     elif family == "perturb":
         p["published-eager"] = lambda x: lambda: anchors.perturb_published(x["P"], x["G"], x["masks"], RHO)
         p["foreach"] = lambda x: (lambda old: lambda: anchors.perturb_foreach(x["P"], x["G"], x["masks"], RHO, old))(
@@ -69,7 +68,7 @@ def providers(family, device, ours, with_compile):
             compiled = torch.compile(anchors.perturb_published)
             p["compile"] = lambda x: lambda: compiled(x["P"], x["G"], x["masks"], RHO)
         for b in ours:
-            sumsq, perturb = backends.op("grad_sumsq", b), backends.op("masked_perturb_", b)
+            sumsq, perturb = backends.op("grad_sumsq", b), backends.op("perturb_", b)
 
             def setup(x, sumsq=sumsq, perturb=perturb):
                 def fn():
@@ -86,7 +85,7 @@ def providers(family, device, ours, with_compile):
         p["foreach"] = lambda x: (lambda old: lambda: anchors.restore_foreach(x["P"], old))(
             [t.clone() for t in x["P"]])
         for b in ours:
-            restore = backends.op("masked_restore_", b)
+            restore = backends.op("restore_", b)
             p[f"fsam-{b}"] = lambda x, restore=restore: lambda: restore(x["P"], x["bits"], x["offsets"], x["saved"])
     return p
 

@@ -44,10 +44,10 @@ def each_op(backend, device, dtype, shapes, seed):
             sums = call(ops.grad_sumsq, P, G, mask_bits=mask, adaptive=adaptive, eta=0.01)
             offsets, saved = ops.save_layout(P, counts if mask is not None else None)
             before = [p.clone() for p in P]
-            call(ops.masked_perturb, P, G0, torch.full((1,), 0.05, device=dev), save_offsets=offsets, saved=saved,
+            call(ops.perturb, P, G0, torch.full((1,), 0.05, device=dev), save_offsets=offsets, saved=saved,
                  mask_bits=mask, adaptive=adaptive, eta=0.01)
             out += [sums, [p.clone() for p in P]]
-            call(ops.masked_restore, P, save_offsets=offsets, saved=saved, mask_bits=mask)
+            call(ops.restore, P, save_offsets=offsets, saved=saved, mask_bits=mask)
             assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(P, before) if x.numel())
         results[b] = out
     for got, want in zip(results[backend], results["reference"]):

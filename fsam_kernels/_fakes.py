@@ -2,7 +2,7 @@
 depend only on the inputs' shapes, so torch.compile can trace through the ops."""
 import torch
 
-from ._layout import CHUNK_BYTES, num_chunks
+from ._layout import CHUNK_BYTES, total_chunks
 
 
 def register_fakes(namespace):
@@ -10,21 +10,31 @@ def register_fakes(namespace):
     def _(fisher, grads, decay, alpha, found_inf=None, first_hist=None):
         return None
 
-    @torch.library.register_fake(f"{namespace}::topk_mask")
-    def _(scores, k, absolute=False, check_nan=True, first_hist=None):
-        chunks = sum(num_chunks(s.numel()) for s in scores)
-        device = scores[0].device
-        return (torch.empty(chunks * CHUNK_BYTES, dtype=torch.uint8, device=device),
-                torch.empty(chunks, dtype=torch.int32, device=device))
+    @torch.library.register_fake(f"{namespace}::radix_histogram_")
+    def _(scores, state, digit, absolute, hist):
+        return None
+
+    @torch.library.register_fake(f"{namespace}::radix_select_")
+    def _(state, hist, digit):
+        return None
+
+    @torch.library.register_fake(f"{namespace}::radix_tie_counts")
+    def _(scores, state, absolute):
+        return torch.empty(total_chunks(scores), dtype=torch.int64, device=state.device)
+
+    @torch.library.register_fake(f"{namespace}::radix_mask")
+    def _(scores, state, ties, ties_before, absolute):
+        return (torch.empty(total_chunks(scores) * CHUNK_BYTES, dtype=torch.uint8, device=state.device),
+                torch.empty(total_chunks(scores), dtype=torch.int32, device=state.device))
 
     @torch.library.register_fake(f"{namespace}::grad_sumsq")
     def _(params, grads, mask_bits=None, adaptive=False, eta=0.0):
         return torch.empty(2, dtype=torch.float32, device=params[0].device)
 
-    @torch.library.register_fake(f"{namespace}::masked_perturb_")
+    @torch.library.register_fake(f"{namespace}::perturb_")
     def _(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
         return None
 
-    @torch.library.register_fake(f"{namespace}::masked_restore_")
+    @torch.library.register_fake(f"{namespace}::restore_")
     def _(params, mask_bits, save_offsets, saved):
         return None

@@ -1,7 +1,7 @@
 """Where each tensor of a list lives in the packed mask and in the saved-values buffer, and the
 radix digits of the top-k.
 
-Every backend shares this layout (csrc/layout.h holds the same constants in C++): a list is cut into
+Every backend shares this layout (csrc/include/fsam/layout.h holds the same constants in C++): a list is cut into
 chunks of CHUNK elements inside each tensor; tensor i's mask bits start at byte
 CHUNK_BYTES * (its first chunk), bit j of a byte is element 8 * byte + j.  The originals of
 the masked entries of a tensor are saved contiguously, in its own dtype and element order,
@@ -14,14 +14,20 @@ CHUNK = 4096
 CHUNK_BYTES = CHUNK // 8
 SAVE_ALIGN = 16
 
-# Radix select over the 32-bit order-preserving keys: three digits, most significant first.
+# Radix select over the 32-bit order-preserving keys: three digits, most significant first.  The
+# histogram of digit d has 2**RADIX_WIDTHS[d] bins and, last, a count of NaN scores (digit 0 only).
 RADIX_WIDTHS = (11, 11, 10)
 RADIX_SHIFTS = (21, 10, 0)
-RADIX_MAX_BINS = 1 << max(RADIX_WIDTHS)
-# fisher_accumulate_'s first_hist: the first digit's bins, then a NaN count.
+RADIX_BINS = tuple(1 << w for w in RADIX_WIDTHS)
+RADIX_HIST_SIZES = tuple(b + 1 for b in RADIX_BINS)
+# The radix state carried between the stages: the key prefix chosen so far, how many keys under
+# it are still to take, how many keys share the last digit chosen.
+STATE_PREFIX, STATE_K_LEFT, STATE_TIES = range(3)
+RADIX_STATE_SIZE = 3
+# The first digit's histogram, which fisher_accumulate_ can emit while it writes the scores.
 FIRST_SHIFT = RADIX_SHIFTS[0]
-FIRST_BINS = 1 << RADIX_WIDTHS[0]
-FIRST_HIST_SIZE = FIRST_BINS + 1
+FIRST_BINS = RADIX_BINS[0]
+FIRST_HIST_SIZE = RADIX_HIST_SIZES[0]
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
@@ -29,6 +35,11 @@ _POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.in
 
 def num_chunks(numel):
     return -(-numel // CHUNK)
+
+
+def total_chunks(tensors):
+    """Chunks of a whole list (every tensor's, whatever its dtype)."""
+    return sum(num_chunks(t.numel()) for t in tensors)
 
 
 class ChunkLayout:

@@ -2,20 +2,25 @@
 CUDA files only register impls), and `define` gives the Triton backend the same ops under its
 own namespace.
 
-first_hist: int64 [FIRST_HIST_SIZE] (fsam_kernels/_layout.py), the histogram of the first
-radix digit of the new Fisher values' keys and, last, the count of NaN.  fisher_accumulate_
-adds into it when given; topk_mask then skips its first pass over the scores."""
+The top-k is four stages that fsam_kernels/radix_topk.py drives (radix_histogram_ and
+radix_select_ once per digit, then radix_tie_counts and radix_mask), so that a sharded run can
+reduce between them.  state: int64 [RADIX_STATE_SIZE], hist: int64 [RADIX_HIST_SIZES[digit]]
+(fsam_kernels/_layout.py).  first_hist: digit 0's histogram, which fisher_accumulate_ adds
+into while it writes the new Fisher values; the top-k then skips its first pass over them."""
 import torch
 
 SCHEMAS = {
     "fisher_accumulate_": "(Tensor(a!)[] fisher, Tensor?[] grads, float decay, float alpha, "
                           "Tensor? found_inf=None, Tensor(b!)? first_hist=None) -> ()",
-    "topk_mask": "(Tensor[] scores, int k, bool absolute=False, bool check_nan=True, Tensor? first_hist=None) "
-                 "-> (Tensor bits, Tensor chunk_counts)",
+    "radix_histogram_": "(Tensor[] scores, Tensor state, int digit, bool absolute, Tensor(a!) hist) -> ()",
+    "radix_select_": "(Tensor(a!) state, Tensor hist, int digit) -> ()",
+    "radix_tie_counts": "(Tensor[] scores, Tensor state, bool absolute) -> Tensor",
+    "radix_mask": "(Tensor[] scores, Tensor state, Tensor ties, Tensor ties_before, bool absolute) "
+                  "-> (Tensor mask_bits, Tensor chunk_counts)",
     "grad_sumsq": "(Tensor[] params, Tensor?[] grads, Tensor? mask_bits, bool adaptive=False, float eta=0.0) -> Tensor",
-    "masked_perturb_": "(Tensor(a!)[] params, Tensor?[] grads, Tensor? mask_bits, Tensor save_offsets, "
+    "perturb_": "(Tensor(a!)[] params, Tensor?[] grads, Tensor? mask_bits, Tensor save_offsets, "
                        "Tensor(b!) saved, Tensor scale, bool adaptive=False, float eta=0.0) -> ()",
-    "masked_restore_": "(Tensor(a!)[] params, Tensor? mask_bits, Tensor save_offsets, Tensor saved) -> ()",
+    "restore_": "(Tensor(a!)[] params, Tensor? mask_bits, Tensor save_offsets, Tensor saved) -> ()",
 }
 
 

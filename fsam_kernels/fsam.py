@@ -1,17 +1,105 @@
 """FSAM (Zhong et al., 2022): SAM whose perturbation touches only the parameters with the
-largest Fisher information, selected by a global top-k over the pool (SPEC.md section 1)."""
+largest Fisher information, selected by a global top-k over the pool (docs/algorithm.md).
+
+`FisherMask` is the perturbation policy (the Fisher estimates and the mask); `FSAM` composes it
+with the two-pass protocol of two_pass.py."""
 from fractions import Fraction
 import math
 
 import torch
 
-from . import ops
-from .params import pool_predicate
+from . import backends, ops, radix_topk
 from ._checks import check_number
-from .sam import SharpnessAwareOptimizer
+from .params import pool_predicate
+from .roles import SUMSQ_ALL, gradients_of
+from .sam import SharpnessScale
+from .two_pass import SharpnessAwareOptimizer
 
 FISHER_ESTIMATES = ("batch", "ema", "samples")
 OUTSIDE_POOL = ("dense", "none")
+
+
+class FisherMask(SharpnessScale):
+    """SAM's scale on the entries of a mask of the k entries of the pool (the roles' masked
+    tensors) with the largest Fisher estimate, rebuilt every `mask_interval` steps (see FSAM)."""
+
+    def __init__(self, *, k, mask_interval, fisher, fisher_decay, backend, pool, **scale):
+        super().__init__(**scale)
+        self.k, self.mask_interval, self.fisher, self.fisher_decay = k, mask_interval, fisher, fisher_decay
+        self.backend = backend
+        self._fisher_op = backends.op("fisher_accumulate_", backend)
+        self._sumsq_op = backends.op("grad_sumsq", backend)
+        self.estimate = ([torch.zeros_like(p, dtype=torch.float32) for p in pool]
+                         if fisher in ("ema", "samples") else None)
+        self.samples = 0
+        self.steps_since_mask = 0
+
+    def rebuild(self, roles, scores, absolute, check_nan=True, first_hist=None):
+        pool = roles.tensors["masked"]
+        scores = [torch.zeros_like(p) if s is None else s for p, s in zip(pool, scores)]
+        bits, counts = radix_topk.topk_mask(scores, self.k, backend=self.backend, absolute=absolute,
+                                            check_nan=check_nan, first_hist=first_hist)
+        roles.set_mask(bits, counts, self.k)
+        self.steps_since_mask = 0
+
+    def _due(self, roles):
+        if roles.mask_bits is None:
+            return True
+        return self.fisher != "samples" and self.steps_since_mask >= self.mask_interval
+
+    def prepare(self, roles, grads, finite):
+        due = self._due(roles)
+        pool_grads = grads["masked"]
+        # On a mask step the accumulation also counts the top-k's first radix digit.
+        first_hist = None
+        if self.fisher == "ema":
+            if due:
+                first_hist = ops.new_first_hist(roles.device)
+            self._fisher_op(self.estimate, pool_grads, self.fisher_decay, 1.0 - self.fisher_decay, ~finite, first_hist)
+        rebuilt = False
+        # A mask step may sync once: non-finite gradients postpone it to the next step.
+        if due and bool(finite):
+            # Finite gradients (and so a finite F): the top-k needs no NaN check and no second sync.
+            if self.fisher == "ema":
+                self.rebuild(roles, self.estimate, absolute=False, check_nan=False, first_hist=first_hist)
+            else:
+                self.rebuild(roles, pool_grads, absolute=True, check_nan=False)
+            rebuilt = True
+        self.steps_since_mask += 1
+        return rebuilt and self.renormalize
+
+    def accumulate(self, pool, grads):
+        """Add the squares of `grads` (the pool's) to F; non-finite gradients are left out."""
+        found_inf = ~torch.isfinite(self._sumsq_op(pool, grads, None, False, 0.0)[SUMSQ_ALL])
+        self._fisher_op(self.estimate, grads, 1.0, 1.0, found_inf)
+        self.samples += 1
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def state(self, roles):
+        def copy(t):
+            return None if t is None else t.clone()
+        return dict(steps_since_mask=self.steps_since_mask, samples=self.samples, k=self.k,
+                    mask_bits=copy(roles.mask_bits), chunk_counts=copy(roles.chunk_counts),
+                    fisher=None if self.estimate is None else [f.clone() for f in self.estimate])
+
+    def check_state(self, state, roles):
+        if (state["fisher"] is None) != (self.estimate is None):
+            raise ValueError(f"this state has {'no ' if state['fisher'] is None else ''}Fisher estimate; "
+                             f"this optimizer uses fisher={self.fisher!r}")
+        if state["mask_bits"] is not None and state["mask_bits"].numel() != roles.mask_layout.mask_bytes:
+            raise ValueError("the saved mask does not fit this pool")
+
+    def load_state(self, state, roles):
+        self.steps_since_mask, self.samples = int(state["steps_since_mask"]), int(state["samples"])
+        if state["fisher"] is not None:
+            for f, saved in zip(self.estimate, state["fisher"]):
+                f.copy_(saved)
+        if state["mask_bits"] is None:
+            roles.clear_mask()
+        else:
+            roles.set_mask(state["mask_bits"].to(roles.device).clone(),
+                           state["chunk_counts"].to(roles.device).clone(), self.k)
 
 
 class FSAM(SharpnessAwareOptimizer):
@@ -48,147 +136,84 @@ class FSAM(SharpnessAwareOptimizer):
         if outside_pool not in OUTSIDE_POOL:
             raise ValueError(f"outside_pool must be one of {OUTSIDE_POOL}, got {outside_pool!r}")
         predicate = pool_predicate(pool)
-        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, norm_eps=norm_eps,
-                         backend=backend, base_kwargs=base_kwargs)
+        scale = dict(rho=rho, adaptive=adaptive, eta=eta, norm_eps=norm_eps, renormalize=renormalize)
+        SharpnessScale(**scale)  # its checks, before the base optimizer is built
+        super().__init__(params, base_optimizer, backend=backend, base_kwargs=base_kwargs)
         if predicate is not None and isinstance(pool, str) and None in self._names:
             raise ValueError(f"pool={pool!r} selects by parameter name: pass model.named_parameters()")
         in_pool = [predicate is None or bool(predicate(name, p)) for name, p in zip(self._names, self._params)]
-        pool_idx = [i for i, keep in enumerate(in_pool) if keep]
-        if not pool_idx:
+        if not any(in_pool):
             raise ValueError("pool selects no parameter")
-        others = [i for i, keep in enumerate(in_pool) if not keep]
-        self._set_roles(pool=pool_idx, dense=others if outside_pool == "dense" else [],
-                        rest=others if outside_pool == "none" else [])
-        self.sparsity, self.mask_interval, self.fisher = float(sparsity), mask_interval, fisher
-        self.fisher_decay, self.renormalize, self.outside_pool = float(fisher_decay), bool(renormalize), outside_pool
-        n = self._pool_layout.numel
+        outside = "dense" if outside_pool == "dense" else "norm_only"
+        pool_params = [p for p, keep in zip(self._params, in_pool) if keep]
         # Exact decimal arithmetic: 0.1 * 100 must give 10, not 9.999... -> 9.
-        self.k = math.floor((1 - Fraction(sparsity).limit_denominator(10**9)) * n)
-        self._fisher = ([torch.zeros_like(p, dtype=torch.float32) for p in self._pool]
-                        if fisher in ("ema", "samples") else None)
-        self._samples = 0
-        self._chunk_counts = None
-        self._steps_since_mask = 0
+        n = sum(p.numel() for p in pool_params)
+        k = math.floor((1 - Fraction(sparsity).limit_denominator(10**9)) * n)
+        self._compose(["masked" if keep else outside for keep in in_pool],
+                      FisherMask(k=k, mask_interval=mask_interval, fisher=fisher, fisher_decay=float(fisher_decay),
+                                 backend=self.backend, pool=pool_params, **scale))
+        self.sparsity, self.outside_pool = float(sparsity), outside_pool
+
+    @property
+    def k(self):
+        """How many entries of the pool the mask selects."""
+        return self.perturbation.k
+
+    @property
+    def mask_bits(self):
+        """The pool's packed mask (layout: fsam_kernels/_layout.py), or None before the first."""
+        return self.roles.mask_bits
 
     # ---- the mask ----------------------------------------------------------------------------
-
-    def _rebuild_mask(self, scores, absolute, check_nan=True, first_hist=None):
-        scores = [torch.zeros_like(p) if s is None else s for p, s in zip(self._pool, scores)]
-        bits, counts = self._op["topk_mask"](scores, self.k, absolute, check_nan, first_hist)
-        offsets, _ = self._pool_layout.save_offsets(counts)
-        if self._pool_saved is None:  # sized for any mask of k entries: no sync to read the exact size
-            self._pool_saved = torch.empty(self._pool_layout.saved_bytes_bound(self.k), dtype=torch.uint8,
-                                           device=self._device)
-        self._mask_bits, self._chunk_counts, self._pool_offsets = bits, counts, offsets
-        self._steps_since_mask = 0
-
-    def _mask_due(self):
-        if self._mask_bits is None:
-            return True
-        return self.fisher != "samples" and self._steps_since_mask >= self.mask_interval
-
-    def _before_perturb(self, pool_grads, dense_grads, rest_grads, stats, finite):
-        due = self._mask_due()
-        # On a mask step the accumulation also counts the top-k's first radix digit.
-        first_hist = None
-        if self.fisher == "ema":
-            if due:
-                first_hist = ops.new_first_hist(self._device)
-            self._op["fisher_accumulate_"](self._fisher, pool_grads, self.fisher_decay, 1.0 - self.fisher_decay,
-                                           ~finite, first_hist)
-        # A mask step may sync once: non-finite gradients postpone it to the next step.
-        if due and bool(finite):
-            # Finite gradients (and so a finite F): the top-k needs no NaN check and no second sync.
-            if self.fisher == "ema":
-                self._rebuild_mask(self._fisher, absolute=False, check_nan=False, first_hist=first_hist)
-            else:
-                self._rebuild_mask(pool_grads, absolute=True, check_nan=False)
-            if self.renormalize:
-                stats = self._sumsq(pool_grads, dense_grads, rest_grads)
-        self._steps_since_mask += 1
-        return stats
 
     @torch.no_grad()
     def update_mask(self):
         """Rebuild the mask now: from the current gradients (fisher="batch"), from F ("ema"),
         or from the squares summed by accumulate_fisher() ("samples"; F is then reset)."""
-        if self._perturbed:
+        if self.roles.perturbed:
             raise RuntimeError("update_mask() between first_step() and second_step()")
-        if self.fisher == "batch":
-            grads = self._grads(self._pool)
+        policy = self.perturbation
+        if policy.fisher == "batch":
+            grads = gradients_of(self.roles.tensors["masked"])
             if all(g is None for g in grads):
                 raise RuntimeError("update_mask() with fisher='batch' needs gradients in .grad")
-            self._rebuild_mask(grads, absolute=True)
-        elif self.fisher == "samples":
-            if self._samples == 0:
+            policy.rebuild(self.roles, grads, absolute=True)
+        elif policy.fisher == "samples":
+            if policy.samples == 0:
                 raise RuntimeError("update_mask() with fisher='samples' needs accumulate_fisher() calls first")
-            self._rebuild_mask(self._fisher, absolute=False)
-            for f in self._fisher:
+            policy.rebuild(self.roles, policy.estimate, absolute=False)
+            for f in policy.estimate:
                 f.zero_()
-            self._samples = 0
+            policy.samples = 0
         else:
-            self._rebuild_mask(self._fisher, absolute=False)
+            policy.rebuild(self.roles, policy.estimate, absolute=False)
 
     @torch.no_grad()
     def accumulate_fisher(self):
         """fisher="samples": add the squares of the gradients now in .grad (one example or
         micro-batch) to F.  Non-finite gradients are left out."""
-        if self.fisher != "samples":
-            raise RuntimeError(f"accumulate_fisher() is for fisher='samples', this optimizer uses {self.fisher!r}")
-        grads = self._grads(self._pool)
+        if self.perturbation.fisher != "samples":
+            raise RuntimeError(f"accumulate_fisher() is for fisher='samples', this optimizer uses "
+                               f"{self.perturbation.fisher!r}")
+        pool = self.roles.tensors["masked"]
+        grads = gradients_of(pool)
         if all(g is None for g in grads):
             raise RuntimeError("accumulate_fisher() needs gradients in .grad")
-        found_inf = ~torch.isfinite(self._op["grad_sumsq"](self._pool, grads, None, False, 0.0)[0])
-        self._op["fisher_accumulate_"](self._fisher, grads, 1.0, 1.0, found_inf)
-        self._samples += 1
+        self.perturbation.accumulate(pool, grads)
 
     def mask_of(self, p):
         """The mask of parameter p as a bool tensor shaped like p; None outside the pool."""
-        for i, q in enumerate(self._pool):
+        for i, q in enumerate(self.roles.tensors["masked"]):
             if q is p:
-                if self._mask_bits is None:
+                if self.roles.mask_bits is None:
                     raise RuntimeError("no mask has been built yet (the first step builds it)")
-                return self._pool_layout.unpack(self._mask_bits, i)
+                return self.roles.mask_layout.unpack(self.roles.mask_bits, i)
         if any(q is p for q in self._params):
             return None
         raise ValueError("p is not a parameter of this optimizer")
 
     def mask_density(self):
         """Fraction of the pool in the mask (k / |pool|), or None before the first mask."""
-        if self._mask_bits is None:
+        if self.roles.mask_bits is None:
             return None
-        return self.k / self._pool_layout.numel
-
-    # ---- state -------------------------------------------------------------------------------
-
-    def _extra_state(self):
-        state = super()._extra_state()
-        state.update(
-            steps_since_mask=self._steps_since_mask, samples=self._samples, k=self.k,
-            mask_bits=None if self._mask_bits is None else self._mask_bits.clone(),
-            chunk_counts=None if self._chunk_counts is None else self._chunk_counts.clone(),
-            fisher=None if self._fisher is None else [f.clone() for f in self._fisher])
-        return state
-
-    def _check_extra_state(self, extra):
-        if (extra["fisher"] is None) != (self._fisher is None):
-            raise ValueError(f"this state has {'no ' if extra['fisher'] is None else ''}Fisher estimate; "
-                             f"this optimizer uses fisher={self.fisher!r}")
-        if extra["mask_bits"] is not None and extra["mask_bits"].numel() != self._pool_layout.mask_bytes:
-            raise ValueError("the saved mask does not fit this pool")
-
-    def _load_extra_state(self, extra):
-        super()._load_extra_state(extra)
-        self._steps_since_mask, self._samples = int(extra["steps_since_mask"]), int(extra["samples"])
-        if extra["fisher"] is not None:
-            for f, saved in zip(self._fisher, extra["fisher"]):
-                f.copy_(saved)
-        if extra["mask_bits"] is None:
-            self._mask_bits = self._chunk_counts = self._pool_offsets = self._pool_saved = None
-        else:
-            self._mask_bits = extra["mask_bits"].to(self._device).clone()
-            counts = extra["chunk_counts"].to(self._device).clone()
-            self._chunk_counts = counts
-            self._pool_offsets, _ = self._pool_layout.save_offsets(counts)
-            self._pool_saved = torch.empty(self._pool_layout.saved_bytes_bound(self.k), dtype=torch.uint8,
-                                           device=self._device)
+        return self.k / self.roles.mask_layout.numel

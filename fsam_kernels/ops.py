@@ -6,8 +6,8 @@ checked here, before anything is written, and errors name the argument at fault.
 """
 import torch
 
-from . import backends
-from ._layout import CHUNK_BYTES, FIRST_HIST_SIZE, ChunkLayout, num_chunks
+from . import backends, radix_topk
+from ._layout import CHUNK_BYTES, FIRST_HIST_SIZE, ChunkLayout, total_chunks
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -73,10 +73,6 @@ def _check_buffer(name, t, dtype, numel, device):
         raise ValueError(f"{name} is on {t.device}, the tensors on {device}")
 
 
-def _total_chunks(tensors):
-    return sum(num_chunks(t.numel()) for t in tensors)
-
-
 def new_first_hist(device):
     """A zeroed first_hist for fisher_accumulate to fill and topk_mask_packed to use."""
     return torch.zeros(FIRST_HIST_SIZE, dtype=torch.int64, device=device)
@@ -112,13 +108,15 @@ def fisher_accumulate(fisher, grads, *, decay=1.0, alpha=1.0, found_inf=None, fi
     impl(fisher, grads, float(decay), float(alpha), found_inf, first_hist)
 
 
-def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None):
+def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None, exchange=radix_topk.LOCAL):
     """The k largest scores over the whole list (|scores| with absolute=True) as a packed bit
-    mask and per-chunk popcounts (layout in fsam_kernels/_layout.py).
+    mask and per-chunk popcounts (layout in fsam_kernels/_layout.py), by radix select
+    (fsam_kernels/radix_topk.py).
 
     Exactly k entries are selected; among equal scores the lower flat index wins (flat index:
     list order, then row-major).  NaN scores raise.  `first_hist`: what fisher_accumulate
-    counted while writing these scores (saves a pass; not with absolute=True).
+    counted while writing these scores (saves a pass; not with absolute=True).  `exchange`:
+    what combines the stages across processes (radix_topk.Exchange; none by default).
     """
     scores = _tensor_list("scores", scores)
     _check_floats("scores", scores)
@@ -133,11 +131,11 @@ def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None
         if absolute:
             raise ValueError("first_hist counts the signed scores; it cannot serve absolute=True")
     if total == 0:
-        chunks = _total_chunks(scores)
+        chunks = total_chunks(scores)
         return (torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(chunks, dtype=torch.int32, device=device))
     scores = [s.contiguous() for s in scores]
-    impl = backends.op("topk_mask", backends.resolve(backend, device))
-    return impl(scores, k, bool(absolute), True, first_hist)
+    return radix_topk.topk_mask(scores, k, backend=backends.resolve(backend, device), absolute=bool(absolute),
+                                first_hist=first_hist, exchange=exchange)
 
 
 def topk_mask(scores, k, *, absolute=False, backend=None):
@@ -158,7 +156,7 @@ def grad_sumsq(params, grads, *, mask_bits=None, adaptive=False, eta=0.0, backen
     _check_contiguous("params", params)
     device = _device_of(params=params, grads=grads)
     if mask_bits is not None:
-        _check_buffer("mask_bits", mask_bits, torch.uint8, _total_chunks(params) * CHUNK_BYTES, device)
+        _check_buffer("mask_bits", mask_bits, torch.uint8, total_chunks(params) * CHUNK_BYTES, device)
     if not params:
         return torch.zeros(2, dtype=torch.float32, device=device)
     impl = backends.op("grad_sumsq", backends.resolve(backend, device))
@@ -169,7 +167,7 @@ def _check_saving(params, mask_bits, save_offsets, saved, device):
     """The buffers of a save, and that `saved` holds every run save_offsets places in it for
     this mask: no backend then writes or reads outside it.  One sync on a GPU (the optimizers,
     which size `saved` by construction, call the backends directly and never sync here)."""
-    chunks = _total_chunks(params)
+    chunks = total_chunks(params)
     if mask_bits is not None:
         _check_buffer("mask_bits", mask_bits, torch.uint8, chunks * CHUNK_BYTES, device)
     _check_buffer("save_offsets", save_offsets, torch.int64, chunks, device)
@@ -184,8 +182,7 @@ def _check_saving(params, mask_bits, save_offsets, saved, device):
                          "size it with save_layout(params, chunk_counts)")
 
 
-def masked_perturb(params, grads, scale, *, save_offsets, saved, mask_bits=None, adaptive=False, eta=0.0,
-                   backend=None):
+def perturb(params, grads, scale, *, save_offsets, saved, mask_bits=None, adaptive=False, eta=0.0, backend=None):
     """In place: w <- w + scale * m * T^2 g for every masked entry (every entry without a mask),
     after saving its original value at save_offsets into `saved`.  `scale` is a one-element
     fp32 tensor on the device; 0 leaves the weights untouched (they are still saved)."""
@@ -200,12 +197,12 @@ def masked_perturb(params, grads, scale, *, save_offsets, saved, mask_bits=None,
         raise TypeError(f"scale must be a one-element float32 tensor on {device}")
     if not params:
         return
-    impl = backends.op("masked_perturb_", backends.resolve(backend, device))
+    impl = backends.op("perturb_", backends.resolve(backend, device))
     impl(params, grads, mask_bits, save_offsets, saved, scale.reshape(()), bool(adaptive), float(eta))
 
 
-def masked_restore(params, *, save_offsets, saved, mask_bits=None, backend=None):
-    """In place: write back the originals that masked_perturb saved (bit-exact)."""
+def restore(params, *, save_offsets, saved, mask_bits=None, backend=None):
+    """In place: write back the originals that perturb saved (bit-exact)."""
     params = _tensor_list("params", params)
     _check_floats("params", params)
     _check_contiguous("params", params)
@@ -213,7 +210,7 @@ def masked_restore(params, *, save_offsets, saved, mask_bits=None, backend=None)
     _check_saving(params, mask_bits, save_offsets, saved, device)
     if not params:
         return
-    impl = backends.op("masked_restore_", backends.resolve(backend, device))
+    impl = backends.op("restore_", backends.resolve(backend, device))
     impl(params, mask_bits, save_offsets, saved)
 
 
@@ -225,3 +222,7 @@ def save_layout(params, chunk_counts=None):
     counts = layout.full_counts() if chunk_counts is None else chunk_counts
     offsets, total = layout.save_offsets(counts)
     return offsets, torch.empty(int(total), dtype=torch.uint8, device=layout.device)
+
+
+# The names of fsam_kernels 0.1 (they did the dense perturbation too, mask_bits=None).
+masked_perturb, masked_restore = perturb, restore

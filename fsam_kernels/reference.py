@@ -6,7 +6,8 @@ torch.ops.fsam ops (fsam_kernels/_schemas.py); the element-wise arithmetic round
 """
 import torch
 
-from ._layout import CHUNK, FIRST_BINS, FIRST_SHIFT, ChunkLayout
+from ._layout import (CHUNK, FIRST_BINS, FIRST_SHIFT, RADIX_SHIFTS, RADIX_WIDTHS, STATE_K_LEFT, STATE_PREFIX,
+                      STATE_TIES, ChunkLayout)
 
 
 def order_key(x):
@@ -30,20 +31,55 @@ def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=N
             first_hist[FIRST_BINS] += torch.isnan(f).sum()
 
 
-def topk_mask(scores, k, absolute=False, check_nan=True, first_hist=None):
+def _keys(scores, absolute):
+    """The keys of a score list as [chunks, CHUNK] int64, each tensor's padded to whole chunks
+    with -1 (below every key)."""
+    rows = []
+    for s in scores:
+        x = s.reshape(-1).float()
+        key = order_key(x.abs() if absolute else x)
+        rows.append(torch.nn.functional.pad(key, (0, -key.numel() % CHUNK), value=-1).view(-1, CHUNK))
+    return torch.cat(rows) if rows else torch.zeros(0, CHUNK, dtype=torch.int64)
+
+
+def radix_histogram_(scores, state, digit, absolute, hist):
+    keys = _keys(scores, absolute).reshape(-1)
+    keys = keys[keys >= 0]  # not the padding
+    shift, width = RADIX_SHIFTS[digit], RADIX_WIDTHS[digit]
+    if digit > 0:
+        keys = keys[(keys >> (shift + width)) == state[STATE_PREFIX]]
+    hist[:-1] += torch.bincount((keys >> shift) & ((1 << width) - 1), minlength=1 << width)
+    if digit == 0:
+        hist[-1] += sum(int(torch.isnan(s).sum()) for s in scores)
+
+
+def radix_select_(state, hist, digit):
+    counts = hist[:-1]
+    enough = counts.flip(0).cumsum(0).flip(0) >= state[STATE_K_LEFT]  # keys whose digit is >= d suffice
+    d = int(enough.nonzero().max()) if bool(enough.any()) else 0
+    state[STATE_PREFIX] = (state[STATE_PREFIX] << RADIX_WIDTHS[digit]) | d
+    state[STATE_K_LEFT] -= counts[d + 1:].sum()
+    state[STATE_TIES] = counts[d]
+
+
+def radix_tie_counts(scores, state, absolute):
+    keys = _keys(scores, absolute)
+    if bool(state[STATE_K_LEFT] == state[STATE_TIES]):  # every tie is taken: nobody needs the counts
+        return torch.zeros(keys.shape[0], dtype=torch.int64, device=state.device)
+    return (keys == state[STATE_PREFIX]).sum(1)
+
+
+def radix_mask(scores, state, ties, ties_before, absolute):
+    keys = _keys(scores, absolute)
+    kth, k_left = state[STATE_PREFIX], state[STATE_K_LEFT]
+    tie = keys == kth
+    # ties go to the lowest flat indices: each chunk takes what the chunks before it left
+    quota = torch.clamp(k_left - ties_before, min=0).minimum(ties)
+    taken = tie & ((k_left == state[STATE_TIES]) | (tie.cumsum(1) <= quota[:, None]))
+    selected = ((keys > kth) | taken) & (keys >= 0) & (k_left > 0)
     layout = ChunkLayout(scores)
-    keys = torch.cat([s.reshape(-1).float() for s in scores]) if scores else torch.zeros(0)
-    if absolute:
-        keys = keys.abs()
-    if torch.isnan(keys).any() or (check_nan and first_hist is not None and first_hist[FIRST_BINS] > 0):
-        raise RuntimeError("topk_mask: scores contain NaN; the ranking is undefined")
-    if not 0 <= k <= keys.numel():
-        raise RuntimeError(f"topk_mask: k must be in [0, {keys.numel()}] (the number of scores), got {k}")
-    # A stable descending sort keeps equal scores in flat order: the lower flat index wins.
-    top = torch.sort(keys, descending=True, stable=True).indices[:k]
-    selected = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
-    selected[top] = True
-    return layout.pack(selected.split(layout.numels))
+    return layout.pack([selected[first: first + c].reshape(-1)[:n].reshape(shape) for first, c, n, shape in
+                        zip(layout.first_chunk, layout.chunks, layout.numels, layout.shapes)])
 
 
 def _masks(layout, mask_bits):
@@ -86,7 +122,7 @@ def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
     return torch.cat(partials).cumsum(0)[-1].float()  # cumsum: one addition after another
 
 
-def masked_perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
+def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
     layout = ChunkLayout(params)
     for i, (p, g, m) in enumerate(zip(params, grads, _masks(layout, mask_bits))):
         if p.numel() == 0:
@@ -105,7 +141,7 @@ def masked_perturb_(params, grads, mask_bits, save_offsets, saved, scale, adapti
             w[m] = new[m]
 
 
-def masked_restore_(params, mask_bits, save_offsets, saved):
+def restore_(params, mask_bits, save_offsets, saved):
     layout = ChunkLayout(params)
     for i, (p, m) in enumerate(zip(params, _masks(layout, mask_bits))):
         if p.numel() == 0:

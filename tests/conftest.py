@@ -11,6 +11,7 @@ from fsam_kernels import backends  # noqa: E402
 from fsam_kernels._layout import CHUNK  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def compiled_backends():

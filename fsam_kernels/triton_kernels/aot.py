@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-from .._layout import CHUNK_BYTES, FIRST_HIST_SIZE, num_chunks
+from .._layout import CHUNK_BYTES, FIRST_HIST_SIZE, RADIX_HIST_SIZES, RADIX_STATE_SIZE, total_chunks
 from .._schemas import SCHEMAS
 from ..ops import FLOAT_DTYPES, save_layout
 from . import fisher, perturb, topk
@@ -82,7 +82,8 @@ def compile_only(target, compiled):
 
 def _argument(name, dtype, params):
     """The value of a schema argument that is given (not None)."""
-    bits = torch.zeros(sum(num_chunks(p.numel()) for p in params) * CHUNK_BYTES, dtype=torch.uint8)
+    chunks = total_chunks(params)
+    bits = torch.zeros(chunks * CHUNK_BYTES, dtype=torch.uint8)
     save_offsets, saved = save_layout(params)
     values = {
         "fisher": lambda: [torch.rand(p.shape) for p in params],
@@ -92,23 +93,31 @@ def _argument(name, dtype, params):
         "found_inf": lambda: torch.zeros(1), "first_hist": lambda: torch.zeros(FIRST_HIST_SIZE, dtype=torch.int64),
         "mask_bits": lambda: bits, "scale": lambda: torch.tensor(0.5),
         "save_offsets": lambda: save_offsets, "saved": lambda: saved,
+        "state": lambda: torch.tensor([0, 3, 1] + [0] * (RADIX_STATE_SIZE - 3), dtype=torch.int64),
+        "hist": lambda: torch.zeros(max(RADIX_HIST_SIZES), dtype=torch.int64),
+        "ties": lambda: torch.zeros(chunks, dtype=torch.int64), "ties_before": lambda: torch.zeros(chunks, dtype=torch.int64),
     }
     if name not in values:
         raise KeyError(f"aot: no sample value for argument {name!r} of a Triton op: add one to _argument")
     return values[name]()
 
 
+# Integer arguments that select a specialisation: every value.
+ENUMERATED = {"digit": range(len(RADIX_HIST_SIZES))}
+
+
 def cases():
     """(op, dtype, keyword arguments) for every dtype and every combination of each op's
-    boolean and optional arguments."""
+    boolean, optional and ENUMERATED arguments."""
     for name, schema in SCHEMAS.items():
         arguments = torch._C.parse_schema(f"fsam_triton::{name}{schema}").arguments
         choices = [[False, True] if isinstance(a.type, torch._C.BoolType) else
-                   [None, "given"] if isinstance(a.type, torch._C.OptionalType) else ["given"] for a in arguments]
+                   [None, "given"] if isinstance(a.type, torch._C.OptionalType) else
+                   list(ENUMERATED[a.name]) if a.name in ENUMERATED else ["given"] for a in arguments]
         for dtype in FLOAT_DTYPES:
             params = [torch.randn(s).to(dtype) for s in SHAPES]
             for combo in itertools.product(*choices):
-                yield name, dtype, {a.name: _argument(a.name, dtype, params) if v == "given" else v
+                yield name, dtype, {a.name: _argument(a.name, dtype, params) if isinstance(v, str) else v
                                     for a, v in zip(arguments, combo)}
 
 

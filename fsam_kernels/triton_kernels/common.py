@@ -24,7 +24,7 @@ def chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def typed(addr_table, t, DT: tl.constexpr):
+def member_ptr(addr_table, t, DT: tl.constexpr):
     """Pointer to the data of member t, from the int64 address table."""
     return tl.load(addr_table + t).to(tl.pointer_type(DT))
 

@@ -7,10 +7,13 @@ from . import fisher, perturb, topk
 
 _IMPLS = {
     "fisher_accumulate_": fisher.fisher_accumulate_,
-    "topk_mask": topk.topk_mask,
+    "radix_histogram_": topk.radix_histogram_,
+    "radix_select_": topk.radix_select_,
+    "radix_tie_counts": topk.radix_tie_counts,
+    "radix_mask": topk.radix_mask,
     "grad_sumsq": perturb.grad_sumsq,
-    "masked_perturb_": perturb.masked_perturb_,
-    "masked_restore_": perturb.masked_restore_,
+    "perturb_": perturb.perturb_,
+    "restore_": perturb.restore_,
 }
 
 assert set(_IMPLS) == set(SCHEMAS), "every op needs a Triton impl"

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, round_to, tl_dtype, typed
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, round_to, tl_dtype, member_ptr
 
 
 @triton.jit
@@ -15,9 +15,9 @@ def _sumsq_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel,
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
     lanes = lanes & (tl.load(g_addr + t) != 0)
-    v = tl.load(typed(g_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
+    v = tl.load(member_ptr(g_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
     if ADAPTIVE:
-        w = tl.load(typed(p_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
+        w = tl.load(member_ptr(p_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
         v = v * (tl.abs(w) + eta)
     v = v.to(tl.float64)
     sq = v * v  # exact in fp64; the chunk's sum in fp64 (the summation order of every backend)
@@ -47,13 +47,13 @@ def _perturb_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, nume
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
     lanes, slot = _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
-    w_ptr = typed(p_addr, t, DT)
+    w_ptr = member_ptr(p_addr, t, DT)
     w = tl.load(w_ptr + offs, mask=lanes, other=0.0)
     tl.store(saved + slot, w, mask=lanes)  # the originals, even when nothing moves: restore is exact
     scale = tl.load(scale_ptr)
     # tl.where, not &: the interpreter cannot `and` a float comparison's scalar with a block
     move = tl.where(scale != 0.0, lanes & (tl.load(g_addr + t) != 0), False)
-    d = tl.load(typed(g_addr, t, DT) + offs, mask=move, other=0.0).to(tl.float32)
+    d = tl.load(member_ptr(g_addr, t, DT) + offs, mask=move, other=0.0).to(tl.float32)
     wf = w.to(tl.float32)
     if ADAPTIVE:
         tw = tl.abs(wf) + eta
@@ -67,7 +67,7 @@ def _restore_kernel(p_addr, chunk_tensor, chunk_start, chunk_index, numel, bits,
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
     lanes, slot = _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
-    tl.store(typed(p_addr, t, DT) + offs, tl.load(saved + slot, mask=lanes), mask=lanes)
+    tl.store(member_ptr(p_addr, t, DT) + offs, tl.load(saved + slot, mask=lanes), mask=lanes)
 
 
 def _dummy(device):
@@ -87,7 +87,7 @@ def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
     return partials.sum(0).to(torch.float32)  # chunk partials added in fp64, rounded to fp32 once
 
 
-def masked_perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
+def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
     device = params[0].device
     for g in tables.groups(params):
         itemsize = torch.empty(0, dtype=g.dtype).element_size()
@@ -99,7 +99,7 @@ def masked_perturb_(params, grads, mask_bits, save_offsets, saved, scale, adapti
             MASKED=mask_bits is not None, ADAPTIVE=bool(adaptive), BLOCK=BLOCK, **LAUNCH_OPTIONS)
 
 
-def masked_restore_(params, mask_bits, save_offsets, saved):
+def restore_(params, mask_bits, save_offsets, saved):
     device = params[0].device
     for g in tables.groups(params):
         itemsize = torch.empty(0, dtype=g.dtype).element_size()

@@ -12,8 +12,9 @@ import pytest
 
 pytest.importorskip("triton")
 
+from conftest import ROOT  # noqa: E402
+
 ARCHS = (80, 90)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

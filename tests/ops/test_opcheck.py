@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fsam_kernels import backends, ops
+from fsam_kernels._layout import RADIX_HIST_SIZES, total_chunks
 from conftest import compiled_backends
 
 # (namespace of the ops, device) for every compiled backend; `reference` is plain eager code.
@@ -22,7 +23,7 @@ def inputs(device):
 
 
 def namespace_ops(namespace):
-    backends.op("topk_mask", "triton" if namespace == "fsam_triton" else "cpu")  # defines the namespace
+    backends.op("grad_sumsq", "triton" if namespace == "fsam_triton" else "cpu")  # defines the namespace
     return getattr(torch.ops, namespace)
 
 
@@ -32,17 +33,22 @@ def test_opcheck_all_ops(namespace, device):
     params, grads, bits, offsets, saved = inputs(device)
     scale = torch.tensor(0.1, device=device)
     fisher = [torch.rand(p.shape, device=device) for p in params]
-    torch.library.opcheck(fsam.topk_mask.default, (grads, 500, True))
-    torch.library.opcheck(fsam.topk_mask.default, (fisher, 0, False))
+    state = torch.tensor([0, 500, 0], device=device)  # what radix_topk starts from for k = 500
+    for digit, size in enumerate(RADIX_HIST_SIZES):
+        hist = torch.zeros(size, dtype=torch.int64, device=device)
+        torch.library.opcheck(fsam.radix_histogram_.default, (grads, state, digit, True, hist))
+        torch.library.opcheck(fsam.radix_select_.default, (state, hist, digit))
+    torch.library.opcheck(fsam.radix_tie_counts.default, (grads, state, True))
+    ties = torch.zeros(total_chunks(grads), dtype=torch.int64, device=device)
+    torch.library.opcheck(fsam.radix_mask.default, (grads, state, ties, ties, True))
     torch.library.opcheck(fsam.fisher_accumulate_.default, (fisher, [grads[0], None, grads[2]], 0.9, 0.1))
     torch.library.opcheck(fsam.fisher_accumulate_.default, (fisher, grads, 0.9, 0.1, torch.tensor(0.0, device=device)))
     hist = ops.new_first_hist(device)
     torch.library.opcheck(fsam.fisher_accumulate_.default, (fisher, grads, 0.9, 0.1, None, hist))
-    torch.library.opcheck(fsam.topk_mask.default, (fisher, 77, False, True, hist))
     torch.library.opcheck(fsam.grad_sumsq.default, (params, grads, bits, True, 0.01))
     torch.library.opcheck(fsam.grad_sumsq.default, (params, [None, grads[1], None], None))
-    torch.library.opcheck(fsam.masked_perturb_.default, (params, grads, bits, offsets, saved, scale, False, 0.0))
-    torch.library.opcheck(fsam.masked_restore_.default, (params, bits, offsets, saved))
+    torch.library.opcheck(fsam.perturb_.default, (params, grads, bits, offsets, saved, scale, False, 0.0))
+    torch.library.opcheck(fsam.restore_.default, (params, bits, offsets, saved))
 
 
 @CASES
@@ -54,9 +60,9 @@ def test_ops_under_torch_compile(namespace, device):
     def sam_round_trip(params, grads, bits, offsets, saved):
         stats = fsam.grad_sumsq(params, grads, bits, False, 0.0)
         scale = 0.05 / (stats[0].sqrt() + 1e-12)
-        fsam.masked_perturb_(params, grads, bits, offsets, saved, scale, False, 0.0)
+        fsam.perturb_(params, grads, bits, offsets, saved, scale, False, 0.0)
         moved = torch.stack([p.sum() for p in params])
-        fsam.masked_restore_(params, bits, offsets, saved)
+        fsam.restore_(params, bits, offsets, saved)
         return stats, moved
 
     compiled = torch.compile(sam_round_trip, backend="aot_eager", fullgraph=True)

@@ -22,7 +22,7 @@ def run_all(threads):
         stats = ops.grad_sumsq(params, grads, mask_bits=bits, adaptive=True, eta=0.01, backend="cpu")
         offsets, saved = ops.save_layout(params, counts)
         saved.fill_(0xAB)  # padding between tensors' runs stays as it was
-        ops.masked_perturb(params, grads, 0.05 / stats[0].sqrt(), mask_bits=bits, save_offsets=offsets, saved=saved,
+        ops.perturb(params, grads, 0.05 / stats[0].sqrt(), mask_bits=bits, save_offsets=offsets, saved=saved,
                            adaptive=True, eta=0.01, backend="cpu")
         return fisher + [bits, counts, stats, saved] + params
     finally:

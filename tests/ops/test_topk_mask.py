@@ -1,10 +1,21 @@
-"""topk_mask: every compiled backend against the reference (a stable sort), bit for bit."""
+"""topk_mask: every backend (the reference's stages included) against a stable sort, bit for bit."""
 import pytest
 import torch
 
 from fsam_kernels import ops
-from fsam_kernels._layout import CHUNK
+from fsam_kernels._layout import CHUNK, ChunkLayout
 from conftest import BACKENDS, DTYPES, all_backends, interpreted, randn, seed_of, shapes
+
+
+def sorted_topk(scores, k, absolute):
+    """The definition: a stable descending sort keeps equal scores in flat order, so the lower
+    flat index wins (-0 and +0 are equal)."""
+    layout = ChunkLayout(scores)
+    keys = torch.cat([s.reshape(-1).float() for s in scores])
+    keys = (keys.abs() if absolute else keys) + 0.0  # -0 -> +0
+    selected = torch.zeros(keys.numel(), dtype=torch.bool)
+    selected[torch.sort(keys, descending=True, stable=True).indices[:k]] = True
+    return layout.pack(selected.split(layout.numels))
 
 
 def check_same(scores, k, absolute, backend, device):
@@ -12,6 +23,8 @@ def check_same(scores, k, absolute, backend, device):
     bits, counts = ops.topk_mask_packed(scores, k, absolute=absolute, backend=backend)
     ref_bits, ref_counts = ops.topk_mask_packed([s.cpu() for s in scores], k, absolute=absolute,
                                                 backend="reference")
+    want_bits, want_counts = sorted_topk([s.cpu() for s in scores], k, absolute)
+    assert torch.equal(ref_counts, want_counts) and torch.equal(ref_bits, want_bits)
     assert torch.equal(counts.cpu(), ref_counts)
     assert torch.equal(bits.cpu(), ref_bits)
     assert int(counts.sum()) == k

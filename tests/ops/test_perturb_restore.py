@@ -1,4 +1,4 @@
-"""grad_sumsq, masked_perturb and masked_restore: compiled backends against the reference."""
+"""grad_sumsq, perturb and restore: compiled backends against the reference."""
 import pytest
 import torch
 
@@ -47,9 +47,9 @@ def test_perturb_then_restore(backend, device, dtype, shape_set, masked, adaptiv
     eta = 0.01 if adaptive else 0.0
     ref_bits = None if bits is None else bits.cpu()
 
-    ops.masked_perturb(params, grads, scale, mask_bits=bits, save_offsets=offsets, saved=saved,
+    ops.perturb(params, grads, scale, mask_bits=bits, save_offsets=offsets, saved=saved,
                        adaptive=adaptive, eta=eta, backend=backend)
-    ops.masked_perturb(ref_params, ref_grads, scale.cpu(), mask_bits=ref_bits, save_offsets=offsets.cpu(),
+    ops.perturb(ref_params, ref_grads, scale.cpu(), mask_bits=ref_bits, save_offsets=offsets.cpu(),
                        saved=ref_saved, adaptive=adaptive, eta=eta, backend="reference")
     assert torch.equal(saved.cpu(), ref_saved)
     changed = 0
@@ -58,7 +58,7 @@ def test_perturb_then_restore(backend, device, dtype, shape_set, masked, adaptiv
         changed += int((bits_of(r) != bits_of(o)).sum())
     assert changed > 0
 
-    ops.masked_restore(params, mask_bits=bits, save_offsets=offsets, saved=saved, backend=backend)
+    ops.restore(params, mask_bits=bits, save_offsets=offsets, saved=saved, backend=backend)
     for p, o in zip(params, original):
         assert torch.equal(bits_of(p.cpu()), bits_of(o))
 
@@ -68,7 +68,7 @@ def test_perturbation_is_the_formula(backend, device):
     """w + scale * m * (|w| + eta)^2 * g on masked entries only, the rest untouched."""
     params, grads, bits, offsets, saved = setup("mixed", torch.float32, device, True, 11, missing_grad=False)
     original = to_cpu(params)
-    ops.masked_perturb(params, grads, torch.tensor(0.5, device=device), mask_bits=bits, save_offsets=offsets,
+    ops.perturb(params, grads, torch.tensor(0.5, device=device), mask_bits=bits, save_offsets=offsets,
                        saved=saved, adaptive=True, eta=0.1, backend=backend)
     from fsam_kernels._layout import ChunkLayout
     layout = ChunkLayout(params)
@@ -83,11 +83,11 @@ def test_zero_scale_leaves_weights_untouched(backend, device):
     params, grads, bits, offsets, saved = setup("mixed", torch.float32, device, True, 5)
     grads[0] = torch.full_like(params[0], float("nan"))
     original = to_cpu(params)
-    ops.masked_perturb(params, grads, torch.tensor(0.0, device=device), mask_bits=bits, save_offsets=offsets,
+    ops.perturb(params, grads, torch.tensor(0.0, device=device), mask_bits=bits, save_offsets=offsets,
                        saved=saved, backend=backend)
     for p, o in zip(params, original):
         assert torch.equal(bits_of(p.cpu()), bits_of(o))
-    ops.masked_restore(params, mask_bits=bits, save_offsets=offsets, saved=saved, backend=backend)
+    ops.restore(params, mask_bits=bits, save_offsets=offsets, saved=saved, backend=backend)
     for p, o in zip(params, original):
         assert torch.equal(bits_of(p.cpu()), bits_of(o))
 
@@ -134,22 +134,22 @@ def test_bad_input(backend, device):
         scale = torch.tensor(0.1, device=device)
         snapshot = to_cpu(params)
         with pytest.raises(TypeError, match=r"grads\[0\] is torch.float16"):
-            ops.masked_perturb(params, [grads[0].half()] + grads[1:], scale, mask_bits=bits, save_offsets=offsets,
+            ops.perturb(params, [grads[0].half()] + grads[1:], scale, mask_bits=bits, save_offsets=offsets,
                                saved=saved, backend=backend)
         with pytest.raises(ValueError, match="save_offsets has"):
-            ops.masked_perturb(params, grads, scale, mask_bits=bits, save_offsets=offsets[1:], saved=saved,
+            ops.perturb(params, grads, scale, mask_bits=bits, save_offsets=offsets[1:], saved=saved,
                                backend=backend)
         with pytest.raises(ValueError, match="mask_bits has"):
-            ops.masked_perturb(params, grads, scale, mask_bits=bits[8:], save_offsets=offsets, saved=saved,
+            ops.perturb(params, grads, scale, mask_bits=bits[8:], save_offsets=offsets, saved=saved,
                                backend=backend)
         with pytest.raises(TypeError, match="scale must be"):
-            ops.masked_perturb(params, grads, 0.1, mask_bits=bits, save_offsets=offsets, saved=saved, backend=backend)
+            ops.perturb(params, grads, 0.1, mask_bits=bits, save_offsets=offsets, saved=saved, backend=backend)
         with pytest.raises(ValueError, match=r"grads\[0\] has"):
             ops.grad_sumsq(params, [torch.randn(2)] + grads[1:], backend=backend)
         with pytest.raises(TypeError, match=r"params\[0\] must be one of"):
             ops.grad_sumsq([params[0].double()], [grads[0].double()], backend=backend)
         with pytest.raises(ValueError, match=r"params\[0\] must be contiguous"):
-            ops.masked_restore([torch.randn(4, 3).t()], save_offsets=torch.zeros(1, dtype=torch.int64),
+            ops.restore([torch.randn(4, 3).t()], save_offsets=torch.zeros(1, dtype=torch.int64),
                                saved=torch.zeros(64, dtype=torch.uint8), backend=backend)
         for p, o in zip(params, snapshot):
             assert torch.equal(p, o)
@@ -170,7 +170,7 @@ def test_norm_scale_and_perturbation_are_bit_identical(backend, device, dtype, a
         m = bits.to(dev)
         sums = ops.grad_sumsq(ps, gs, mask_bits=m, adaptive=adaptive, eta=0.01, backend=b)
         scale = (0.05 / (sums[0].sqrt() + 1e-12)).reshape(1)
-        ops.masked_perturb(ps, gs, scale, mask_bits=m, save_offsets=offsets.to(dev), saved=saved.to(dev).clone(),
+        ops.perturb(ps, gs, scale, mask_bits=m, save_offsets=offsets.to(dev), saved=saved.to(dev).clone(),
                            adaptive=adaptive, eta=0.01, backend=b)
         results.append((sums.cpu(), scale.cpu(), [bits_of(p.cpu()) for p in ps]))
     (sums, scale, moved), (ref_sums, ref_scale, ref_moved) = results
@@ -194,14 +194,14 @@ def test_undersized_saved_raises_before_any_write(backend, device, masked):
     for buf, offs in ((short, offsets), (saved, far)):
         before = buf.clone()
         with pytest.raises(ValueError, match="saved has .* bytes but save_offsets and the mask need"):
-            ops.masked_perturb(params, grads, scale, mask_bits=bits, save_offsets=offs, saved=buf, backend=backend)
+            ops.perturb(params, grads, scale, mask_bits=bits, save_offsets=offs, saved=buf, backend=backend)
         with pytest.raises(ValueError, match="saved has .* bytes but save_offsets and the mask need"):
-            ops.masked_restore(params, mask_bits=bits, save_offsets=offs, saved=buf, backend=backend)
+            ops.restore(params, mask_bits=bits, save_offsets=offs, saved=buf, backend=backend)
         assert torch.equal(buf, before)
     bad = offsets.clone()
     bad[0] = -4
     with pytest.raises(ValueError, match="negative offset"):
-        ops.masked_perturb(params, grads, scale, mask_bits=bits, save_offsets=bad, saved=saved, backend=backend)
+        ops.perturb(params, grads, scale, mask_bits=bits, save_offsets=bad, saved=saved, backend=backend)
     for p, o in zip(params, snapshot):
         assert torch.equal(p.cpu(), o)
 
@@ -215,7 +215,7 @@ def test_kernels_never_write_past_saved(backend, device):
     guarded = torch.full((saved.numel() + 256,), POISON, dtype=torch.uint8, device=device)
     short = guarded[:saved.numel() - 64]  # a view: what lies past its end must stay untouched
     try:
-        backends.op("masked_perturb_", backend)(params, grads, bits, offsets, short, torch.tensor(0.3, device=device),
+        backends.op("perturb_", backend)(params, grads, bits, offsets, short, torch.tensor(0.3, device=device),
                                                 False, 0.0)
     except RuntimeError as e:
         assert "saved" in str(e)

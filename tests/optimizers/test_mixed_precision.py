@@ -80,7 +80,7 @@ def test_grad_scaler_matches_unscaled(cls):
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
     if cls is FSAM:
-        assert torch.equal(o1._mask_bits, o2._mask_bits)
+        assert torch.equal(o1.mask_bits, o2.mask_bits)
 
 
 @pytest.mark.parametrize("cls", [FSAM, SAM])
@@ -97,7 +97,7 @@ def test_first_pass_overflow_skips_perturbation_and_step(cls):
     assert opt.skipped_perturbations == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if cls is FSAM:  # the due mask step (step 2 with mask_interval=2 counts 1 and 2) is not lost
-        assert opt._steps_since_mask == 2
+        assert opt.perturbation.steps_since_mask == 2
     sharpness_step(opt, [batch(2)], loss_fn, scaler=sc)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert opt.skipped_perturbations == 1 and sc.get_scale() == scale / 2
@@ -111,7 +111,7 @@ def test_second_pass_overflow_skips_only_the_step():
     sharpness_step(opt, [batch(0)], lambda b: model(**b).loss, scaler=sc)
     assert_bits_equal(snapshot(model), before)
     assert opt.skipped_perturbations == 0 and sc.get_scale() == 2.0**11
-    assert opt._mask_bits is not None  # the first pass was fine: its mask stands
+    assert opt.mask_bits is not None  # the first pass was fine: its mask stands
 
 
 def test_sharpness_step_accumulation_and_clipping():

@@ -36,12 +36,12 @@ def test_fsam_backend_matches_reference(backend, fisher, adaptive):
         o_fast.first_step(zero_grad=True)
         o_ref.first_step(zero_grad=True)
         if step == 0:  # same weights, same gradients: the same mask, bit for bit
-            assert torch.equal(o_fast._mask_bits.cpu(), o_ref._mask_bits.cpu())
+            assert torch.equal(o_fast.mask_bits.cpu(), o_ref.mask_bits.cpu())
         for m in (m_fast, m_ref):
             loss_of(m, step).backward()
         o_fast.second_step(zero_grad=True)
         o_ref.second_step(zero_grad=True)
-    agree = (o_fast._mask_bits.cpu() == o_ref._mask_bits.cpu()).float().mean()
+    agree = (o_fast.mask_bits.cpu() == o_ref.mask_bits.cpu()).float().mean()
     assert agree > 0.99
     for (n, a), b in zip(m_fast.named_parameters(), m_ref.parameters()):
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-5, msg=n)
@@ -64,7 +64,7 @@ def test_fsam_runs_are_bit_identical_across_backends(backend, fisher, sparsity):
             o.first_step(zero_grad=True)
             loss_of(m, step).backward()
             o.second_step(zero_grad=True)
-        assert torch.equal(o_fast._mask_bits, o_ref._mask_bits), step
+        assert torch.equal(o_fast.mask_bits, o_ref.mask_bits), step
     assert_bits_equal(snapshot(m_fast), snapshot(m_ref))
 
 
@@ -173,7 +173,7 @@ def test_resume_reproduces_an_uninterrupted_run(backend, fisher):
     o_new.load_state_dict(saved["opt"])
     train(m_new, o_new, 3, start=3)
     assert_bits_equal(snapshot(m_new), snapshot(m_full))
-    assert torch.equal(o_new._mask_bits.cpu(), o_full._mask_bits.cpu())
+    assert torch.equal(o_new.mask_bits.cpu(), o_full.mask_bits.cpu())
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -186,10 +186,10 @@ def test_mask_interval_and_ema_fisher(backend):
         for f, p in zip(expected, model.parameters()):
             f.mul_(0.9).add_(p.grad.float() ** 2 * 0.1)
         opt.first_step(zero_grad=True)
-        masks.append(opt._mask_bits)
+        masks.append(opt.mask_bits)
         loss_of(model, step).backward()
         opt.second_step(zero_grad=True)
-        for f, e in zip(opt._fisher, expected):
+        for f, e in zip(opt.perturbation.estimate, expected):
             torch.testing.assert_close(f, e, rtol=1e-6, atol=0)
     assert masks[0] is masks[1] is masks[2] and masks[3] is not masks[2]  # rebuilt at steps 0 and 3
 
@@ -210,7 +210,7 @@ def test_fisher_from_samples(backend):
     picked = torch.cat([opt.mask_of(p).reshape(-1) for p in model.parameters()]).nonzero().squeeze(1).cpu()
     # summed in another order: allow the boundary entry to differ
     assert len(set(picked.tolist()) ^ set(top.tolist())) <= 2
-    assert all(float(f.abs().sum()) == 0 for f in opt._fisher)  # F starts afresh
+    assert all(float(f.abs().sum()) == 0 for f in opt.perturbation.estimate)  # F starts afresh
     with pytest.raises(RuntimeError, match="accumulate_fisher"):
         opt.update_mask()
 
@@ -234,18 +234,18 @@ def test_non_finite_gradients_skip_the_perturbation(backend, where):
     model, opt = make(FSAM, backend, base=torch.optim.SGD, mask_interval=100, rho=0.5)
     if where == "other_step":
         train(model, opt, 1)
-    mask = opt._mask_bits
+    mask = opt.mask_bits
     loss_of(model, 1).backward()
     model.bert.encoder.layer[0].attention.self.query.weight.grad[0, 0] = float("inf")
     before = snapshot(model)
     opt.first_step(zero_grad=True)
     assert_bits_equal(snapshot(model), before)
     assert opt.skipped_perturbations == 1
-    assert opt._mask_bits is mask  # not rebuilt (None at step 0: postponed)
+    assert opt.mask_bits is mask  # not rebuilt (None at step 0: postponed)
     loss_of(model, 1).backward()
     opt.second_step(zero_grad=True)
     train(model, opt, 1, start=2)
-    assert opt._mask_bits is not None and (where == "other_step") == (opt._mask_bits is mask)
+    assert opt.mask_bits is not None and (where == "other_step") == (opt.mask_bits is mask)
     assert opt.skipped_perturbations == 1
 
 
@@ -277,11 +277,11 @@ def test_memory_is_a_bit_per_parameter_plus_the_masked_values():
     model, opt = make(FSAM, "reference", sparsity=0.9)
     train(model, opt, 1)
     n = sum(p.numel() for p in model.parameters())
-    assert opt._mask_bits.numel() <= n / 8 + 512 * len(list(model.parameters()))
-    assert opt._pool_saved.numel() <= 4 * opt.k + 16 * len(list(model.parameters()))
-    assert opt._dense_saved.numel() == 0
+    assert opt.mask_bits.numel() <= n / 8 + 512 * len(list(model.parameters()))
+    assert opt.roles.masked_saved.numel() <= 4 * opt.k + 16 * len(list(model.parameters()))
+    assert opt.roles.dense_saved.numel() == 0
     _, sam = make(SAM, "reference")
-    assert sam._dense_saved.numel() >= 4 * n
+    assert sam.roles.dense_saved.numel() >= 4 * n
 
 
 GOOD = dict(rho=0.05)
@@ -337,7 +337,7 @@ def test_misuse_raises_before_any_change(backend):
     with pytest.raises(RuntimeError, match="sparse"):
         opt.first_step()
     assert_bits_equal(snapshot(model), before)
-    assert not opt._perturbed and opt._mask_bits is None
+    assert not opt.roles.perturbed and opt.mask_bits is None
     w = model.bert.pooler.dense.weight
     grad = w.grad.to_dense()
     w.grad = None

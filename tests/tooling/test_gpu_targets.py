@@ -19,7 +19,7 @@ def summary(out, step):
 
 
 def test_test_step(tmp_path):
-    assert gpu.main(["test", "--device", "cpu", "--out", str(tmp_path), "--pytest-args", "tests/test_fallback.py"]) == 0
+    assert gpu.main(["test", "--device", "cpu", "--out", str(tmp_path), "--pytest-args", "tests/ops/test_fallback.py"]) == 0
     text = summary(tmp_path, "test")
     assert "| test_fallback |" in text and "passed" in text
     assert "test_fallback.py" in (tmp_path / "test.log").read_text()

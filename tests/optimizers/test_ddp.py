@@ -43,7 +43,7 @@ def worker(rank, init_file, out_dir, sync):
     for step in range(STEPS):
         sharpness_step(opt, micro_batches(step, rank), lambda b: loss_of(ddp, b), model=ddp, max_grad_norm=0.5,
                        sync_perturbation=sync)
-    torch.save({"params": [p.detach().clone() for p in model.parameters()], "mask": opt._mask_bits.clone()},
+    torch.save({"params": [p.detach().clone() for p in model.parameters()], "mask": opt.mask_bits.clone()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -73,7 +73,7 @@ def test_synchronized_perturbation_is_the_whole_batch_step(tmp_path):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.second_step(zero_grad=True)
     assert torch.equal(ranks[0]["mask"], ranks[1]["mask"])  # one perturbation for all replicas
-    assert torch.equal(ranks[0]["mask"], opt._mask_bits)
+    assert torch.equal(ranks[0]["mask"], opt.mask_bits)
     for r in ranks:
         assert_params_close(r["params"], model)
 
@@ -100,7 +100,7 @@ def test_per_replica_perturbation(tmp_path):
             opt.second_step(zero_grad=True)
     assert not torch.equal(ranks[0]["mask"], ranks[1]["mask"])  # each replica its own mask
     for r, (m, opt) in enumerate(zip(models, opts)):
-        assert torch.equal(ranks[r]["mask"], opt._mask_bits)
+        assert torch.equal(ranks[r]["mask"], opt.mask_bits)
         assert_params_close(ranks[r]["params"], m)
     assert_params_close(ranks[0]["params"], models[1])  # the weights stay the same on every replica
 
@@ -121,7 +121,7 @@ def trainer_worker(rank, port, out_dir, sync):
     t.train()
     assert isinstance(t.model_wrapped, torch.nn.parallel.DistributedDataParallel) and t.args.world_size == WORLD
     torch.save({"params": [p.detach().clone() for p in t.model.parameters()],
-                "mask": t.sharpness_optimizer._mask_bits.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+                "mask": t.sharpness_optimizer.mask_bits.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")

@@ -1,0 +1,64 @@
+// Fisher accumulation F <- decay * F + alpha * g * g over a list of tensors: the CPU impl.
+#include "chunks.h"
+
+#include <fsam/checks.h>
+#include <fsam/functors.h>
+
+#include <mutex>
+
+namespace fsam {
+namespace {
+
+constexpr auto kCPU = c10::DeviceType::CPU;
+
+void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& grads,
+                           double decay, double alpha, const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::Tensor>& first_hist) {
+  const char* op = "fisher_accumulate_";
+  for (int64_t i = 0; i < static_cast<int64_t>(fisher.size()); ++i) {
+    check_on(fisher[i], kCPU, op, "fisher", i);
+    TORCH_CHECK(fisher[i].scalar_type() == at::kFloat, op, ": fisher[", i, "] must be float32");
+  }
+  check_grads(fisher, grads, kCPU, op, "fisher", /*same_dtype=*/false);
+  if (first_hist.has_value()) check_buffer(*first_hist, at::kLong, kFirstHistSize, kCPU, op, "first_hist");
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+  const FisherUpdate update{static_cast<float>(decay), static_cast<float>(alpha)};
+  const OrderKey<false> key;
+  const RadixDigit first{0, 0};
+  const auto chunks = chunk_table(fisher);
+  const std::vector<std::optional<at::Tensor>> gs(grads.begin(), grads.end());
+  std::mutex mu;
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    std::vector<int64_t> hist(first_hist.has_value() ? kFirstHistSize : 0, 0);
+    for (int64_t i = b; i < e; ++i) {
+      const Chunk& c = chunks[i];
+      float* f = fisher[c.tensor].data_ptr<float>() + c.begin;
+      const int64_t n = c.end - c.begin;
+      const std::optional<at::Tensor>& g = gs[c.tensor];
+      if (!g.has_value()) {
+        for (int64_t j = 0; j < n; ++j) f[j] = update(f[j]);
+      } else {
+        FSAM_DISPATCH_FLOATS(g->scalar_type(), "fisher_accumulate_", [&] {
+          const scalar_t* gp = g->const_data_ptr<scalar_t>() + c.begin;
+          for (int64_t j = 0; j < n; ++j) f[j] = update(f[j], static_cast<float>(gp[j]));
+        });
+      }
+      // The top-k's first radix pass over the new F, while it is in cache.
+      if (hist.empty()) continue;
+      for (int64_t j = 0; j < n; ++j) {
+        hist[kFirstBins] += f[j] != f[j];
+        ++hist[first.bin(key(f[j]))];
+      }
+    }
+    if (hist.empty()) return;
+    std::lock_guard<std::mutex> lock(mu);
+    int64_t* out = first_hist->data_ptr<int64_t>();
+    for (int64_t j = 0; j < kFirstHistSize; ++j) out[j] += hist[j];
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam, CPU, m) { m.impl("fisher_accumulate_", &fisher_accumulate_cpu); }
+
+}  // namespace fsam

@@ -1,0 +1,163 @@
+// Top-k mask selection by radix select on the order-preserving keys, as stages that
+// fsam_kernels/radix_topk.py drives (and may reduce across processes between): the histogram of
+// one digit, the choice of that digit, the per-chunk count of keys equal to the k-th one, and the
+// pass writing the packed bit mask and per-chunk popcounts.  No sort, no concatenated copy, no
+// index tensor.  The CPU impls.
+#include "chunks.h"
+
+#include <fsam/checks.h>
+#include <fsam/functors.h>
+
+#include <mutex>
+#include <type_traits>
+
+namespace fsam {
+namespace {
+
+constexpr auto kCPU = c10::DeviceType::CPU;
+
+struct Scores {
+  at::TensorList tensors;
+  std::vector<Chunk> chunks;
+  bool absolute;
+
+  Scores(at::TensorList scores, bool abs, const char* op) : tensors(scores), absolute(abs) {
+    for (int64_t i = 0; i < static_cast<int64_t>(scores.size()); ++i) {
+      check_on(scores[i], kCPU, op, "scores", i);
+      check_float_dtype(scores[i], op, "scores", i);
+    }
+    chunks = chunk_table(scores);
+  }
+
+  int64_t num_chunks() const { return static_cast<int64_t>(chunks.size()); }
+
+  // Calls f(key, value, offset inside the chunk) for every element of chunk c (the dtype and
+  // `absolute` are resolved once per chunk, so the element loop has no branch on them).
+  template <typename F>
+  void visit(const Chunk& c, const F& f) const {
+    const at::Tensor& t = tensors[c.tensor];
+    FSAM_DISPATCH_FLOATS(t.scalar_type(), "radix_topk", [&] {
+      const scalar_t* p = t.const_data_ptr<scalar_t>();
+      auto loop = [&](auto abs) {
+        const OrderKey<decltype(abs)::value> key;
+        for (int64_t i = c.begin; i < c.end; ++i) {
+          const float x = static_cast<float>(p[i]);
+          f(key(x), x, i - c.begin);
+        }
+      };
+      absolute ? loop(std::true_type{}) : loop(std::false_type{});
+    });
+  }
+};
+
+void check_state(const at::Tensor& state, const char* op) {
+  check_buffer(state, at::kLong, kRadixStateSize, kCPU, op, "state");
+}
+
+// hist += the counts of digit `digit` over the keys under the state's prefix (every key for digit
+// 0, which also counts the NaN scores in the last entry).
+void radix_histogram_cpu(at::TensorList scores, const at::Tensor& state, int64_t digit, bool absolute,
+                         const at::Tensor& hist) {
+  const char* op = "radix_histogram_";
+  const Scores s(scores, absolute, op);
+  check_state(state, op);
+  check_digit(digit, op);
+  const int64_t size = radix_hist_size(digit), bins = radix_bins(digit);
+  check_buffer(hist, at::kLong, size, kCPU, op, "hist");
+  const RadixDigit rd{static_cast<uint32_t>(state.const_data_ptr<int64_t>()[kStatePrefix]), static_cast<int>(digit)};
+  std::mutex mu;
+  int64_t* out = hist.data_ptr<int64_t>();
+  at::parallel_for(0, s.num_chunks(), 1, [&](int64_t b, int64_t e) {
+    std::vector<int64_t> local(size, 0);
+    for (int64_t c = b; c < e; ++c) {
+      if (digit == 0) {
+        s.visit(s.chunks[c], [&](uint32_t key, float x, int64_t) {
+          local[bins] += x != x;
+          ++local[rd.bin(key)];
+        });
+      } else {
+        s.visit(s.chunks[c], [&](uint32_t key, float, int64_t) { local[rd.bin(key)] += rd.matches(key); });
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t i = 0; i < size; ++i) out[i] += local[i];
+  });
+}
+
+void radix_select_cpu(const at::Tensor& state, const at::Tensor& hist, int64_t digit) {
+  const char* op = "radix_select_";
+  check_state(state, op);
+  check_digit(digit, op);
+  check_buffer(hist, at::kLong, radix_hist_size(digit), kCPU, op, "hist");
+  int64_t* st = state.data_ptr<int64_t>();
+  const DigitChoice choice = choose_digit(hist.const_data_ptr<int64_t>(), radix_bins(digit), st[kStateKLeft]);
+  st[kStatePrefix] = (st[kStatePrefix] << kRadixWidth[digit]) | choice.digit;
+  st[kStateKLeft] -= choice.greater;
+  st[kStateTies] = choice.ties;
+}
+
+// Per chunk, how many keys equal the k-th one; all zero when every such key is taken (then
+// nothing needs them).
+at::Tensor radix_tie_counts_cpu(at::TensorList scores, const at::Tensor& state, bool absolute) {
+  const char* op = "radix_tie_counts";
+  const Scores s(scores, absolute, op);
+  check_state(state, op);
+  const int64_t* st = state.const_data_ptr<int64_t>();
+  auto ties = at::zeros({s.num_chunks()}, at::TensorOptions().dtype(at::kLong));
+  if (st[kStateKLeft] == st[kStateTies]) return ties;
+  const uint32_t kth = static_cast<uint32_t>(st[kStatePrefix]);
+  int64_t* out = ties.data_ptr<int64_t>();
+  parallel_chunks(s.chunks, [&](const Chunk& c) {
+    int64_t t = 0;
+    s.visit(c, [&](uint32_t key, float, int64_t) { t += key == kth; });
+    out[c.index] = t;
+  });
+  return ties;
+}
+
+std::tuple<at::Tensor, at::Tensor> radix_mask_cpu(at::TensorList scores, const at::Tensor& state,
+                                                  const at::Tensor& ties, const at::Tensor& ties_before,
+                                                  bool absolute) {
+  const char* op = "radix_mask";
+  const Scores s(scores, absolute, op);
+  check_state(state, op);
+  check_buffer(ties, at::kLong, s.num_chunks(), kCPU, op, "ties");
+  check_buffer(ties_before, at::kLong, s.num_chunks(), kCPU, op, "ties_before");
+  const int64_t* st = state.const_data_ptr<int64_t>();
+  const uint32_t kth = static_cast<uint32_t>(st[kStatePrefix]);
+  const int64_t k_left = st[kStateKLeft];
+  const bool all_ties = k_left == st[kStateTies];
+  auto bits = at::empty({s.num_chunks() * kChunkBytes}, at::TensorOptions().dtype(at::kByte));
+  auto counts = at::empty({s.num_chunks()}, at::TensorOptions().dtype(at::kInt));
+  uint8_t* out = bits.data_ptr<uint8_t>();
+  int32_t* cnt = counts.data_ptr<int32_t>();
+  const int64_t* here = ties.const_data_ptr<int64_t>();
+  const int64_t* before = ties_before.const_data_ptr<int64_t>();
+  parallel_chunks(s.chunks, [&](const Chunk& c) {
+    uint8_t* b = out + c.index * kChunkBytes;
+    std::memset(b, 0, kChunkBytes);
+    int32_t selected = 0;
+    if (k_left > 0) {  // k = 0: the state was never narrowed, nothing is taken
+      int64_t quota = tie_quota(k_left, before[c.index], here[c.index]);
+      s.visit(c, [&](uint32_t key, float, int64_t j) {
+        if (key > kth || (key == kth && (all_ties || quota-- > 0))) {
+          b[j >> 3] |= static_cast<uint8_t>(1u << (j & 7));
+          ++selected;
+        }
+      });
+    }
+    cnt[c.index] = selected;
+  });
+  return {bits, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam, CPU, m) {
+  m.impl("radix_histogram_", &radix_histogram_cpu);
+  m.impl("radix_select_", &radix_select_cpu);
+  m.impl("radix_tie_counts", &radix_tie_counts_cpu);
+  m.impl("radix_mask", &radix_mask_cpu);
+}
+
+}  // namespace fsam

@@ -1,0 +1,110 @@
+// The per-element math of every C++ backend, as functors compiled for the host and the device
+// (the style of PyTorch's SharedReduceOps.h): the CPU kernels call exactly what the CUDA kernels
+// call, so the CPU tests exercise it.  Each operation rounds to fp32 in the order of the
+// reference backend; the host side builds with -ffp-contract=off and nvcc with --fmad=false,
+// so that no multiply-add is fused.  Traversal (chunks, threads, blocks) lives elsewhere.
+#pragma once
+
+#include "layout.h"
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace fsam {
+
+// The bits of a float (memcpy: defined behaviour on host and device, compiled to a move).
+C10_HOST_DEVICE inline uint32_t float_bits(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+// Keys that order like the floats (|x| with kAbsolute): non-negative floats order like their
+// bit patterns, and flipping makes every float do so.  -0 is folded onto +0 so that equal values
+// stay equal keys (the tie rule needs it).
+template <bool kAbsolute>
+struct OrderKey {
+  C10_HOST_DEVICE uint32_t operator()(float x) const {
+    uint32_t u = float_bits(x);
+    if (kAbsolute) u &= 0x7fffffffu;
+    if (u == 0x80000000u) u = 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+};
+
+// Bin of a key in the histogram of digit `digit` (the keys under another prefix count nowhere).
+struct RadixDigit {
+  uint32_t prefix;  // the digits chosen before this one
+  int digit;
+  C10_HOST_DEVICE bool matches(uint32_t key) const {
+    const int above = kRadixShift[digit] + kRadixWidth[digit];
+    return above == 32 || (key >> above) == prefix;
+  }
+  C10_HOST_DEVICE uint32_t bin(uint32_t key) const {
+    return (key >> kRadixShift[digit]) & ((1u << kRadixWidth[digit]) - 1u);
+  }
+};
+
+// The radix select step: the digit holding the k_left-th largest of the keys counted in `hist`,
+// how many counted keys lie above it, and how many share it.
+struct DigitChoice {
+  int64_t digit, greater, ties;
+};
+C10_HOST_DEVICE inline DigitChoice choose_digit(const int64_t* hist, int64_t bins, int64_t k_left) {
+  int64_t greater = 0, digit = bins - 1;
+  for (; digit > 0 && greater + hist[digit] < k_left; --digit) greater += hist[digit];
+  return {digit, greater, hist[digit]};
+}
+
+// How many of a chunk's keys equal to the k-th one it takes: ties go to the lowest flat
+// indices, so the chunks before it (holding `before` of them) take theirs first.
+C10_HOST_DEVICE inline int64_t tie_quota(int64_t k_left, int64_t before, int64_t here) {
+  const int64_t left = k_left - before;
+  return left < 0 ? 0 : (left < here ? left : here);
+}
+
+// Fisher accumulation F <- decay * F + alpha * g^2.
+struct FisherUpdate {
+  float decay, alpha;
+  C10_HOST_DEVICE float operator()(float f, float g) const { return f * decay + (g * g) * alpha; }
+  C10_HOST_DEVICE float operator()(float f) const { return f * decay; }  // no gradient
+};
+
+// T = |w| + eta for ASAM, 1 for SAM.
+template <bool kAdaptive>
+struct Preconditioner {
+  float eta;
+  C10_HOST_DEVICE float operator()(float w) const { return kAdaptive ? fabsf(w) + eta : 1.0f; }
+};
+
+// (T g)^2 in fp64: exact, since the square of an fp32 value fits a double.
+template <bool kAdaptive>
+struct SumsqTerm {
+  Preconditioner<kAdaptive> t;
+  C10_HOST_DEVICE double operator()(float w, float g) const {
+    const double v = kAdaptive ? g * t(w) : g;
+    return v * v;
+  }
+};
+
+// The perturbed weight w + scale * T^2 g, rounded to fp32 (then to the weight's dtype).
+template <bool kAdaptive>
+struct Perturbation {
+  Preconditioner<kAdaptive> t;
+  float scale;
+  C10_HOST_DEVICE float operator()(float w, float g) const {
+    float d = g;
+    if (kAdaptive) {
+      const float tw = t(w);
+      d = d * (tw * tw);
+    }
+    return w + d * scale;
+  }
+};
+
+C10_HOST_DEVICE inline bool mask_bit(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
+
+}  // namespace fsam

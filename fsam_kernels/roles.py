@@ -1,0 +1,112 @@
+"""The parameters of a perturbation by role, and the saved originals that restore them exactly.
+
+Roles: `masked` (perturbed where a packed mask says: FSAM's pool), `dense` (perturbed
+everywhere: what SAM does, at the cost of a full copy) and `norm_only` (never perturbed, but
+their gradients count in the norm).  Between perturb() and restore() only the originals of the
+perturbed entries are kept: for the masked role, compactly, at the offsets of the mask's
+per-chunk popcounts (fsam_kernels/_layout.py).
+"""
+import torch
+
+from . import backends
+from ._layout import ChunkLayout
+from .ops import save_layout
+
+ROLES = ("masked", "dense", "norm_only")
+_FORMER_NAMES = {"pool": "masked", "rest": "norm_only"}  # in states saved by fsam_kernels 0.1
+SUMSQ_ALL, SUMSQ_PERTURBED = 0, 1  # grad_sumsq's entries: over every gradient, over the perturbed entries
+
+
+def gradients_of(tensors):
+    """The gradients of `tensors`, checked before anything is written (every backend reads them
+    as contiguous arrays of the parameter's dtype)."""
+    grads = [p.grad for p in tensors]
+    for i, (p, g) in enumerate(zip(tensors, grads)):
+        if g is None:
+            continue
+        if g.is_sparse:
+            raise RuntimeError("sparse gradients are not supported by SAM/FSAM")
+        if g.dtype != p.dtype or g.shape != p.shape:
+            raise RuntimeError(f"a gradient is {g.dtype} {tuple(g.shape)} but its parameter is "
+                               f"{p.dtype} {tuple(p.shape)}")
+        if not g.is_contiguous():
+            grads[i] = g.contiguous()
+    return grads
+
+
+class ParamRoles:
+    """The parameters of one optimizer split into ROLES (`role_of[i]` for parameter i), with the
+    buffers that save and restore what a perturbation changes."""
+
+    def __init__(self, params, role_of, backend, device):
+        if len(role_of) != len(params) or not set(role_of) <= set(ROLES):
+            raise ValueError(f"every parameter needs one role of {ROLES}")
+        self.role_of = list(role_of)
+        self.tensors = {r: [p for p, x in zip(params, role_of) if x == r] for r in ROLES}
+        self.device = device
+        self._op = {name: backends.op(name, backend) for name in ("grad_sumsq", "perturb_", "restore_")}
+        self.mask_layout = ChunkLayout(self.tensors["masked"])
+        self.dense_offsets, self.dense_saved = save_layout(self.tensors["dense"])
+        self.mask_bits = self.chunk_counts = self.masked_offsets = self.masked_saved = None
+        self.perturbed = False
+
+    def gradients(self):
+        """{role: the gradients of its tensors}, checked."""
+        return {r: gradients_of(ts) for r, ts in self.tensors.items()}
+
+    def sumsq(self, grads, adaptive, eta):
+        """Device tensor [sum of (T g)^2 over every gradient, the same over what is perturbed]
+        (SUMSQ_ALL, SUMSQ_PERTURBED); the masked role counts as perturbed only under a mask."""
+        op = self._op["grad_sumsq"]
+        stats = torch.zeros(2, dtype=torch.float32, device=self.device)
+        for role, tensors in self.tensors.items():
+            if not tensors:
+                continue
+            if role == "dense" or (role == "masked" and self.mask_bits is not None):
+                stats += op(tensors, grads[role], self.mask_bits if role == "masked" else None, adaptive, eta)
+            else:
+                stats[SUMSQ_ALL] += op(tensors, grads[role], None, adaptive, eta)[SUMSQ_ALL]
+        return stats
+
+    def set_mask(self, bits, counts, max_entries):
+        """Use a new mask of the masked role (its per-chunk popcounts `counts`, at most
+        `max_entries` set): the saved buffer is sized for any such mask, with no sync."""
+        if self.perturbed:
+            raise RuntimeError("the mask cannot change while the weights are perturbed")
+        offsets, _ = self.mask_layout.save_offsets(counts)
+        needed = self.mask_layout.saved_bytes_bound(max_entries)
+        if self.masked_saved is None or self.masked_saved.numel() < needed:
+            self.masked_saved = torch.empty(needed, dtype=torch.uint8, device=self.device)
+        self.mask_bits, self.chunk_counts, self.masked_offsets = bits, counts, offsets
+
+    def clear_mask(self):
+        self.mask_bits = self.chunk_counts = self.masked_offsets = self.masked_saved = None
+
+    def perturb(self, grads, scale, adaptive, eta):
+        """w <- w + scale * T^2 g on the perturbed entries, their originals saved first.  The
+        masked role stays as it is while it has no mask."""
+        op = self._op["perturb_"]
+        if self.mask_bits is not None:
+            op(self.tensors["masked"], grads["masked"], self.mask_bits, self.masked_offsets, self.masked_saved, scale,
+               adaptive, eta)
+        if self.tensors["dense"]:
+            op(self.tensors["dense"], grads["dense"], None, self.dense_offsets, self.dense_saved, scale, adaptive, eta)
+        self.perturbed = True
+
+    def restore(self):
+        """Write back the originals perturb() saved: the weights are bit-exactly those before it."""
+        op = self._op["restore_"]
+        if self.mask_bits is not None:
+            op(self.tensors["masked"], self.mask_bits, self.masked_offsets, self.masked_saved)
+        if self.tensors["dense"]:
+            op(self.tensors["dense"], None, self.dense_offsets, self.dense_saved)
+        self.perturbed = False
+
+    def signature(self, params):
+        """What a saved state must match: each parameter's role, shape and dtype."""
+        return [(role, tuple(p.shape), str(p.dtype)) for role, p in zip(self.role_of, params)]
+
+    @staticmethod
+    def current_names(signature):
+        """A saved signature with the role names of this version."""
+        return [(_FORMER_NAMES.get(role, role), *rest) for role, *rest in signature]

@@ -1,0 +1,217 @@
+"""The two-pass step of the sharpness-aware optimizers, composed of three parts kept apart:
+
+- the protocol (here): first pass, perturbation, second pass, exact restore, base step, with the
+  GradScaler, closure, state and LR-scheduler conventions;
+- the parameter roles and saved buffers (`ParamRoles`, fsam_kernels/roles.py);
+- what decides the perturbation (a `Perturbation`: SAM/ASAM's scale in sam.py, FSAM's Fisher
+  mask in fsam.py).
+
+The shape is davda54/sam's: `Optimizer(params, base_optimizer_class, rho=..., **base_kwargs)`,
+`first_step`, `second_step`, `step(closure)`, with `param_groups` shared with the base optimizer
+so LR schedulers work on either object.
+"""
+import torch
+
+from . import backends
+from .ops import FLOAT_DTYPES
+from .params import param_groups_with_names
+from .roles import SUMSQ_ALL, ParamRoles
+
+
+class Perturbation:
+    """What decides e in w + e.  The protocol calls, per first_step: prepare() (may change the
+    roles' mask; returns whether the norm must be recomputed), then scale() on the norm stats."""
+
+    adaptive = False
+    eta = 0.0
+
+    def prepare(self, roles, grads, finite):
+        return False
+
+    def scale(self, stats, finite):
+        raise NotImplementedError
+
+    def state(self, roles):
+        """What state_dict() keeps of the policy and of the roles' mask (tensors cloned)."""
+        return {}
+
+    def check_state(self, state, roles):
+        """Raise if `state` does not fit this policy (before anything is loaded)."""
+
+    def load_state(self, state, roles):
+        pass
+
+
+def base_step(optimizer, base_optimizer, scaler=None, skip=None):
+    """The base optimizer's step of a composed optimizer (through `scaler` when given; not at all
+    when the 0-dim bool tensor `skip` is True, read with one sync), then what LR schedulers check
+    for "optimizer.step() came first" on the optimizer they wrap, which need not be the step
+    they patched: every composed optimizer ends its step here."""
+    if scaler is None:
+        base_optimizer.step()
+    elif skip is None or not bool(skip):
+        scaler.step(base_optimizer)
+    optimizer._opt_called = True
+
+
+class SharpnessAwareOptimizer(torch.optim.Optimizer):
+    """The two-pass protocol over ParamRoles and a Perturbation (subclasses choose both in their
+    constructor: `_compose`)."""
+
+    def __init__(self, params, base_optimizer, *, backend, base_kwargs):
+        if not callable(base_optimizer):
+            raise TypeError(f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}")
+        groups, names = param_groups_with_names(params)
+        super().__init__(groups, {})
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._names = names
+        devices = {p.device for p in self._params}
+        if len(devices) != 1:
+            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        self._device = devices.pop()
+        for i, p in enumerate(self._params):
+            if p.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"parameter {self._name(i)} is {p.dtype}; float32, bfloat16 and float16 are supported")
+            if not p.is_contiguous():
+                raise ValueError(f"parameter {self._name(i)} is not contiguous; the kernels update it in place")
+        self.backend = backends.resolve(backend, self._device)
+        self._first_finite = None  # first_step's finite flag while its second_step is pending
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
+        self._step_count = 0
+
+    def _compose(self, role_of, perturbation):
+        """Fix the roles (one per parameter, fsam_kernels/roles.py) and the perturbation policy,
+        once: the dense role costs a full copy, so no provisional split."""
+        self.roles = ParamRoles(self._params, role_of, self.backend, self._device)
+        self.perturbation = perturbation
+
+    def add_param_group(self, param_group):
+        if hasattr(self, "roles"):  # after construction: the roles, the mask layout and the base are fixed
+            raise RuntimeError("add_param_group() after construction is not supported: build a new optimizer "
+                               "over all the parameters")
+        super().add_param_group(param_group)
+
+    def _name(self, i):
+        return self._names[i] if self._names[i] is not None else f"#{i}"
+
+    @property
+    def rho(self):
+        return self.perturbation.rho
+
+    @property
+    def adaptive(self):
+        return self.perturbation.adaptive
+
+    # ---- the step -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False, scaler=None):
+        """Perturb the weights to w + e, keeping what restores them.
+
+        scaler: the torch.amp.GradScaler that scaled the first backward: the gradients are
+        unscaled in place first (`scaler.unscale_(self)`; the base optimizer's own unscale is
+        left for the second pass), and an overflow counts in the scaler's next update().
+
+        Returns a 0-dim bool device tensor: False when non-finite gradients skipped the
+        perturbation (reading it syncs)."""
+        if self.roles.perturbed:
+            raise RuntimeError("first_step() called twice: call second_step() to restore the weights first")
+        if scaler is not None:
+            scaler.unscale_(self)
+        policy = self.perturbation
+        grads = self.roles.gradients()
+        stats = self.roles.sumsq(grads, policy.adaptive, policy.eta)
+        finite = torch.isfinite(stats[SUMSQ_ALL])
+        if policy.prepare(self.roles, grads, finite):
+            stats = self.roles.sumsq(grads, policy.adaptive, policy.eta)
+        self.roles.perturb(grads, policy.scale(stats, finite), policy.adaptive, policy.eta)
+        self._skipped += ~finite
+        self._first_finite = finite
+        self._step_count += 1
+        if zero_grad:
+            self.zero_grad()
+        return finite
+
+    @torch.no_grad()
+    def restore(self):
+        """Put back the exact weights of before first_step() without the base step, for loops
+        where the base step comes later or may be skipped (the Trainer's GradScaler, clipping of
+        the second-pass gradient); second_step() then takes only the base step."""
+        if not self.roles.perturbed:
+            raise RuntimeError("restore() called without first_step(), or twice")
+        self.roles.restore()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False, scaler=None):
+        """Restore the exact weights of before first_step (unless restore() already did), then
+        run the base optimizer with the gradients now in .grad (those at the perturbed point).
+
+        scaler: the GradScaler that scaled the second backward: the base step goes through
+        `scaler.step(self.base_optimizer)`, and is skipped, like GradScaler skips it, when either
+        pass overflowed.  Call scaler.update() afterwards as usual."""
+        if self._first_finite is None:
+            raise RuntimeError("second_step() called without first_step()")
+        if self.roles.perturbed:
+            self.roles.restore()
+        base_step(self, self.base_optimizer, scaler, skip=None if scaler is None else ~self._first_finite)
+        self._first_finite = None
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure=None):
+        """davda54/sam's step: the gradients of a first forward/backward must be in .grad;
+        `closure` runs the second forward/backward (at the perturbed weights).  Returns its loss."""
+        if closure is None:
+            raise ValueError("SAM-type optimizers need a closure that does a full forward and backward: "
+                             "step(closure), or call first_step() and second_step() yourself")
+        if all(p.grad is None for p in self._params):
+            raise RuntimeError("no gradients: run the first forward/backward before step(closure)")
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            with torch.no_grad():
+                self.roles.restore()  # leave the model as it was, not perturbed
+            raise
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def skipped_perturbations(self):
+        """How many steps skipped the perturbation for non-finite gradients (syncs)."""
+        return int(self._skipped)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def state_dict(self):
+        if self.roles.perturbed:
+            raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed")
+        extra = {"step": self._step_count, "skipped": self._skipped.clone(), **self.perturbation.state(self.roles)}
+        extra["layout"] = self.roles.signature(self._params)
+        extra["type"] = type(self).__name__
+        return {"base": self.base_optimizer.state_dict(), "sharpness": extra}
+
+    def load_state_dict(self, state_dict):
+        if not isinstance(state_dict, dict) or set(state_dict) != {"base", "sharpness"}:
+            raise ValueError("load_state_dict expects a dict made by SAM/FSAM.state_dict() (keys 'base', 'sharpness')")
+        if self.roles.perturbed:
+            raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        extra = state_dict["sharpness"]
+        if extra.get("type") != type(self).__name__:
+            raise ValueError(f"this state comes from {extra.get('type')}, not {type(self).__name__}")
+        if ParamRoles.current_names(extra.get("layout", [])) != self.roles.signature(self._params):
+            raise ValueError("this state was saved for a different parameter layout (roles, shapes or dtypes differ)")
+        self.perturbation.check_state(extra, self.roles)
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups  # the base replaced its group dicts
+        self._step_count = int(extra["step"])
+        self._skipped = extra["skipped"].to(self._device, torch.int64).clone()
+        self.perturbation.load_state(extra, self.roles)
+        self._first_finite = None  # a loaded state starts a new step
