@@ -24,7 +24,6 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
   const FisherUpdate update{static_cast<float>(decay), static_cast<float>(alpha)};
   const OrderKey<false> key;
-  const RadixDigit first{0, 0};
   const auto chunks = chunk_table(fisher);
   const std::vector<std::optional<at::Tensor>> gs(grads.begin(), grads.end());
   std::mutex mu;
@@ -45,10 +44,12 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
       }
       // The top-k's first radix pass over the new F, while it is in cache.
       if (hist.empty()) continue;
+      int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
       for (int64_t j = 0; j < n; ++j) {
-        hist[kFirstBins] += f[j] != f[j];
-        ++hist[first.bin(key(f[j]))];
+        nan += f[j] != f[j];
+        ++hist[key(f[j]) >> kFirstShift];
       }
+      hist[kFirstBins] += nan;
     }
     if (hist.empty()) return;
     std::lock_guard<std::mutex> lock(mu);

@@ -57,11 +57,11 @@ bool saved_fits(const Inputs& in, const Chunk& c, const int64_t* offsets, int64_
   return offsets[c.index] >= 0 && offsets[c.index] + in.saved_entries(c) * itemsize <= capacity;
 }
 
-// kByteLanes[b][l] = bit l of b, as a double: the mask byte spread over 8 lanes.
+// kByteLanes[b][l] = bit l of b, as a float: the mask byte spread over 8 lanes.
 const auto kByteLanes = [] {
-  std::array<std::array<double, 8>, 256> t{};
+  std::array<std::array<float, 8>, 256> t{};
   for (int b = 0; b < 256; ++b)
-    for (int l = 0; l < 8; ++l) t[b][l] = static_cast<double>((b >> l) & 1);
+    for (int l = 0; l < 8; ++l) t[b][l] = static_cast<float>((b >> l) & 1);
   return t;
 }();
 
@@ -74,16 +74,18 @@ std::array<double, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, const ui
   const SumsqTerm<kAdaptive> term{{eta}};
   double all[L] = {0}, masked[L] = {0};
   const int64_t full = n / L * L;
+  // w is read only by ASAM's term (a load the SAM loop does without would not vectorise away)
+  auto weight = [&](int64_t i) { return kAdaptive ? static_cast<float>(w[i]) : 0.0f; };
   for (int64_t i = 0; i < full; i += L) {
-    const double* keep = kByteLanes[bits ? bits[i / L] : 0xff].data();
+    const float* keep = kByteLanes[bits ? bits[i / L] : 0xff].data();
     for (int l = 0; l < L; ++l) {
-      const double sq = term(static_cast<float>(w[i + l]), static_cast<float>(g[i + l]));
+      const double sq = term(weight(i + l), static_cast<float>(g[i + l]));
       all[l] += sq;
       masked[l] += sq * keep[l];  // 0 * sq = 0 for finite sq; a non-finite sq shows in `all`
     }
   }
   for (int64_t i = full; i < n; ++i) {
-    const double sq = term(static_cast<float>(w[i]), static_cast<float>(g[i]));
+    const double sq = term(weight(i), static_cast<float>(g[i]));
     all[i - full] += sq;
     if (!bits || mask_bit(bits, i)) masked[i - full] += sq;
   }

@@ -69,16 +69,18 @@ void radix_histogram_cpu(at::TensorList scores, const at::Tensor& state, int64_t
   int64_t* out = hist.data_ptr<int64_t>();
   at::parallel_for(0, s.num_chunks(), 1, [&](int64_t b, int64_t e) {
     std::vector<int64_t> local(size, 0);
+    int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
     for (int64_t c = b; c < e; ++c) {
       if (digit == 0) {
         s.visit(s.chunks[c], [&](uint32_t key, float x, int64_t) {
-          local[bins] += x != x;
-          ++local[rd.bin(key)];
+          nan += x != x;
+          ++local[key >> rd.shift];
         });
       } else {
-        s.visit(s.chunks[c], [&](uint32_t key, float, int64_t) { local[rd.bin(key)] += rd.matches(key); });
+        s.visit(s.chunks[c], [&local, rd](uint32_t key, float, int64_t) { local[rd.bin(key)] += rd.matches(key); });
       }
     }
+    local[bins] += nan;
     std::lock_guard<std::mutex> lock(mu);
     for (int64_t i = 0; i < size; ++i) out[i] += local[i];
   });

@@ -35,17 +35,19 @@ struct OrderKey {
   }
 };
 
-// Bin of a key in the histogram of digit `digit` (the keys under another prefix count nowhere).
+// Bin of a key in the histogram of one digit, and whether the key lies under the prefix chosen
+// by the digits before it (the keys under another prefix count nowhere).
 struct RadixDigit {
   uint32_t prefix;  // the digits chosen before this one
-  int digit;
-  C10_HOST_DEVICE bool matches(uint32_t key) const {
-    const int above = kRadixShift[digit] + kRadixWidth[digit];
-    return above == 32 || (key >> above) == prefix;
-  }
-  C10_HOST_DEVICE uint32_t bin(uint32_t key) const {
-    return (key >> kRadixShift[digit]) & ((1u << kRadixWidth[digit]) - 1u);
-  }
+  int shift, above;
+  uint32_t bins_mask;
+  C10_HOST_DEVICE RadixDigit(uint32_t prefix_, int digit)
+      : prefix(prefix_),
+        shift(kRadixShift[digit]),
+        above(kRadixShift[digit] + kRadixWidth[digit]),
+        bins_mask((1u << kRadixWidth[digit]) - 1u) {}
+  C10_HOST_DEVICE bool matches(uint32_t key) const { return above == 32 || (key >> above) == prefix; }
+  C10_HOST_DEVICE uint32_t bin(uint32_t key) const { return (key >> shift) & bins_mask; }
 };
 
 // The radix select step: the digit holding the k_left-th largest of the keys counted in `hist`,
