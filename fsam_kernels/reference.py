@@ -44,29 +44,31 @@ def _keys(scores, absolute):
 
 def radix_histogram_(scores, state, digit, absolute, hist):
     keys = _keys(scores, absolute).reshape(-1)
-    keys = keys[keys >= 0]  # not the padding
     shift, width = RADIX_SHIFTS[digit], RADIX_WIDTHS[digit]
+    counted = keys >= 0  # not the padding
     if digit > 0:
-        keys = keys[(keys >> (shift + width)) == state[STATE_PREFIX]]
-    hist[:-1] += torch.bincount((keys >> shift) & ((1 << width) - 1), minlength=1 << width)
+        counted &= (keys >> (shift + width)) == state[STATE_PREFIX]
+    # index_add_ rather than bincount of the selected keys: no host sync on a GPU
+    hist[:-1].index_add_(0, (keys.clamp(min=0) >> shift) & ((1 << width) - 1), counted.to(torch.int64))
     if digit == 0:
-        hist[-1] += sum(int(torch.isnan(s).sum()) for s in scores)
+        hist[-1] += sum(torch.isnan(s).sum() for s in scores)
 
 
 def radix_select_(state, hist, digit):
     counts = hist[:-1]
+    bins = torch.arange(counts.numel(), device=counts.device)
     enough = counts.flip(0).cumsum(0).flip(0) >= state[STATE_K_LEFT]  # keys whose digit is >= d suffice
-    d = int(enough.nonzero().max()) if bool(enough.any()) else 0
+    d = torch.where(enough, bins, 0).max()
+    greater = torch.where(bins > d, counts, 0).sum()
     state[STATE_PREFIX] = (state[STATE_PREFIX] << RADIX_WIDTHS[digit]) | d
-    state[STATE_K_LEFT] -= counts[d + 1:].sum()
+    state[STATE_K_LEFT] -= greater
     state[STATE_TIES] = counts[d]
 
 
 def radix_tie_counts(scores, state, absolute):
-    keys = _keys(scores, absolute)
-    if bool(state[STATE_K_LEFT] == state[STATE_TIES]):  # every tie is taken: nobody needs the counts
-        return torch.zeros(keys.shape[0], dtype=torch.int64, device=state.device)
-    return (keys == state[STATE_PREFIX]).sum(1)
+    counts = (_keys(scores, absolute) == state[STATE_PREFIX]).sum(1)
+    # every tie taken: nobody needs the counts (zeros, as the compiled backends give)
+    return torch.where(state[STATE_K_LEFT] == state[STATE_TIES], 0, counts)
 
 
 def radix_mask(scores, state, ties, ties_before, absolute):

@@ -74,7 +74,7 @@ std::array<double, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, const ui
   const SumsqTerm<kAdaptive> term{{eta}};
   double all[L] = {0}, masked[L] = {0};
   const int64_t full = n / L * L;
-  // w is read only by ASAM's term (a load the SAM loop does without would not vectorise away)
+  // SAM's term does not depend on w: do not load it
   auto weight = [&](int64_t i) { return kAdaptive ? static_cast<float>(w[i]) : 0.0f; };
   for (int64_t i = 0; i < full; i += L) {
     const float* keep = kByteLanes[bits ? bits[i / L] : 0xff].data();

@@ -93,9 +93,10 @@ def _argument(name, dtype, params):
         "found_inf": lambda: torch.zeros(1), "first_hist": lambda: torch.zeros(FIRST_HIST_SIZE, dtype=torch.int64),
         "mask_bits": lambda: bits, "scale": lambda: torch.tensor(0.5),
         "save_offsets": lambda: save_offsets, "saved": lambda: saved,
-        "state": lambda: torch.tensor([0, 3, 1] + [0] * (RADIX_STATE_SIZE - 3), dtype=torch.int64),
+        "state": lambda: torch.zeros(RADIX_STATE_SIZE, dtype=torch.int64),
         "hist": lambda: torch.zeros(max(RADIX_HIST_SIZES), dtype=torch.int64),
-        "ties": lambda: torch.zeros(chunks, dtype=torch.int64), "ties_before": lambda: torch.zeros(chunks, dtype=torch.int64),
+        "ties": lambda: torch.zeros(chunks, dtype=torch.int64),
+        "ties_before": lambda: torch.zeros(chunks, dtype=torch.int64),
     }
     if name not in values:
         raise KeyError(f"aot: no sample value for argument {name!r} of a Triton op: add one to _argument")
