@@ -21,8 +21,9 @@ $(VENV)/.installed: requirements-dev.txt
 	$(PY) -m pip install -q "$(TORCH)" -r requirements-dev.txt
 	touch $@
 
+# Warnings are errors here (our toolchain); gpu-build, on another torch, keeps them warnings.
 build: $(VENV)/.installed
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	FSAM_WERROR=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import fsam_kernels as f; print('fsam_kernels backends:', f.available_backends())"
 
 test: build

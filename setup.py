@@ -1,6 +1,8 @@
 """Builds fsam_kernels._C: the C++ CPU ops always, the CUDA ops (csrc/cuda/*.cu) when torch has
 CUDA and nvcc is found.  FSAM_BUILD_CUDA=0/1 forces either way; TORCH_CUDA_ARCH_LIST is
-respected (default "8.0;9.0")."""
+respected (default "8.0;9.0").  FSAM_WERROR=1 (set by `make test`) makes every warning an error,
+host and device; it is off for other builds, so that another compiler's or torch's new warnings
+cannot stop an install."""
 import glob
 import os
 import shutil
@@ -33,15 +35,16 @@ def _build_cuda(cuda_sources):
 def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    werror = os.environ.get("FSAM_WERROR") == "1"
     # No FMA contraction: the kernels round in the same order as the reference backend.
-    cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", "-Wall"] + (["-Werror"] if werror else [])
+    nvcc = ["-O3", "-lineinfo", "--fmad=false", "-Xcompiler", "-Wall"] + (
+        ["-Werror", "all-warnings", "-Xcompiler", "-Werror"] if werror else [])
     common = dict(include_dirs=[os.path.join(HERE, "csrc", "include")], extra_link_args=["-fopenmp"])
     if _build_cuda(cuda_sources):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        return CUDAExtension(
-            "fsam_kernels._C", cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "--fmad=false"]},
-            **common)
+        return CUDAExtension("fsam_kernels._C", cpp_sources + cuda_sources,
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
     return CppExtension("fsam_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx}, **common)
 
 

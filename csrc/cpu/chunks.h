@@ -2,9 +2,9 @@
 // results never depend on the thread count) spread over ATen's thread pool.
 #pragma once
 
+#include <fsam/dispatch.h>
 #include <fsam/layout.h>
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
@@ -14,8 +14,6 @@
 #include <vector>
 
 namespace fsam {
-
-inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 struct Chunk {
   int64_t tensor;  // position in the list
@@ -66,8 +64,5 @@ inline int64_t popcount(const uint8_t* bits, int64_t nbytes) {
   }
   return n;
 }
-
-#define FSAM_DISPATCH_FLOATS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 }  // namespace fsam

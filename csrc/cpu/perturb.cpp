@@ -51,10 +51,9 @@ void check_saved(const char* op, const Inputs& in, const at::Tensor& save_offset
   check_buffer(saved, at::kByte, -1, kCPU, op, "saved");
 }
 
-// Whether chunk c's saved values lie inside a buffer of `capacity` bytes: the kernels' own bound
-// (fsam_kernels/ops.py checks the whole layout before any backend runs).
+// Whether chunk c's saved values lie inside a buffer of `capacity` bytes.
 bool saved_fits(const Inputs& in, const Chunk& c, const int64_t* offsets, int64_t capacity, int64_t itemsize) {
-  return offsets[c.index] >= 0 && offsets[c.index] + in.saved_entries(c) * itemsize <= capacity;
+  return saved_run_fits(offsets[c.index], in.saved_entries(c), itemsize, capacity);
 }
 
 // kByteLanes[b][l] = bit l of b, as a float: the mask byte spread over 8 lanes.

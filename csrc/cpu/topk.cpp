@@ -64,25 +64,28 @@ void radix_histogram_cpu(at::TensorList scores, const at::Tensor& state, int64_t
   check_digit(digit, op);
   const int64_t size = radix_hist_size(digit), bins = radix_bins(digit);
   check_buffer(hist, at::kLong, size, kCPU, op, "hist");
-  const RadixDigit rd{static_cast<uint32_t>(state.const_data_ptr<int64_t>()[kStatePrefix]), static_cast<int>(digit)};
+  const auto prefix = static_cast<uint32_t>(state.const_data_ptr<int64_t>()[kStatePrefix]);
   std::mutex mu;
   int64_t* out = hist.data_ptr<int64_t>();
-  at::parallel_for(0, s.num_chunks(), 1, [&](int64_t b, int64_t e) {
-    std::vector<int64_t> local(size, 0);
-    int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
-    for (int64_t c = b; c < e; ++c) {
-      if (digit == 0) {
-        s.visit(s.chunks[c], [&](uint32_t key, float x, int64_t) {
-          nan += x != x;
-          ++local[key >> rd.shift];
-        });
-      } else {
-        s.visit(s.chunks[c], [&local, rd](uint32_t key, float, int64_t) { local[rd.bin(key)] += rd.matches(key); });
+  with_digit(digit, [&](auto d) {
+    const RadixDigit<decltype(d)::value> rd{prefix};
+    at::parallel_for(0, s.num_chunks(), 1, [&](int64_t b, int64_t e) {
+      std::vector<int64_t> local(size, 0);
+      int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
+      for (int64_t c = b; c < e; ++c) {
+        if (decltype(d)::value == 0) {
+          s.visit(s.chunks[c], [&](uint32_t key, float x, int64_t) {
+            nan += x != x;
+            ++local[rd.bin(key)];
+          });
+        } else {
+          s.visit(s.chunks[c], [&local, rd](uint32_t key, float, int64_t) { local[rd.bin(key)] += rd.matches(key); });
+        }
       }
-    }
-    local[bins] += nan;
-    std::lock_guard<std::mutex> lock(mu);
-    for (int64_t i = 0; i < size; ++i) out[i] += local[i];
+      local[bins] += nan;
+      std::lock_guard<std::mutex> lock(mu);
+      for (int64_t i = 0; i < size; ++i) out[i] += local[i];
+    });
   });
 }
 

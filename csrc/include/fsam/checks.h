@@ -5,7 +5,8 @@
 
 #include "layout.h"
 
-#include <torch/types.h>
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

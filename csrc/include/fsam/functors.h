@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fsam {
 
@@ -35,20 +36,29 @@ struct OrderKey {
   }
 };
 
-// Bin of a key in the histogram of one digit, and whether the key lies under the prefix chosen
-// by the digits before it (the keys under another prefix count nowhere).
+// Bin of a key in the histogram of digit kDigit, and whether the key lies under the prefix chosen
+// by the digits before it (the keys under another prefix count nowhere).  The digit is a template
+// argument: its shifts are constants (and device code may read the layout arrays only so).
+template <int kDigit>
 struct RadixDigit {
+  static constexpr int kShift = kRadixShift[kDigit];
+  static constexpr int kAbove = kShift + kRadixWidth[kDigit];
+  static constexpr uint32_t kBinsMask = (1u << kRadixWidth[kDigit]) - 1u;
   uint32_t prefix;  // the digits chosen before this one
-  int shift, above;
-  uint32_t bins_mask;
-  C10_HOST_DEVICE RadixDigit(uint32_t prefix_, int digit)
-      : prefix(prefix_),
-        shift(kRadixShift[digit]),
-        above(kRadixShift[digit] + kRadixWidth[digit]),
-        bins_mask((1u << kRadixWidth[digit]) - 1u) {}
-  C10_HOST_DEVICE bool matches(uint32_t key) const { return above == 32 || (key >> above) == prefix; }
-  C10_HOST_DEVICE uint32_t bin(uint32_t key) const { return (key >> shift) & bins_mask; }
+  C10_HOST_DEVICE bool matches(uint32_t key) const { return kAbove == 32 || (key >> (kAbove & 31)) == prefix; }
+  C10_HOST_DEVICE uint32_t bin(uint32_t key) const { return (key >> kShift) & kBinsMask; }
 };
+
+// Calls f(std::integral_constant<int, d>{}) for a digit d known only at run time.
+template <typename F>
+decltype(auto) with_digit(int64_t digit, const F& f) {
+  static_assert(kRadixDigits == 3, "one case per digit");
+  switch (digit) {
+    case 0: return f(std::integral_constant<int, 0>{});
+    case 1: return f(std::integral_constant<int, 1>{});
+    default: return f(std::integral_constant<int, 2>{});
+  }
+}
 
 // The radix select step: the digit holding the k_left-th largest of the keys counted in `hist`,
 // how many counted keys lie above it, and how many share it.
@@ -106,6 +116,13 @@ struct Perturbation {
     return w + d * scale;
   }
 };
+
+// Whether a chunk's run of `entries` saved values, from byte `offset` of a `capacity`-byte buffer,
+// lies inside it, aligned to its element size: the kernels' own bound (fsam_kernels/ops.py checks
+// the whole layout before any backend runs).
+C10_HOST_DEVICE inline bool saved_run_fits(int64_t offset, int64_t entries, int64_t itemsize, int64_t capacity) {
+  return offset >= 0 && offset % itemsize == 0 && offset + entries * itemsize <= capacity;
+}
 
 C10_HOST_DEVICE inline bool mask_bit(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 

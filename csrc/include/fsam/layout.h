@@ -10,6 +10,7 @@ namespace fsam {
 // parallel work, of the packed mask (kChunkBytes per chunk) and of the saved-value offsets.
 constexpr int64_t kChunk = 4096;
 constexpr int64_t kChunkBytes = kChunk / 8;
+constexpr int64_t num_chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
 // Radix select over 32-bit keys: three digits, most significant first.  The histogram of digit
 // d has (1 << kRadixWidth[d]) bins and, last, a count of NaN scores (filled by digit 0 only).

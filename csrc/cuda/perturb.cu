@@ -1,0 +1,283 @@
+// Gradient norm, masked perturbation with compact saving of the originals, and restore: the CUDA
+// impls.  Saved values as in csrc/cpu/perturb.cpp: chunk c writes the originals of its masked
+// entries (every entry without a mask), in their dtype and element order, from byte
+// save_offsets[c] of `saved`; a masked entry's slot is a warp prefix sum over the mask words.
+#include "multi_tensor.cuh"
+
+#include <fsam/checks.h>
+#include <fsam/dispatch.h>
+#include <fsam/functors.h>
+
+namespace fsam::cuda {
+namespace {
+
+using OptTensors = c10::List<std::optional<at::Tensor>>;
+
+// Per chunk, the fp64 sums of (T g)^2 over every entry and over the masked ones (no mask: every
+// entry), reduced within the block in a fixed order.
+template <typename T, bool kAdaptive>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) sumsq_kernel(TensorTable table, const uint8_t* bits,
+                                                                         double* partials, float eta) {
+  constexpr int N = kPack<T>;
+  static_assert(8 % N == 0 || N % 8 == 0, "a pack's mask bits lie in one byte");
+  __shared__ double scratch[kWarps];
+  const SumsqTerm<kAdaptive> term{{eta}};
+  for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
+    const Chunk ch = locate(table, c);
+    const T* w = chunk_data<const T>(table, 0, ch);
+    const T* g = chunk_data<const T>(table, 1, ch);
+    const uint8_t* b = bits != nullptr ? bits + ch.index * kChunkBytes : nullptr;
+    double all = 0, masked = 0;
+    if (g != nullptr) {
+      const bool vectorised = aligned(g, 16) && (!kAdaptive || aligned(w, 16));
+      for_each_pack<N>(ch.n, vectorised, [&](int i, auto width) {
+        constexpr int W = decltype(width)::value;
+        T gv[W], wv[W];
+        load<W>(g + i, gv);
+        if constexpr (kAdaptive) load<W>(w + i, wv);  // SAM's term does not depend on w: not read
+        const uint32_t keep = b != nullptr ? b[i / 8] >> (i % 8) : 0xffu;
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          const double sq = term(kAdaptive ? static_cast<float>(wv[j]) : 0.0f, static_cast<float>(gv[j]));
+          all += sq;
+          if ((keep >> j) & 1u) masked += sq;
+        }
+      });
+    }
+    all = block_sum(all, scratch);
+    masked = block_sum(masked, scratch);
+    if (threadIdx.x == 0) {
+      partials[2 * ch.index] = all;
+      partials[2 * ch.index + 1] = masked;
+    }
+  }
+}
+
+// The chunk partials, in fp64: thread t adds the t-th run of chunks in chunk order, then the block
+// adds the runs in a fixed order; rounded to fp32 once.  No float atomics: the same bits every run.
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) sum_partials_kernel(const double* partials,
+                                                                                int64_t chunks, float* out) {
+  __shared__ double scratch[kWarps];
+  const int64_t per = (chunks + kBlock - 1) / kBlock;
+  const int64_t begin = threadIdx.x * per, end = begin + per < chunks ? begin + per : chunks;
+  double all = 0, masked = 0;
+  for (int64_t c = begin; c < end; ++c) {
+    all += partials[2 * c];
+    masked += partials[2 * c + 1];
+  }
+  all = block_sum(all, scratch);
+  masked = block_sum(masked, scratch);
+  if (threadIdx.x == 0) {
+    out[0] = static_cast<float>(all);
+    out[1] = static_cast<float>(masked);
+  }
+}
+
+// Calls f(element, slot) for each entry a chunk saves: with kMasked its masked entries (warp w
+// takes the chunk's mask words kWarpWords * w on, lane l element l of each, the slot a prefix sum
+// of the words' popcounts), else all of them (f then gets packs: see for_each_pack).  Returns false,
+// touching nothing, when the chunk's run would not lie inside `saved` (fsam_kernels/ops.py checks
+// the layout first; this is the kernels' own bound).
+template <typename T, bool kMasked, typename F>
+__device__ inline bool for_each_saved(const Chunk& ch, const uint8_t* bits, int64_t offset, int64_t capacity,
+                                      int* scratch, const F& f) {
+  if constexpr (kMasked) {
+    const int word = chunk_word();
+    const uint32_t mine =
+        lane_id() < kWarpWords ? mask_word(bits + ch.index * kChunkBytes, word) & valid_bits(word, ch.n) : 0u;
+    const Scan scan = block_scan(__popc(mine), scratch);
+    if (!saved_run_fits(offset, scan.total, sizeof(T), capacity)) return false;
+#pragma unroll
+    for (int j = 0; j < kWarpWords; ++j) {
+      const uint32_t m = __shfl_sync(0xffffffffu, mine, j);
+      const int before = __shfl_sync(0xffffffffu, scan.before, j);
+      if ((m >> lane_id()) & 1u)
+        f(32 * (warp_id() * kWarpWords + j) + lane_id(), before + __popc(m & ((1u << lane_id()) - 1u)));
+    }
+    return true;
+  } else {
+    return saved_run_fits(offset, ch.n, sizeof(T), capacity);
+  }
+}
+
+template <typename T, bool kAdaptive, bool kMasked>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) perturb_kernel(TensorTable table, const uint8_t* bits,
+                                                                           const int64_t* save_offsets, uint8_t* saved,
+                                                                           int64_t capacity, const float* scale_ptr,
+                                                                           float eta) {
+  constexpr int N = kPack<T>;
+  __shared__ int scratch[kWarps];
+  const float scale = *scale_ptr;
+  const Perturbation<kAdaptive> perturb{{eta}, scale};
+  auto moved = [&](T x, T d) { return static_cast<T>(perturb(static_cast<float>(x), static_cast<float>(d))); };
+  for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
+    const Chunk ch = locate(table, c);
+    T* w = chunk_data<T>(table, 0, ch);
+    // no gradient, or scale 0 (rho = 0, a non-finite norm): the weights stay, the originals are saved
+    const T* g = scale != 0.0f ? chunk_data<const T>(table, 1, ch) : nullptr;
+    const int64_t offset = save_offsets[ch.index];
+    T* dst = reinterpret_cast<T*>(saved + offset);
+    const bool fits = for_each_saved<T, kMasked>(ch, bits, offset, capacity, scratch, [&](int e, int slot) {
+      const T x = w[e];
+      dst[slot] = x;
+      if (g != nullptr) w[e] = moved(x, g[e]);
+    });
+    if (kMasked || !fits) continue;
+    const bool vectorised = aligned(w, 16) && aligned(dst, 16) && (g == nullptr || aligned(g, 16));
+    for_each_pack<N>(ch.n, vectorised, [&](int i, auto width) {
+      constexpr int W = decltype(width)::value;
+      T x[W];
+      load<W>(w + i, x);
+      store<W>(dst + i, x);
+      if (g == nullptr) return;
+      T d[W];
+      load<W>(g + i, d);
+#pragma unroll
+      for (int j = 0; j < W; ++j) x[j] = moved(x[j], d[j]);
+      store<W>(w + i, x);
+    });
+  }
+}
+
+template <typename T, bool kMasked>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) restore_kernel(TensorTable table, const uint8_t* bits,
+                                                                           const int64_t* save_offsets,
+                                                                           const uint8_t* saved, int64_t capacity) {
+  constexpr int N = kPack<T>;
+  __shared__ int scratch[kWarps];
+  for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
+    const Chunk ch = locate(table, c);
+    T* w = chunk_data<T>(table, 0, ch);
+    const int64_t offset = save_offsets[ch.index];
+    const T* src = reinterpret_cast<const T*>(saved + offset);
+    const bool fits = for_each_saved<T, kMasked>(ch, bits, offset, capacity, scratch,
+                                                 [&](int e, int slot) { w[e] = src[slot]; });
+    if (kMasked || !fits) continue;
+    for_each_pack<N>(ch.n, aligned(w, 16) && aligned(src, 16), [&](int i, auto width) {
+      constexpr int W = decltype(width)::value;
+      T x[W];
+      load<W>(src + i, x);
+      store<W>(w + i, x);
+    });
+  }
+}
+
+// The checked inputs of one call: a parameter list, its gradients, a mask.
+struct Inputs {
+  ListChunks list;
+  std::vector<at::ScalarType> dtypes;
+  std::array<std::vector<const void*>, kRoles> data;
+  c10::Device device{at::kCUDA};
+  const uint8_t* bits = nullptr;
+
+  Inputs(const char* op, at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits)
+      : list(params), data{data_ptrs(params), data_ptrs(grads)} {
+    for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
+      check_on(params[i], kCUDA, op, "params", i);
+      check_float_dtype(params[i], op, "params", i);
+      if (i == 0) device = params[0].device();
+      check_device(params[i], device, op, "params", i);
+      dtypes.push_back(params[i].scalar_type());
+    }
+    check_grads(params, grads, kCUDA, op, "params", /*same_dtype=*/true);
+    for (int64_t i = 0; i < static_cast<int64_t>(grads.size()); ++i) {
+      const std::optional<at::Tensor> g = grads[i];
+      if (g.has_value()) check_device(*g, device, op, "grads", i);
+    }
+    if (mask_bits.has_value()) {
+      check_buffer(*mask_bits, at::kByte, list.total * kChunkBytes, kCUDA, op, "mask_bits");
+      check_device(*mask_bits, device, op, "mask_bits");
+      bits = mask_bits->const_data_ptr<uint8_t>();
+    }
+  }
+
+  void check_saved(const char* op, const at::Tensor& save_offsets, const at::Tensor& saved) const {
+    check_buffer(save_offsets, at::kLong, list.total, kCUDA, op, "save_offsets");
+    check_buffer(saved, at::kByte, -1, kCUDA, op, "saved");
+    check_device(save_offsets, device, op, "save_offsets");
+    check_device(saved, device, op, "saved");
+  }
+
+  // Calls f(scalar_t tag, table, grid) per dtype group, on the current stream of the device.
+  template <typename F>
+  void launch(const F& f) const {
+    const c10::cuda::CUDAGuard guard(device);
+    for_each_group(list, dtypes, data, device, [&](at::ScalarType dtype, const TensorTable& t, unsigned grid) {
+      FSAM_DISPATCH_FLOATS(dtype, "fsam_perturb", [&] {
+        f(scalar_t{}, t, grid);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+};
+
+template <bool kValue, typename F>
+void with_bool(bool value, const F& f) {
+  value ? f(std::integral_constant<bool, kValue>{}) : f(std::integral_constant<bool, !kValue>{});
+}
+
+at::Tensor grad_sumsq_cuda(at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
+                           bool adaptive, double eta) {
+  const Inputs in("grad_sumsq", params, grads, mask_bits);
+  auto out = at::empty({2}, at::TensorOptions().dtype(at::kFloat).device(in.device));
+  if (in.list.total == 0) return out.zero_();
+  auto partials = at::empty({2 * in.list.total}, out.options().dtype(at::kDouble));  // every chunk writes its two
+  const float e = static_cast<float>(eta);
+  in.launch([&](auto value, const TensorTable& t, unsigned grid) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    with_bool<true>(adaptive, [&](auto a) {
+      sumsq_kernel<decltype(value), decltype(a)::value><<<grid, kBlock, 0, stream>>>(t, in.bits,
+                                                                                      partials.data_ptr<double>(), e);
+    });
+  });
+  const c10::cuda::CUDAGuard guard(in.device);
+  sum_partials_kernel<<<1, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.const_data_ptr<double>(),
+                                                                            in.list.total, out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+void perturb_cuda(at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
+                  const at::Tensor& save_offsets, const at::Tensor& saved, const at::Tensor& scale, bool adaptive,
+                  double eta) {
+  const char* op = "perturb_";
+  const Inputs in(op, params, grads, mask_bits);
+  in.check_saved(op, save_offsets, saved);
+  check_buffer(scale.reshape({-1}), at::kFloat, 1, kCUDA, op, "scale");
+  check_device(scale, in.device, op, "scale");
+  const float e = static_cast<float>(eta);
+  in.launch([&](auto value, const TensorTable& t, unsigned grid) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    with_bool<true>(adaptive, [&](auto a) {
+      with_bool<true>(in.bits != nullptr, [&](auto m) {
+        perturb_kernel<decltype(value), decltype(a)::value, decltype(m)::value><<<grid, kBlock, 0, stream>>>(
+            t, in.bits, save_offsets.const_data_ptr<int64_t>(), saved.data_ptr<uint8_t>(), saved.numel(),
+            scale.const_data_ptr<float>(), e);
+      });
+    });
+  });
+}
+
+void restore_cuda(at::TensorList params, const std::optional<at::Tensor>& mask_bits, const at::Tensor& save_offsets,
+                  const at::Tensor& saved) {
+  const char* op = "restore_";
+  const Inputs in(op, params, OptTensors(std::vector<std::optional<at::Tensor>>(params.size())), mask_bits);
+  in.check_saved(op, save_offsets, saved);
+  in.launch([&](auto value, const TensorTable& t, unsigned grid) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    with_bool<true>(in.bits != nullptr, [&](auto m) {
+      restore_kernel<decltype(value), decltype(m)::value><<<grid, kBlock, 0, stream>>>(
+          t, in.bits, save_offsets.const_data_ptr<int64_t>(), saved.const_data_ptr<uint8_t>(), saved.numel());
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam, CUDA, m) {
+  m.impl("grad_sumsq", &grad_sumsq_cuda);
+  m.impl("perturb_", &perturb_cuda);
+  m.impl("restore_", &restore_cuda);
+}
+
+}  // namespace fsam::cuda

@@ -1,0 +1,275 @@
+// Top-k mask selection by radix select on the order-preserving keys, as the stages that
+// fsam_kernels/radix_topk.py drives (see csrc/cpu/topk.cpp): per digit a histogram pass (block-
+// private histograms in shared memory, each flushed once) and a one-block kernel choosing the digit
+// on the device; the per-chunk count of keys equal to the k-th one; the pass writing the packed mask
+// and per-chunk popcounts (ties ranked by warp ballots and prefix sums).  No host sync anywhere.
+#include "multi_tensor.cuh"
+
+#include <fsam/checks.h>
+#include <fsam/dispatch.h>
+#include <fsam/functors.h>
+
+namespace fsam::cuda {
+namespace {
+
+constexpr int64_t kMaxHistSize = kFirstHistSize;  // digit 0 has the widest histogram
+static_assert(radix_hist_size(1) <= kMaxHistSize && radix_hist_size(2) <= kMaxHistSize, "digit 0 is the widest");
+
+// Calls f(key, x) for each of this thread's share of a chunk's scores.
+template <typename T, bool kAbsolute, typename F>
+__device__ inline void for_each_key(const T* s, int n, const F& f) {
+  constexpr int N = kPack<T>;
+  const OrderKey<kAbsolute> key;
+  for_each_pack<N>(n, aligned(s, N * sizeof(T)), [&](int i, auto width) {
+    constexpr int W = decltype(width)::value;
+    T v[W];
+    load<W>(s + i, v);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const float x = static_cast<float>(v[j]);
+      f(key(x), x);
+    }
+  });
+}
+
+template <typename T, bool kAbsolute, int kDigit>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) histogram_kernel(TensorTable table, const int64_t* state,
+                                                            unsigned long long* hist) {
+  constexpr int kBins = static_cast<int>(radix_bins(kDigit));
+  __shared__ uint32_t local[kBins + 1];
+  for (int i = threadIdx.x; i <= kBins; i += kBlock) local[i] = 0;
+  __syncthreads();
+  const RadixDigit<kDigit> rd{static_cast<uint32_t>(state[kStatePrefix])};
+  uint32_t nan = 0;
+  for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
+    const Chunk ch = locate(table, c);
+    for_each_key<T, kAbsolute>(chunk_data<const T>(table, 0, ch), ch.n, [&](uint32_t key, float x) {
+      if constexpr (kDigit == 0) {  // every key counts; NaN scores also in the last entry
+        nan += x != x;
+        atomicAdd(&local[rd.bin(key)], 1u);
+      } else if (rd.matches(key)) {
+        atomicAdd(&local[rd.bin(key)], 1u);
+      }
+    });
+  }
+  if (nan != 0) atomicAdd(&local[kBins], nan);
+  __syncthreads();
+  for (int i = threadIdx.x; i <= kBins; i += kBlock)
+    if (local[i] != 0) atomicAdd(&hist[i], static_cast<unsigned long long>(local[i]));
+}
+
+// One block: thread t holds bins [t * kPer, (t + 1) * kPer); the one whose bins hold the k_left-th
+// largest key runs choose_digit over them, which gives what the sequential choice over all bins does.
+template <int kDigit>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) select_kernel(int64_t* state, const int64_t* hist) {
+  constexpr int kWidth = kRadixWidth[kDigit];
+  constexpr int kPer = static_cast<int>(radix_bins(kDigit)) / kBlock;
+  static_assert(kPer * kBlock == radix_bins(kDigit), "the bins split evenly over the threads");
+  __shared__ int64_t scratch[kWarps];
+  const int64_t* mine = hist + threadIdx.x * kPer;
+  int64_t total = 0;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) total += mine[i];
+  // above: the keys counted by the threads after this one (higher bins), in a fixed order
+  int64_t above = total;
+#pragma unroll
+  for (int o = 1; o < kWarp; o *= 2) {
+    const int64_t y = __shfl_down_sync(0xffffffffu, above, o);
+    if (lane_id() + o < kWarp) above += y;
+  }
+  if (lane_id() == 0) scratch[warp_id()] = above;
+  __syncthreads();
+  above -= total;
+  for (int w = warp_id() + 1; w < kWarps; ++w) above += scratch[w];
+  const int64_t k_left = state[kStateKLeft];
+  const int64_t prefix = state[kStatePrefix];
+  __syncthreads();  // every thread has read the state before one writes it
+  const bool first = threadIdx.x == 0, last = threadIdx.x == kBlock - 1;
+  // exactly one thread: the k_left-th key lies in its bins (k_left <= 0: the top bin, as the
+  // sequential choice stops there; k_left past every key: bin 0, where it runs out)
+  if ((above < k_left || last) && (k_left <= above + total || first)) {
+    const DigitChoice choice = choose_digit(mine, kPer, k_left - above);
+    state[kStatePrefix] = (prefix << kWidth) | (threadIdx.x * kPer + choice.digit);
+    state[kStateKLeft] = k_left - above - choice.greater;
+    state[kStateTies] = choice.ties;
+  }
+}
+
+// Per chunk, how many keys equal the k-th one; 0 when every such key is taken.
+template <typename T, bool kAbsolute>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) tie_count_kernel(TensorTable table, const int64_t* state, int64_t* ties) {
+  __shared__ int scratch[kWarps];
+  const bool partial = state[kStateKLeft] != state[kStateTies];
+  const auto kth = static_cast<uint32_t>(state[kStatePrefix]);
+  for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
+    const Chunk ch = locate(table, c);
+    int count = 0;
+    if (partial) for_each_key<T, kAbsolute>(chunk_data<const T>(table, 0, ch), ch.n, [&](uint32_t key, float) {
+      count += key == kth;
+    });
+    count = block_sum(count, scratch);
+    if (threadIdx.x == 0) ties[ch.index] = count;
+  }
+}
+
+// The packed mask and popcount of each chunk.  Warp w reads the chunk's mask words kWarpWords * w
+// on, lane l element l of each: ballots make the words of keys above and equal to the k-th, and the
+// ties before a word (a block-wide prefix sum) say how many of its own it may take.
+template <typename T, bool kAbsolute>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) mask_kernel(TensorTable table, const int64_t* state, const int64_t* ties,
+                                                       const int64_t* ties_before, uint8_t* bits, int32_t* counts) {
+  __shared__ int scratch[kWarps];
+  const OrderKey<kAbsolute> key_of;
+  const auto kth = static_cast<uint32_t>(state[kStatePrefix]);
+  const int64_t k_left = state[kStateKLeft];
+  const bool all_ties = k_left == state[kStateTies];
+  for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
+    const Chunk ch = locate(table, c);
+    const T* s = chunk_data<const T>(table, 0, ch);
+    uint32_t above = 0, tie = 0;  // lane j < kWarpWords: word kWarpWords * warp + j
+#pragma unroll
+    for (int j = 0; j < kWarpWords; ++j) {
+      const int e = 32 * (warp_id() * kWarpWords + j) + lane_id();
+      const uint32_t key = e < ch.n ? key_of(static_cast<float>(s[e])) : 0u;  // key 0: below every score
+      const uint32_t a = __ballot_sync(0xffffffffu, e < ch.n && key > kth);
+      const uint32_t t = __ballot_sync(0xffffffffu, e < ch.n && key == kth);
+      if (lane_id() == j) above = a, tie = t;
+    }
+    const Scan before = block_scan(__popc(tie), scratch);  // ties in the chunk's words before this one
+    uint32_t word = 0;
+    if (k_left > 0) {  // k = 0: the state was never narrowed, nothing is taken
+      uint32_t taken = tie;
+      if (!all_ties) {  // ties go to the lowest flat indices: the chunks before, then the words before
+        const int64_t quota = tie_quota(k_left, ties_before[ch.index], ties[ch.index]) - before.before;
+        for (int64_t q = __popc(tie); q > quota && taken != 0; --q) taken &= ~(1u << (31 - __clz(taken)));
+      }
+      word = above | taken;
+    }
+    if (lane_id() < kWarpWords) {
+      uint8_t* out = bits + ch.index * kChunkBytes + 4 * chunk_word();
+#pragma unroll
+      for (int b = 0; b < 4; ++b) out[b] = static_cast<uint8_t>(word >> (8 * b));
+    }
+    const int selected = block_sum(lane_id() < kWarpWords ? __popc(word) : 0, scratch);
+    if (threadIdx.x == 0) counts[ch.index] = selected;
+  }
+}
+
+struct Scores {
+  ListChunks list;
+  std::vector<at::ScalarType> dtypes;
+  std::vector<const void*> data;
+  c10::Device device;
+
+  Scores(at::TensorList scores, const char* op) : list(scores), data(data_ptrs(scores)), device(at::kCUDA) {
+    for (int64_t i = 0; i < static_cast<int64_t>(scores.size()); ++i) {
+      check_on(scores[i], kCUDA, op, "scores", i);
+      check_float_dtype(scores[i], op, "scores", i);
+      if (i == 0) device = scores[0].device();
+      check_device(scores[i], device, op, "scores", i);
+      dtypes.push_back(scores[i].scalar_type());
+    }
+  }
+
+  // Calls f(scalar_t tag, absolute tag, table, grid) per dtype group.
+  template <typename F>
+  void launch(bool absolute, const F& f) const {
+    for_each_group(list, dtypes, {data, {}}, device, [&](at::ScalarType dtype, const TensorTable& t, unsigned grid) {
+      FSAM_DISPATCH_FLOATS(dtype, "radix_topk", [&] {
+        if (absolute) {
+          f(scalar_t{}, std::true_type{}, t, grid);
+        } else {
+          f(scalar_t{}, std::false_type{}, t, grid);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+};
+
+void check_state(const at::Tensor& state, const c10::Device& device, const char* op) {
+  check_buffer(state, at::kLong, kRadixStateSize, kCUDA, op, "state");
+  check_device(state, device, op, "state");
+}
+
+void radix_histogram_cuda(at::TensorList scores, const at::Tensor& state, int64_t digit, bool absolute,
+                          const at::Tensor& hist) {
+  const char* op = "radix_histogram_";
+  const Scores s(scores, op);
+  check_digit(digit, op);
+  check_state(state, s.device, op);
+  check_buffer(hist, at::kLong, radix_hist_size(digit), kCUDA, op, "hist");
+  check_device(hist, s.device, op, "hist");
+  const c10::cuda::CUDAGuard guard(s.device);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto* out = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
+  with_digit(digit, [&](auto d) {
+    s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
+      histogram_kernel<decltype(value), decltype(abs)::value, decltype(d)::value>
+          <<<grid, kBlock, 0, stream>>>(t, state.const_data_ptr<int64_t>(), out);
+    });
+  });
+}
+
+void radix_select_cuda(const at::Tensor& state, const at::Tensor& hist, int64_t digit) {
+  const char* op = "radix_select_";
+  check_digit(digit, op);
+  check_state(state, state.device(), op);
+  check_buffer(hist, at::kLong, radix_hist_size(digit), kCUDA, op, "hist");
+  check_device(hist, state.device(), op, "hist");
+  const c10::cuda::CUDAGuard guard(state.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  with_digit(digit, [&](auto d) {
+    select_kernel<decltype(d)::value><<<1, kBlock, 0, stream>>>(state.data_ptr<int64_t>(),
+                                                                hist.const_data_ptr<int64_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor radix_tie_counts_cuda(at::TensorList scores, const at::Tensor& state, bool absolute) {
+  const char* op = "radix_tie_counts";
+  const Scores s(scores, op);
+  check_state(state, scores.empty() ? state.device() : s.device, op);
+  auto ties = at::empty({s.list.total}, state.options());  // every chunk is written
+  const c10::cuda::CUDAGuard guard(state.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
+    tie_count_kernel<decltype(value), decltype(abs)::value>
+        <<<grid, kBlock, 0, stream>>>(t, state.const_data_ptr<int64_t>(), ties.data_ptr<int64_t>());
+  });
+  return ties;
+}
+
+std::tuple<at::Tensor, at::Tensor> radix_mask_cuda(at::TensorList scores, const at::Tensor& state,
+                                                   const at::Tensor& ties, const at::Tensor& ties_before,
+                                                   bool absolute) {
+  const char* op = "radix_mask";
+  const Scores s(scores, op);
+  const c10::Device device = scores.empty() ? state.device() : s.device;
+  check_state(state, device, op);
+  check_buffer(ties, at::kLong, s.list.total, kCUDA, op, "ties");
+  check_buffer(ties_before, at::kLong, s.list.total, kCUDA, op, "ties_before");
+  check_device(ties, device, op, "ties");
+  check_device(ties_before, device, op, "ties_before");
+  auto bits = at::empty({s.list.total * kChunkBytes}, state.options().dtype(at::kByte));  // every byte is written
+  auto counts = at::empty({s.list.total}, state.options().dtype(at::kInt));
+  const c10::cuda::CUDAGuard guard(device);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
+    mask_kernel<decltype(value), decltype(abs)::value><<<grid, kBlock, 0, stream>>>(
+        t, state.const_data_ptr<int64_t>(), ties.const_data_ptr<int64_t>(), ties_before.const_data_ptr<int64_t>(),
+        bits.data_ptr<uint8_t>(), counts.data_ptr<int32_t>());
+  });
+  return {bits, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam, CUDA, m) {
+  m.impl("radix_histogram_", &radix_histogram_cuda);
+  m.impl("radix_select_", &radix_select_cuda);
+  m.impl("radix_tie_counts", &radix_tie_counts_cuda);
+  m.impl("radix_mask", &radix_mask_cuda);
+}
+
+}  // namespace fsam::cuda
