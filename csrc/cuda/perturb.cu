@@ -167,15 +167,17 @@ struct Inputs {
   ListChunks list;
   std::vector<at::ScalarType> dtypes;
   std::array<std::vector<const void*>, kRoles> data;
-  c10::Device device{at::kCUDA};
+  c10::Device device;
   const uint8_t* bits = nullptr;
 
-  Inputs(const char* op, at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits)
-      : list(params), data{data_ptrs(params), data_ptrs(grads)} {
+  // The device is the parameters' (`fallback` for an empty list).
+  Inputs(const char* op, at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
+         const c10::Device& fallback)
+      : list(params), data{data_ptrs(params), data_ptrs(grads)},
+        device(params.empty() ? fallback : params[0].device()) {
     for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
       check_on(params[i], kCUDA, op, "params", i);
       check_float_dtype(params[i], op, "params", i);
-      if (i == 0) device = params[0].device();
       check_device(params[i], device, op, "params", i);
       dtypes.push_back(params[i].scalar_type());
     }
@@ -218,7 +220,8 @@ void with_bool(bool value, const F& f) {
 
 at::Tensor grad_sumsq_cuda(at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
                            bool adaptive, double eta) {
-  const Inputs in("grad_sumsq", params, grads, mask_bits);
+  const Inputs in("grad_sumsq", params, grads, mask_bits,
+                  mask_bits.has_value() ? mask_bits->device() : c10::Device(kCUDA, c10::cuda::current_device()));
   auto out = at::empty({2}, at::TensorOptions().dtype(at::kFloat).device(in.device));
   if (in.list.total == 0) return out.zero_();
   auto partials = at::empty({2 * in.list.total}, out.options().dtype(at::kDouble));  // every chunk writes its two
@@ -241,7 +244,7 @@ void perturb_cuda(at::TensorList params, const OptTensors& grads, const std::opt
                   const at::Tensor& save_offsets, const at::Tensor& saved, const at::Tensor& scale, bool adaptive,
                   double eta) {
   const char* op = "perturb_";
-  const Inputs in(op, params, grads, mask_bits);
+  const Inputs in(op, params, grads, mask_bits, save_offsets.device());
   in.check_saved(op, save_offsets, saved);
   check_buffer(scale.reshape({-1}), at::kFloat, 1, kCUDA, op, "scale");
   check_device(scale, in.device, op, "scale");
@@ -261,7 +264,8 @@ void perturb_cuda(at::TensorList params, const OptTensors& grads, const std::opt
 void restore_cuda(at::TensorList params, const std::optional<at::Tensor>& mask_bits, const at::Tensor& save_offsets,
                   const at::Tensor& saved) {
   const char* op = "restore_";
-  const Inputs in(op, params, OptTensors(std::vector<std::optional<at::Tensor>>(params.size())), mask_bits);
+  const Inputs in(op, params, OptTensors(std::vector<std::optional<at::Tensor>>(params.size())), mask_bits,
+                  save_offsets.device());
   in.check_saved(op, save_offsets, saved);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
     const auto stream = c10::cuda::getCurrentCUDAStream();

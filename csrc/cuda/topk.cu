@@ -161,11 +161,14 @@ struct Scores {
   std::vector<const void*> data;
   c10::Device device;
 
-  Scores(at::TensorList scores, const char* op) : list(scores), data(data_ptrs(scores)), device(at::kCUDA) {
+  // The device is the scores' (the state's for an empty list); the state is checked here too.
+  Scores(at::TensorList scores, const at::Tensor& state, const char* op)
+      : list(scores), data(data_ptrs(scores)), device(scores.empty() ? state.device() : scores[0].device()) {
+    check_buffer(state, at::kLong, kRadixStateSize, kCUDA, op, "state");
+    check_device(state, device, op, "state");
     for (int64_t i = 0; i < static_cast<int64_t>(scores.size()); ++i) {
       check_on(scores[i], kCUDA, op, "scores", i);
       check_float_dtype(scores[i], op, "scores", i);
-      if (i == 0) device = scores[0].device();
       check_device(scores[i], device, op, "scores", i);
       dtypes.push_back(scores[i].scalar_type());
     }
@@ -187,17 +190,11 @@ struct Scores {
   }
 };
 
-void check_state(const at::Tensor& state, const c10::Device& device, const char* op) {
-  check_buffer(state, at::kLong, kRadixStateSize, kCUDA, op, "state");
-  check_device(state, device, op, "state");
-}
-
 void radix_histogram_cuda(at::TensorList scores, const at::Tensor& state, int64_t digit, bool absolute,
                           const at::Tensor& hist) {
   const char* op = "radix_histogram_";
-  const Scores s(scores, op);
   check_digit(digit, op);
-  check_state(state, s.device, op);
+  const Scores s(scores, state, op);
   check_buffer(hist, at::kLong, radix_hist_size(digit), kCUDA, op, "hist");
   check_device(hist, s.device, op, "hist");
   const c10::cuda::CUDAGuard guard(s.device);
@@ -214,7 +211,7 @@ void radix_histogram_cuda(at::TensorList scores, const at::Tensor& state, int64_
 void radix_select_cuda(const at::Tensor& state, const at::Tensor& hist, int64_t digit) {
   const char* op = "radix_select_";
   check_digit(digit, op);
-  check_state(state, state.device(), op);
+  check_buffer(state, at::kLong, kRadixStateSize, kCUDA, op, "state");
   check_buffer(hist, at::kLong, radix_hist_size(digit), kCUDA, op, "hist");
   check_device(hist, state.device(), op, "hist");
   const c10::cuda::CUDAGuard guard(state.device());
@@ -228,10 +225,9 @@ void radix_select_cuda(const at::Tensor& state, const at::Tensor& hist, int64_t 
 
 at::Tensor radix_tie_counts_cuda(at::TensorList scores, const at::Tensor& state, bool absolute) {
   const char* op = "radix_tie_counts";
-  const Scores s(scores, op);
-  check_state(state, scores.empty() ? state.device() : s.device, op);
+  const Scores s(scores, state, op);
   auto ties = at::empty({s.list.total}, state.options());  // every chunk is written
-  const c10::cuda::CUDAGuard guard(state.device());
+  const c10::cuda::CUDAGuard guard(s.device);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
     tie_count_kernel<decltype(value), decltype(abs)::value>
@@ -244,9 +240,8 @@ std::tuple<at::Tensor, at::Tensor> radix_mask_cuda(at::TensorList scores, const 
                                                    const at::Tensor& ties, const at::Tensor& ties_before,
                                                    bool absolute) {
   const char* op = "radix_mask";
-  const Scores s(scores, op);
-  const c10::Device device = scores.empty() ? state.device() : s.device;
-  check_state(state, device, op);
+  const Scores s(scores, state, op);
+  const c10::Device device = s.device;
   check_buffer(ties, at::kLong, s.list.total, kCUDA, op, "ties");
   check_buffer(ties_before, at::kLong, s.list.total, kCUDA, op, "ties_before");
   check_device(ties, device, op, "ties");
