@@ -43,8 +43,8 @@ def available_backends():
 
 
 def native_backends(device_type):
-    """The available backends that run natively on tensors of `device_type`, in the order "auto" takes them (the
-    interpreted Triton kernels are for testing: never among them)."""
+    """The available backends that run natively on tensors of `device_type`, in the order "auto"
+    takes them (the interpreted Triton kernels are for testing: never among them)."""
     return [name for name in available_backends()
             if device_of(name) in (None, device_type) and not (name == "triton" and _triton_device() == "cpu")]
 

@@ -15,10 +15,7 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
                            double decay, double alpha, const std::optional<at::Tensor>& found_inf,
                            const std::optional<at::Tensor>& first_hist) {
   const char* op = "fisher_accumulate_";
-  for (int64_t i = 0; i < static_cast<int64_t>(fisher.size()); ++i) {
-    check_on(fisher[i], kCPU, op, "fisher", i);
-    TORCH_CHECK(fisher[i].scalar_type() == at::kFloat, op, ": fisher[", i, "] must be float32");
-  }
+  check_float_list(fisher, kCPU, op, "fisher", /*fp32_only=*/true);
   check_grads(fisher, grads, kCPU, op, "fisher", /*same_dtype=*/false);
   if (first_hist.has_value()) check_buffer(*first_hist, at::kLong, kFirstHistSize, kCPU, op, "first_hist");
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;

@@ -33,10 +33,7 @@ struct Inputs {
 
 Inputs check_inputs(const char* op, at::TensorList params, const OptTensors& grads,
                     const std::optional<at::Tensor>& mask_bits) {
-  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
-    check_on(params[i], kCPU, op, "params", i);
-    check_float_dtype(params[i], op, "params", i);
-  }
+  check_float_list(params, kCPU, op, "params");
   check_grads(params, grads, kCPU, op, "params", /*same_dtype=*/true);
   Inputs in{params, {grads.begin(), grads.end()}, chunk_table(params)};
   if (mask_bits.has_value()) {

@@ -22,10 +22,7 @@ struct Scores {
   bool absolute;
 
   Scores(at::TensorList scores, bool abs, const char* op) : tensors(scores), absolute(abs) {
-    for (int64_t i = 0; i < static_cast<int64_t>(scores.size()); ++i) {
-      check_on(scores[i], kCPU, op, "scores", i);
-      check_float_dtype(scores[i], op, "scores", i);
-    }
+    check_float_list(scores, kCPU, op, "scores");
     chunks = chunk_table(scores);
   }
 

@@ -64,29 +64,21 @@ void fisher_accumulate_cuda(at::TensorList fisher, const c10::List<std::optional
                             double decay, double alpha, const std::optional<at::Tensor>& found_inf,
                             const std::optional<at::Tensor>& first_hist) {
   const char* op = "fisher_accumulate_";
-  for (int64_t i = 0; i < static_cast<int64_t>(fisher.size()); ++i) {
-    check_on(fisher[i], kCUDA, op, "fisher", i);
-    TORCH_CHECK(fisher[i].scalar_type() == at::kFloat, op, ": fisher[", i, "] must be float32");
-  }
-  check_grads(fisher, grads, kCUDA, op, "fisher", /*same_dtype=*/false);
+  const c10::Device device = fisher.empty() ? c10::Device(kCUDA, c10::cuda::current_device()) : fisher[0].device();
+  check_float_list(fisher, device, op, "fisher", /*fp32_only=*/true);
+  check_grads(fisher, grads, device, op, "fisher", /*same_dtype=*/false);
   if (fisher.empty()) return;
-  const c10::Device device = fisher[0].device();
-  std::vector<at::ScalarType> dtypes;
-  for (int64_t i = 0; i < static_cast<int64_t>(fisher.size()); ++i) {
-    check_device(fisher[i], device, op, "fisher", i);
-    const std::optional<at::Tensor> g = grads[i];
-    if (g.has_value()) check_device(*g, device, op, "grads", i);
-    dtypes.push_back(g.has_value() ? g->scalar_type() : at::kFloat);  // F decays alone with the fp32 group
-  }
+  std::vector<at::ScalarType> dtypes;  // the gradients': F decays alone with the fp32 group
+  for (const std::optional<at::Tensor> g : grads) dtypes.push_back(g.has_value() ? g->scalar_type() : at::kFloat);
   at::Tensor inf;
   if (found_inf.has_value()) {
-    TORCH_CHECK(found_inf->numel() == 1, op, ": found_inf must have one element, got ", found_inf->numel());
-    check_device(*found_inf, device, op, "found_inf");
+    TORCH_CHECK(found_inf->numel() == 1 && found_inf->device() == device, op,
+                ": found_inf must be a one-element tensor on ", device, ", got ", found_inf->numel(), " on ",
+                found_inf->device());
     inf = found_inf->to(at::kFloat).contiguous();  // on the device: no sync
   }
   if (first_hist.has_value()) {
-    check_buffer(*first_hist, at::kLong, kFirstHistSize, kCUDA, op, "first_hist");
-    check_device(*first_hist, device, op, "first_hist");
+    check_buffer(*first_hist, at::kLong, kFirstHistSize, device, op, "first_hist");
   }
   const c10::cuda::CUDAGuard guard(device);
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -76,16 +76,6 @@ __device__ inline T* chunk_data(const TensorTable& t, int role, const Chunk& c) 
 
 // ---- host side
 
-// The device of a call and the checks that every tensor is on it.
-inline void check_device(const at::Tensor& t, const c10::Device& device, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), ", the other tensors on ", device);
-}
-inline void check_device(const at::Tensor& t, const c10::Device& device, const char* op, const char* name,
-                         int64_t i) {
-  TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), ", the other tensors on ",
-              device);
-}
-
 // Positions of a list's chunks: tensor i's start at first[i] of the whole list.
 struct ListChunks {
   std::vector<int64_t> numel, first;
@@ -98,6 +88,12 @@ struct ListChunks {
     }
   }
 };
+
+inline std::vector<at::ScalarType> dtypes_of(at::TensorList tensors) {
+  std::vector<at::ScalarType> out;
+  for (const auto& t : tensors) out.push_back(t.scalar_type());
+  return out;
+}
 
 // Calls launch(dtype, table, grid) once per dtype of `dtypes` (one per list position), with the
 // table of that group's non-empty members and their pointers addr[role][position].

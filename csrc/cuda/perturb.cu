@@ -173,31 +173,21 @@ struct Inputs {
   // The device is the parameters' (`fallback` for an empty list).
   Inputs(const char* op, at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
          const c10::Device& fallback)
-      : list(params), data{data_ptrs(params), data_ptrs(grads)},
+      : list(params),
+        dtypes(dtypes_of(params)),
+        data{data_ptrs(params), data_ptrs(grads)},
         device(params.empty() ? fallback : params[0].device()) {
-    for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
-      check_on(params[i], kCUDA, op, "params", i);
-      check_float_dtype(params[i], op, "params", i);
-      check_device(params[i], device, op, "params", i);
-      dtypes.push_back(params[i].scalar_type());
-    }
-    check_grads(params, grads, kCUDA, op, "params", /*same_dtype=*/true);
-    for (int64_t i = 0; i < static_cast<int64_t>(grads.size()); ++i) {
-      const std::optional<at::Tensor> g = grads[i];
-      if (g.has_value()) check_device(*g, device, op, "grads", i);
-    }
+    check_float_list(params, device, op, "params");
+    check_grads(params, grads, device, op, "params", /*same_dtype=*/true);
     if (mask_bits.has_value()) {
-      check_buffer(*mask_bits, at::kByte, list.total * kChunkBytes, kCUDA, op, "mask_bits");
-      check_device(*mask_bits, device, op, "mask_bits");
+      check_buffer(*mask_bits, at::kByte, list.total * kChunkBytes, device, op, "mask_bits");
       bits = mask_bits->const_data_ptr<uint8_t>();
     }
   }
 
   void check_saved(const char* op, const at::Tensor& save_offsets, const at::Tensor& saved) const {
-    check_buffer(save_offsets, at::kLong, list.total, kCUDA, op, "save_offsets");
-    check_buffer(saved, at::kByte, -1, kCUDA, op, "saved");
-    check_device(save_offsets, device, op, "save_offsets");
-    check_device(saved, device, op, "saved");
+    check_buffer(save_offsets, at::kLong, list.total, device, op, "save_offsets");
+    check_buffer(saved, at::kByte, -1, device, op, "saved");
   }
 
   // Calls f(scalar_t tag, table, grid) per dtype group, on the current stream of the device.
@@ -213,9 +203,10 @@ struct Inputs {
   }
 };
 
-template <bool kValue, typename F>
+// Calls f(std::integral_constant<bool, value>{}): a runtime flag as a kernel's template argument.
+template <typename F>
 void with_bool(bool value, const F& f) {
-  value ? f(std::integral_constant<bool, kValue>{}) : f(std::integral_constant<bool, !kValue>{});
+  value ? f(std::true_type{}) : f(std::false_type{});
 }
 
 at::Tensor grad_sumsq_cuda(at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
@@ -228,7 +219,7 @@ at::Tensor grad_sumsq_cuda(at::TensorList params, const OptTensors& grads, const
   const float e = static_cast<float>(eta);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    with_bool<true>(adaptive, [&](auto a) {
+    with_bool(adaptive, [&](auto a) {
       sumsq_kernel<decltype(value), decltype(a)::value><<<grid, kBlock, 0, stream>>>(t, in.bits,
                                                                                       partials.data_ptr<double>(), e);
     });
@@ -246,13 +237,12 @@ void perturb_cuda(at::TensorList params, const OptTensors& grads, const std::opt
   const char* op = "perturb_";
   const Inputs in(op, params, grads, mask_bits, save_offsets.device());
   in.check_saved(op, save_offsets, saved);
-  check_buffer(scale.reshape({-1}), at::kFloat, 1, kCUDA, op, "scale");
-  check_device(scale, in.device, op, "scale");
+  check_buffer(scale.reshape({-1}), at::kFloat, 1, in.device, op, "scale");
   const float e = static_cast<float>(eta);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    with_bool<true>(adaptive, [&](auto a) {
-      with_bool<true>(in.bits != nullptr, [&](auto m) {
+    with_bool(adaptive, [&](auto a) {
+      with_bool(in.bits != nullptr, [&](auto m) {
         perturb_kernel<decltype(value), decltype(a)::value, decltype(m)::value><<<grid, kBlock, 0, stream>>>(
             t, in.bits, save_offsets.const_data_ptr<int64_t>(), saved.data_ptr<uint8_t>(), saved.numel(),
             scale.const_data_ptr<float>(), e);
@@ -269,7 +259,7 @@ void restore_cuda(at::TensorList params, const std::optional<at::Tensor>& mask_b
   in.check_saved(op, save_offsets, saved);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    with_bool<true>(in.bits != nullptr, [&](auto m) {
+    with_bool(in.bits != nullptr, [&](auto m) {
       restore_kernel<decltype(value), decltype(m)::value><<<grid, kBlock, 0, stream>>>(
           t, in.bits, save_offsets.const_data_ptr<int64_t>(), saved.const_data_ptr<uint8_t>(), saved.numel());
     });

@@ -12,9 +12,6 @@
 namespace fsam::cuda {
 namespace {
 
-constexpr int64_t kMaxHistSize = kFirstHistSize;  // digit 0 has the widest histogram
-static_assert(radix_hist_size(1) <= kMaxHistSize && radix_hist_size(2) <= kMaxHistSize, "digit 0 is the widest");
-
 // Calls f(key, x) for each of this thread's share of a chunk's scores.
 template <typename T, bool kAbsolute, typename F>
 __device__ inline void for_each_key(const T* s, int n, const F& f) {
@@ -163,15 +160,12 @@ struct Scores {
 
   // The device is the scores' (the state's for an empty list); the state is checked here too.
   Scores(at::TensorList scores, const at::Tensor& state, const char* op)
-      : list(scores), data(data_ptrs(scores)), device(scores.empty() ? state.device() : scores[0].device()) {
-    check_buffer(state, at::kLong, kRadixStateSize, kCUDA, op, "state");
-    check_device(state, device, op, "state");
-    for (int64_t i = 0; i < static_cast<int64_t>(scores.size()); ++i) {
-      check_on(scores[i], kCUDA, op, "scores", i);
-      check_float_dtype(scores[i], op, "scores", i);
-      check_device(scores[i], device, op, "scores", i);
-      dtypes.push_back(scores[i].scalar_type());
-    }
+      : list(scores),
+        dtypes(dtypes_of(scores)),
+        data(data_ptrs(scores)),
+        device(scores.empty() ? state.device() : scores[0].device()) {
+    check_buffer(state, at::kLong, kRadixStateSize, device, op, "state");
+    check_float_list(scores, device, op, "scores");
   }
 
   // Calls f(scalar_t tag, absolute tag, table, grid) per dtype group.
@@ -195,8 +189,7 @@ void radix_histogram_cuda(at::TensorList scores, const at::Tensor& state, int64_
   const char* op = "radix_histogram_";
   check_digit(digit, op);
   const Scores s(scores, state, op);
-  check_buffer(hist, at::kLong, radix_hist_size(digit), kCUDA, op, "hist");
-  check_device(hist, s.device, op, "hist");
+  check_buffer(hist, at::kLong, radix_hist_size(digit), s.device, op, "hist");
   const c10::cuda::CUDAGuard guard(s.device);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   auto* out = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
@@ -211,9 +204,8 @@ void radix_histogram_cuda(at::TensorList scores, const at::Tensor& state, int64_
 void radix_select_cuda(const at::Tensor& state, const at::Tensor& hist, int64_t digit) {
   const char* op = "radix_select_";
   check_digit(digit, op);
-  check_buffer(state, at::kLong, kRadixStateSize, kCUDA, op, "state");
-  check_buffer(hist, at::kLong, radix_hist_size(digit), kCUDA, op, "hist");
-  check_device(hist, state.device(), op, "hist");
+  check_buffer(state, at::kLong, kRadixStateSize, state.device(), op, "state");
+  check_buffer(hist, at::kLong, radix_hist_size(digit), state.device(), op, "hist");
   const c10::cuda::CUDAGuard guard(state.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   with_digit(digit, [&](auto d) {
@@ -241,14 +233,11 @@ std::tuple<at::Tensor, at::Tensor> radix_mask_cuda(at::TensorList scores, const 
                                                    bool absolute) {
   const char* op = "radix_mask";
   const Scores s(scores, state, op);
-  const c10::Device device = s.device;
-  check_buffer(ties, at::kLong, s.list.total, kCUDA, op, "ties");
-  check_buffer(ties_before, at::kLong, s.list.total, kCUDA, op, "ties_before");
-  check_device(ties, device, op, "ties");
-  check_device(ties_before, device, op, "ties_before");
+  check_buffer(ties, at::kLong, s.list.total, s.device, op, "ties");
+  check_buffer(ties_before, at::kLong, s.list.total, s.device, op, "ties_before");
   auto bits = at::empty({s.list.total * kChunkBytes}, state.options().dtype(at::kByte));  // every byte is written
   auto counts = at::empty({s.list.total}, state.options().dtype(at::kInt));
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAGuard guard(s.device);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
     mask_kernel<decltype(value), decltype(abs)::value><<<grid, kBlock, 0, stream>>>(
