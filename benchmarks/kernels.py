@@ -60,6 +60,9 @@ def providers(family, device, ours, with_compile):
         p["cat-kthvalue"] = lambda x: lambda: anchors.topk_kthvalue(x["G"], x["k"])
         for b in ours:
             p[f"fsam-{b}"] = lambda x, b=b: lambda: radix_topk.topk_mask(x["G"], x["k"], backend=b, absolute=True)
+            # without the candidate buffer: what it saves
+            p[f"fsam-{b}-unbuffered"] = lambda x, b=b: lambda: radix_topk.topk_mask(
+                x["G"], x["k"], backend=b, absolute=True, candidate_capacity=0)
     elif family == "perturb":
         p["published-eager"] = lambda x: lambda: anchors.perturb_published(x["P"], x["G"], x["masks"], RHO)
         p["foreach"] = lambda x: (lambda old: lambda: anchors.perturb_foreach(x["P"], x["G"], x["masks"], RHO, old))(

@@ -38,7 +38,9 @@ def each_op(backend, device, dtype, shapes, seed):
         bits, counts = call(ops.topk_mask_packed, F, n // 10, first_hist=hist)
         abits, _ = call(ops.topk_mask_packed, [torch.zeros_like(f) if t is None else t for f, t in zip(F, G)], n // 3,
                         absolute=True)
-        out = [F, bits, counts, abits]
+        # the candidate buffer's paths: always filled, never there
+        fbits = [call(ops.topk_mask_packed, F, n // 3, candidate_capacity=c)[0] for c in (n, 0)]
+        out = [F, bits, counts, abits, *fbits]
         for mask, adaptive in ((bits, False), (None, True)):
             G0 = [torch.zeros_like(p) if t is None else t for p, t in zip(P, G)]
             sums = call(ops.grad_sumsq, P, G, mask_bits=mask, adaptive=adaptive, eta=0.01)

@@ -11,7 +11,7 @@ def register_fakes(namespace):
         return None
 
     @torch.library.register_fake(f"{namespace}::radix_histogram_")
-    def _(scores, state, digit, absolute, hist):
+    def _(scores, state, digit, absolute, hist, candidates=None):
         return None
 
     @torch.library.register_fake(f"{namespace}::radix_select_")
@@ -19,7 +19,7 @@ def register_fakes(namespace):
         return None
 
     @torch.library.register_fake(f"{namespace}::radix_tie_counts")
-    def _(scores, state, absolute):
+    def _(scores, state, absolute, candidates=None):
         return torch.empty(total_chunks(scores), dtype=torch.int64, device=state.device)
 
     @torch.library.register_fake(f"{namespace}::radix_mask")

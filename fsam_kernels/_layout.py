@@ -21,9 +21,16 @@ RADIX_SHIFTS = (21, 10, 0)
 RADIX_BINS = tuple(1 << w for w in RADIX_WIDTHS)
 RADIX_HIST_SIZES = tuple(b + 1 for b in RADIX_BINS)
 # The radix state carried between the stages: the key prefix chosen so far, how many keys under
-# it are still to take, how many keys share the last digit chosen.
-STATE_PREFIX, STATE_K_LEFT, STATE_TIES = range(3)
-RADIX_STATE_SIZE = 3
+# it are still to take, how many keys share the last digit chosen, and how many candidates the
+# digit-1 pass appended to the candidate buffer (more than it holds: the buffer is not used).
+STATE_PREFIX, STATE_K_LEFT, STATE_TIES, STATE_CANDIDATES = range(4)
+RADIX_STATE_SIZE = 4
+# The candidate buffer: the digit-1 pass, when the keys under the first digit chosen fit, appends
+# each as (chunk << 32) | key, and digit 2 and the tie counts read those instead of the scores.
+# Its default capacity is a 1/CANDIDATE_DIVISOR of the list (the k-th key's first digit holds
+# 1-6 % of the scores of a Fisher-like list for k up to 10 %; AIR top-k keeps 1/32).
+CANDIDATE_DIVISOR = 16
+CANDIDATE_KEY_BITS = 32
 # The first digit's histogram, which fisher_accumulate_ can emit while it writes the scores.
 FIRST_SHIFT = RADIX_SHIFTS[0]
 FIRST_BINS = RADIX_BINS[0]

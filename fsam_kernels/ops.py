@@ -108,7 +108,8 @@ def fisher_accumulate(fisher, grads, *, decay=1.0, alpha=1.0, found_inf=None, fi
     impl(fisher, grads, float(decay), float(alpha), found_inf, first_hist)
 
 
-def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None, exchange=radix_topk.LOCAL):
+def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None, exchange=radix_topk.LOCAL,
+                     candidate_capacity=None):
     """The k largest scores over the whole list (|scores| with absolute=True) as a packed bit
     mask and per-chunk popcounts (layout in fsam_kernels/_layout.py), by radix select
     (fsam_kernels/radix_topk.py).
@@ -117,6 +118,8 @@ def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None
     list order, then row-major).  NaN scores raise.  `first_hist`: what fisher_accumulate
     counted while writing these scores (saves a pass; not with absolute=True).  `exchange`:
     what combines the stages across processes (radix_topk.Exchange; none by default).
+    `candidate_capacity`: entries (8 bytes each) of the buffer that spares the later passes
+    reading every score when the candidates fit (None: _layout.CANDIDATE_DIVISOR-th of the scores; 0: none).
     """
     scores = _tensor_list("scores", scores)
     _check_floats("scores", scores)
@@ -126,6 +129,9 @@ def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None
     if not 0 <= k <= total:
         raise ValueError(f"k must be in [0, {total}] (the number of scores), got {k}")
     device = _device_of(scores=scores)
+    if candidate_capacity is not None and (isinstance(candidate_capacity, bool) or not isinstance(
+            candidate_capacity, int) or candidate_capacity < 0):
+        raise ValueError(f"candidate_capacity must be None or an int >= 0, got {candidate_capacity!r}")
     if first_hist is not None:
         _check_buffer("first_hist", first_hist, torch.int64, FIRST_HIST_SIZE, device)
         if absolute:
@@ -135,7 +141,7 @@ def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None
         return (torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(chunks, dtype=torch.int32, device=device))
     scores = [s.contiguous() for s in scores]
     return radix_topk.topk_mask(scores, k, backend=backends.resolve(backend, device), absolute=bool(absolute),
-                                first_hist=first_hist, exchange=exchange)
+                                first_hist=first_hist, exchange=exchange, candidate_capacity=candidate_capacity)
 
 
 def topk_mask(scores, k, *, absolute=False, backend=None):

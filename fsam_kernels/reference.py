@@ -6,8 +6,8 @@ torch.ops.fsam ops (fsam_kernels/_schemas.py); the element-wise arithmetic round
 """
 import torch
 
-from ._layout import (CHUNK, FIRST_BINS, FIRST_SHIFT, RADIX_SHIFTS, RADIX_WIDTHS, STATE_K_LEFT, STATE_PREFIX,
-                      STATE_TIES, ChunkLayout)
+from ._layout import (CANDIDATE_KEY_BITS, CHUNK, FIRST_BINS, FIRST_SHIFT, RADIX_SHIFTS, RADIX_WIDTHS,
+                      STATE_CANDIDATES, STATE_K_LEFT, STATE_PREFIX, STATE_TIES, ChunkLayout)
 
 
 def order_key(x):
@@ -42,16 +42,66 @@ def _keys(scores, absolute):
     return torch.cat(rows) if rows else torch.zeros(0, CHUNK, dtype=torch.int64)
 
 
-def radix_histogram_(scores, state, digit, absolute, hist):
-    keys = _keys(scores, absolute).reshape(-1)
+def _count_digit(hist, keys, counted, digit):
     shift, width = RADIX_SHIFTS[digit], RADIX_WIDTHS[digit]
-    counted = keys >= 0  # not the padding
-    if digit > 0:
-        counted &= (keys >> (shift + width)) == state[STATE_PREFIX]
     # index_add_ rather than bincount of the selected keys: no host sync on a GPU
     hist[:-1].index_add_(0, (keys.clamp(min=0) >> shift) & ((1 << width) - 1), counted.to(torch.int64))
+
+
+def _under_prefix(keys, state, digit):
+    """Which keys lie under the prefix that the digits before `digit` chose (-1 padding never)."""
+    above = RADIX_SHIFTS[digit] + RADIX_WIDTHS[digit]
+    return (keys >= 0) & ((keys >> above) == state[STATE_PREFIX])
+
+
+def _fits(count, candidates):
+    return (count >= 0) & (count <= candidates.numel())
+
+
+def _buffered(state, candidates):
+    """(whether the candidate buffer holds every key under the prefix, its keys, chunks and
+    which of its entries are filled)."""
+    count = state[STATE_CANDIDATES]
+    usable = _fits(count, candidates)
+    filled = torch.arange(candidates.numel(), device=candidates.device) < count
+    keys = torch.where(filled, candidates & ((1 << CANDIDATE_KEY_BITS) - 1), -1)
+    return usable, keys, candidates >> CANDIDATE_KEY_BITS, filled
+
+
+def _append_candidates(keys, state, candidates):
+    """Write the keys under the first digit chosen into the buffer when they fit (see _schemas.py)."""
+    capacity = candidates.numel()
+    match = _under_prefix(keys, state, 1)
+    chunk = torch.arange(keys.shape[0], device=keys.device)[:, None].expand_as(keys)
+    match, chunk, keys = match.reshape(-1), chunk.reshape(-1), keys.reshape(-1)
+    slot = torch.cumsum(match.to(torch.int64), 0) - 1
+    fits = _fits(state[STATE_TIES], candidates)
+    # entries that are not written go to a spare slot past the end
+    spare = torch.cat([candidates, candidates.new_zeros(1)])
+    spare.scatter_(0, torch.where(match & fits & (slot < capacity), slot, capacity),
+                   (chunk << CANDIDATE_KEY_BITS) | keys.clamp(min=0))
+    candidates.copy_(spare[:capacity])
+    state[STATE_CANDIDATES] = torch.where(fits, match.sum(), capacity + 1)
+
+
+def radix_histogram_(scores, state, digit, absolute, hist, candidates=None):
+    keys = _keys(scores, absolute)
     if digit == 0:
+        _count_digit(hist, keys.reshape(-1), keys.reshape(-1) >= 0, 0)
         hist[-1] += sum(torch.isnan(s).sum() for s in scores)
+        return
+    counted = _under_prefix(keys, state, digit).reshape(-1)
+    if candidates is not None and digit == 2:
+        usable, buffer_keys, _, _ = _buffered(state, candidates)
+        from_buffer = torch.zeros_like(hist)
+        _count_digit(from_buffer, buffer_keys, _under_prefix(buffer_keys, state, digit), digit)
+        from_scores = torch.zeros_like(hist)
+        _count_digit(from_scores, keys.reshape(-1), counted, digit)
+        hist += torch.where(usable, from_buffer, from_scores)
+        return
+    _count_digit(hist, keys.reshape(-1), counted, digit)
+    if candidates is not None:
+        _append_candidates(keys, state, candidates)
 
 
 def radix_select_(state, hist, digit):
@@ -65,8 +115,14 @@ def radix_select_(state, hist, digit):
     state[STATE_TIES] = counts[d]
 
 
-def radix_tie_counts(scores, state, absolute):
+def radix_tie_counts(scores, state, absolute, candidates=None):
     counts = (_keys(scores, absolute) == state[STATE_PREFIX]).sum(1)
+    if candidates is not None:
+        usable, keys, chunk, filled = _buffered(state, candidates)
+        from_buffer = torch.zeros_like(counts)
+        ok = filled & (chunk >= 0) & (chunk < counts.numel())  # never index past the chunks
+        from_buffer.index_add_(0, torch.where(ok, chunk, 0), (ok & (keys == state[STATE_PREFIX])).to(torch.int64))
+        counts = torch.where(usable, from_buffer, counts)
     # every tie taken: nobody needs the counts (zeros, as the compiled backends give)
     return torch.where(state[STATE_K_LEFT] == state[STATE_TIES], 0, counts)
 

@@ -51,37 +51,72 @@ void check_state(const at::Tensor& state, const char* op) {
   check_buffer(state, at::kLong, kRadixStateSize, kCPU, op, "state");
 }
 
+// The candidate buffer, when one is passed (see fsam_kernels/_schemas.py).
+struct Candidates {
+  int64_t* data = nullptr;
+  int64_t capacity = 0;
+
+  Candidates(const std::optional<at::Tensor>& t, const char* op) {
+    if (!t.has_value()) return;
+    check_buffer(*t, at::kLong, -1, kCPU, op, "candidates");
+    data = t->data_ptr<int64_t>();
+    capacity = t->numel();
+  }
+  explicit operator bool() const { return data != nullptr; }
+  // Whether the digit-1 pass left every key under the prefix in the buffer.
+  bool usable(const int64_t* state) const { return data && candidates_fit(state[kStateCandidates], capacity); }
+};
+
 // hist += the counts of digit `digit` over the keys under the state's prefix (every key for digit
-// 0, which also counts the NaN scores in the last entry).
+// 0, which also counts the NaN scores in the last entry).  Digit 1 also fills the candidate buffer
+// when the keys under the prefix fit it; digit 2 reads the buffer instead of the scores if it was.
 void radix_histogram_cpu(at::TensorList scores, const at::Tensor& state, int64_t digit, bool absolute,
-                         const at::Tensor& hist) {
+                         const at::Tensor& hist, const std::optional<at::Tensor>& candidates) {
   const char* op = "radix_histogram_";
   const Scores s(scores, absolute, op);
   check_state(state, op);
   check_digit(digit, op);
+  const Candidates cand(candidates, op);
   const int64_t size = radix_hist_size(digit), bins = radix_bins(digit);
   check_buffer(hist, at::kLong, size, kCPU, op, "hist");
-  const auto prefix = static_cast<uint32_t>(state.const_data_ptr<int64_t>()[kStatePrefix]);
+  int64_t* st = state.data_ptr<int64_t>();
+  const auto prefix = static_cast<uint32_t>(st[kStatePrefix]);
+  const bool fill = digit == 1 && cand && candidates_fit(st[kStateTies], cand.capacity);
+  const bool from_buffer = digit == 2 && cand.usable(st);
+  if (digit == 1 && cand) st[kStateCandidates] = fill ? 0 : cand.capacity + 1;
   std::mutex mu;
   int64_t* out = hist.data_ptr<int64_t>();
   with_digit(digit, [&](auto d) {
     const RadixDigit<decltype(d)::value> rd{prefix};
-    at::parallel_for(0, s.num_chunks(), 1, [&](int64_t b, int64_t e) {
+    const int64_t items = from_buffer ? st[kStateCandidates] : s.num_chunks();
+    at::parallel_for(0, items, from_buffer ? kChunk : 1, [&](int64_t b, int64_t e) {
       std::vector<int64_t> local(size, 0);
+      std::vector<int64_t> found;  // this range's candidates, appended under the lock
       int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
       for (int64_t c = b; c < e; ++c) {
-        if (decltype(d)::value == 0) {
+        if (from_buffer) {
+          const uint32_t key = candidate_key(cand.data[c]);
+          local[rd.bin(key)] += rd.matches(key);
+        } else if (decltype(d)::value == 0) {
           s.visit(s.chunks[c], [&](uint32_t key, float x, int64_t) {
             nan += x != x;
             ++local[rd.bin(key)];
           });
         } else {
-          s.visit(s.chunks[c], [&local, rd](uint32_t key, float, int64_t) { local[rd.bin(key)] += rd.matches(key); });
+          s.visit(s.chunks[c], [&](uint32_t key, float, int64_t) {
+            const bool match = rd.matches(key);
+            local[rd.bin(key)] += match;
+            if (fill && match) found.push_back(candidate(s.chunks[c].index, key));
+          });
         }
       }
       local[bins] += nan;
       std::lock_guard<std::mutex> lock(mu);
       for (int64_t i = 0; i < size; ++i) out[i] += local[i];
+      for (const int64_t entry : found) {  // past the capacity (a state that lied): counted, not written
+        if (st[kStateCandidates] < cand.capacity) cand.data[st[kStateCandidates]] = entry;
+        ++st[kStateCandidates];
+      }
     });
   });
 }
@@ -100,15 +135,24 @@ void radix_select_cpu(const at::Tensor& state, const at::Tensor& hist, int64_t d
 
 // Per chunk, how many keys equal the k-th one; all zero when every such key is taken (then
 // nothing needs them).
-at::Tensor radix_tie_counts_cpu(at::TensorList scores, const at::Tensor& state, bool absolute) {
+at::Tensor radix_tie_counts_cpu(at::TensorList scores, const at::Tensor& state, bool absolute,
+                                const std::optional<at::Tensor>& candidates) {
   const char* op = "radix_tie_counts";
   const Scores s(scores, absolute, op);
   check_state(state, op);
+  const Candidates cand(candidates, op);
   const int64_t* st = state.const_data_ptr<int64_t>();
   auto ties = at::zeros({s.num_chunks()}, at::TensorOptions().dtype(at::kLong));
   if (st[kStateKLeft] == st[kStateTies]) return ties;
   const uint32_t kth = static_cast<uint32_t>(st[kStatePrefix]);
   int64_t* out = ties.data_ptr<int64_t>();
+  if (cand.usable(st)) {
+    for (int64_t i = 0; i < st[kStateCandidates]; ++i) {
+      const int64_t c = candidate_chunk(cand.data[i]);
+      if (candidate_key(cand.data[i]) == kth && c >= 0 && c < s.num_chunks()) ++out[c];  // never past the chunks
+    }
+    return ties;
+  }
   parallel_chunks(s.chunks, [&](const Chunk& c) {
     int64_t t = 0;
     s.visit(c, [&](uint32_t key, float, int64_t) { t += key == kth; });

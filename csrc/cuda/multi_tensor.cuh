@@ -95,6 +95,18 @@ inline std::vector<at::ScalarType> dtypes_of(at::TensorList tensors) {
   return out;
 }
 
+inline int sm_count(const c10::Device& device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  return sms;
+}
+
+// A resident grid over items > 0 units of work, no block striding over more than max_per_block.
+inline unsigned resident_grid(int64_t items, int64_t max_per_block, int sms) {
+  return static_cast<unsigned>(std::max(std::min<int64_t>(items, int64_t{sms} * kBlocksPerSm),
+                                        (items + max_per_block - 1) / max_per_block));
+}
+
 // Calls launch(dtype, table, grid) once per dtype of `dtypes` (one per list position), with the
 // table of that group's non-empty members and their pointers addr[role][position].
 template <typename F>
@@ -104,8 +116,7 @@ void for_each_group(const ListChunks& list, const std::vector<at::ScalarType>& d
   std::vector<at::ScalarType> seen;
   for (const auto d : dtypes)
     if (std::find(seen.begin(), seen.end(), d) == seen.end()) seen.push_back(d);
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  const int sms = sm_count(device);
   for (const auto dtype : seen) {
     std::vector<int64_t> members;
     for (int64_t i = 0; i < static_cast<int64_t>(dtypes.size()); ++i)
@@ -128,9 +139,7 @@ void for_each_group(const ListChunks& list, const std::vector<at::ScalarType>& d
     const at::Tensor table = host.to(device, /*non_blocking=*/true);  // the caching host allocator keeps `host`
     const int64_t* d = table.const_data_ptr<int64_t>();                // until the copy has run
     const TensorTable t{d, d + m + 1, d + 2 * m + 1, {d + 3 * m + 1, d + 4 * m + 1}, m, chunks};
-    const int64_t grid = std::max(std::min<int64_t>(chunks, int64_t{sms} * kBlocksPerSm),
-                                  (chunks + kMaxChunksPerBlock - 1) / kMaxChunksPerBlock);
-    launch(dtype, t, static_cast<unsigned>(grid));
+    launch(dtype, t, resident_grid(chunks, kMaxChunksPerBlock, sms));
   }
 }
 

@@ -2,7 +2,10 @@
 // fsam_kernels/radix_topk.py drives (see csrc/cpu/topk.cpp): per digit a histogram pass (block-
 // private histograms in shared memory, each flushed once) and a one-block kernel choosing the digit
 // on the device; the per-chunk count of keys equal to the k-th one; the pass writing the packed mask
-// and per-chunk popcounts (ties ranked by warp ballots and prefix sums).  No host sync anywhere.
+// and per-chunk popcounts (ties ranked by warp ballots and prefix sums).  With a candidate buffer, the
+// digit-1 pass appends the keys under the prefix (a block scan places each chunk's run, one atomic
+// reserves it), and digit 2 and the tie count read the buffer instead of the scores when it holds
+// them: the chunk kernels then return at once.  No host sync anywhere.
 #include "multi_tensor.cuh"
 
 #include <fsam/checks.h>
@@ -29,30 +32,94 @@ __device__ inline void for_each_key(const T* s, int n, const F& f) {
   });
 }
 
+// The candidate buffer (data null: none).
+struct Candidates {
+  int64_t* data;
+  int64_t capacity;
+  // Whether the digit-1 pass left every key under the prefix in it.
+  __device__ bool usable(const int64_t* state) const {
+    return data != nullptr && candidates_fit(state[kStateCandidates], capacity);
+  }
+};
+
+// The per-block histogram in shared memory: cleared, then flushed once (non-zero bins only).
+template <int kSize>
+__device__ inline void clear_bins(uint32_t* local) {
+  for (int i = threadIdx.x; i < kSize; i += kBlock) local[i] = 0;
+  __syncthreads();
+}
+template <int kSize>
+__device__ inline void flush_bins(const uint32_t* local, unsigned long long* hist) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < kSize; i += kBlock)
+    if (local[i] != 0) atomicAdd(&hist[i], static_cast<unsigned long long>(local[i]));
+}
+
+// Digit 1 with a buffer: fill it if the keys under the prefix (every process's) fit, else mark it
+// unused; digit 2: count nothing if the buffer holds the keys (buffer_histogram_kernel does).
 template <typename T, bool kAbsolute, int kDigit>
-__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) histogram_kernel(TensorTable table, const int64_t* state,
-                                                            unsigned long long* hist) {
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) histogram_kernel(TensorTable table, int64_t* state,
+                                                            unsigned long long* hist, Candidates cand) {
   constexpr int kBins = static_cast<int>(radix_bins(kDigit));
   __shared__ uint32_t local[kBins + 1];
-  for (int i = threadIdx.x; i <= kBins; i += kBlock) local[i] = 0;
-  __syncthreads();
+  __shared__ int scratch[kWarps];
+  __shared__ int64_t run;  // where this block's candidates of a chunk start
+  if (kDigit == 2 && cand.usable(state)) return;  // the same for the whole block
+  const bool fill = kDigit == 1 && cand.data != nullptr && candidates_fit(state[kStateTies], cand.capacity);
+  if (kDigit == 1 && cand.data != nullptr && !fill && blockIdx.x == 0 && threadIdx.x == 0)
+    state[kStateCandidates] = cand.capacity + 1;
+  clear_bins<kBins + 1>(local);
   const RadixDigit<kDigit> rd{static_cast<uint32_t>(state[kStatePrefix])};
   uint32_t nan = 0;
   for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
     const Chunk ch = locate(table, c);
-    for_each_key<T, kAbsolute>(chunk_data<const T>(table, 0, ch), ch.n, [&](uint32_t key, float x) {
+    const T* s = chunk_data<const T>(table, 0, ch);
+    int found = 0;
+    for_each_key<T, kAbsolute>(s, ch.n, [&](uint32_t key, float x) {
       if constexpr (kDigit == 0) {  // every key counts; NaN scores also in the last entry
         nan += x != x;
         atomicAdd(&local[rd.bin(key)], 1u);
       } else if (rd.matches(key)) {
         atomicAdd(&local[rd.bin(key)], 1u);
+        ++found;
       }
     });
+    if (!fill) continue;  // the same for the whole block
+    const Scan place = block_scan(found, scratch);
+    if (place.total == 0) continue;
+    if (threadIdx.x == 0)
+      run = static_cast<int64_t>(atomicAdd(reinterpret_cast<unsigned long long*>(state + kStateCandidates),
+                                           static_cast<unsigned long long>(place.total)));
+    __syncthreads();
+    int64_t slot = run + place.before;
+    // the chunk again (from cache), each thread its keys in the order it counted them; past the
+    // capacity (a state that lied about the keys under the prefix) they are counted, not written
+    for_each_key<T, kAbsolute>(s, ch.n, [&](uint32_t key, float) {
+      if (!rd.matches(key)) return;
+      if (slot >= 0 && slot < cand.capacity) cand.data[slot] = candidate(ch.index, key);
+      ++slot;
+    });
+    __syncthreads();  // `run` is read before the next chunk's
   }
   if (nan != 0) atomicAdd(&local[kBins], nan);
-  __syncthreads();
-  for (int i = threadIdx.x; i <= kBins; i += kBlock)
-    if (local[i] != 0) atomicAdd(&hist[i], static_cast<unsigned long long>(local[i]));
+  flush_bins<kBins + 1>(local, hist);
+}
+
+// Over the candidate buffer, when it holds the keys under the prefix: what histogram_kernel counts.
+template <int kDigit>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) buffer_histogram_kernel(const int64_t* state,
+                                                                   unsigned long long* hist, Candidates cand) {
+  constexpr int kBins = static_cast<int>(radix_bins(kDigit));
+  __shared__ uint32_t local[kBins];
+  if (!cand.usable(state)) return;
+  clear_bins<kBins>(local);
+  const RadixDigit<kDigit> rd{static_cast<uint32_t>(state[kStatePrefix])};
+  const int64_t count = state[kStateCandidates];
+  for (int64_t i = blockIdx.x * int64_t{kBlock} + threadIdx.x; i < count; i += int64_t{gridDim.x} * kBlock) {
+    const uint32_t key = candidate_key(cand.data[i]);
+    if (rd.matches(key)) atomicAdd(&local[rd.bin(key)], 1u);
+  }
+  flush_bins<kBins>(local, hist);
 }
 
 // One block: thread t holds bins [t * kPer, (t + 1) * kPer); the one whose bins hold the k_left-th
@@ -92,20 +159,37 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) select_kernel(int64_t
   }
 }
 
-// Per chunk, how many keys equal the k-th one; 0 when every such key is taken.
+// Whether some but not all keys equal to the k-th one are taken (else nobody needs their counts).
+__device__ inline bool partial_ties(const int64_t* state) { return state[kStateKLeft] != state[kStateTies]; }
+
+// Per chunk, how many keys equal the k-th one; 0 when every such key is taken, and 0 where the
+// candidate buffer holds the keys (buffer_tie_count_kernel then adds the counts).
 template <typename T, bool kAbsolute>
-__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) tie_count_kernel(TensorTable table, const int64_t* state, int64_t* ties) {
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) tie_count_kernel(TensorTable table, const int64_t* state,
+                                                            int64_t* ties, Candidates cand) {
   __shared__ int scratch[kWarps];
-  const bool partial = state[kStateKLeft] != state[kStateTies];
+  const bool here = partial_ties(state) && !cand.usable(state);
   const auto kth = static_cast<uint32_t>(state[kStatePrefix]);
   for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
     const Chunk ch = locate(table, c);
     int count = 0;
-    if (partial) for_each_key<T, kAbsolute>(chunk_data<const T>(table, 0, ch), ch.n, [&](uint32_t key, float) {
+    if (here) for_each_key<T, kAbsolute>(chunk_data<const T>(table, 0, ch), ch.n, [&](uint32_t key, float) {
       count += key == kth;
     });
     count = block_sum(count, scratch);
     if (threadIdx.x == 0) ties[ch.index] = count;
+  }
+}
+
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) buffer_tie_count_kernel(const int64_t* state, int64_t* ties,
+                                                                   int64_t chunks, Candidates cand) {
+  if (!partial_ties(state) || !cand.usable(state)) return;
+  const auto kth = static_cast<uint32_t>(state[kStatePrefix]);
+  const int64_t count = state[kStateCandidates];
+  for (int64_t i = blockIdx.x * int64_t{kBlock} + threadIdx.x; i < count; i += int64_t{gridDim.x} * kBlock) {
+    const int64_t c = candidate_chunk(cand.data[i]);
+    if (candidate_key(cand.data[i]) == kth && c >= 0 && c < chunks)  // never past the chunks
+      atomicAdd(reinterpret_cast<unsigned long long*>(ties + c), 1ull);
   }
 }
 
@@ -184,21 +268,40 @@ struct Scores {
   }
 };
 
+Candidates candidates_of(const std::optional<at::Tensor>& t, const c10::Device& device, const char* op) {
+  if (!t.has_value()) return {nullptr, 0};
+  check_buffer(*t, at::kLong, -1, device, op, "candidates");
+  return {t->data_ptr<int64_t>(), t->numel()};
+}
+
+// A resident grid over the candidate buffer, one entry a thread.
+unsigned buffer_grid(const Candidates& cand, const c10::Device& device) {
+  return resident_grid((cand.capacity + kBlock - 1) / kBlock, kMaxChunksPerBlock, sm_count(device));
+}
+
 void radix_histogram_cuda(at::TensorList scores, const at::Tensor& state, int64_t digit, bool absolute,
-                          const at::Tensor& hist) {
+                          const at::Tensor& hist, const std::optional<at::Tensor>& candidates) {
   const char* op = "radix_histogram_";
   check_digit(digit, op);
   const Scores s(scores, state, op);
   check_buffer(hist, at::kLong, radix_hist_size(digit), s.device, op, "hist");
+  const Candidates cand = candidates_of(candidates, s.device, op);
   const c10::cuda::CUDAGuard guard(s.device);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   auto* out = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
+  int64_t* st = state.data_ptr<int64_t>();
+  if (digit == 1 && cand.data != nullptr)  // the count the digit-1 kernels append from
+    C10_CUDA_CHECK(cudaMemsetAsync(st + kStateCandidates, 0, sizeof(int64_t), stream));
   with_digit(digit, [&](auto d) {
     s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
       histogram_kernel<decltype(value), decltype(abs)::value, decltype(d)::value>
-          <<<grid, kBlock, 0, stream>>>(t, state.const_data_ptr<int64_t>(), out);
+          <<<grid, kBlock, 0, stream>>>(t, st, out, cand);
     });
   });
+  if (digit == 2 && cand.capacity > 0) {
+    buffer_histogram_kernel<2><<<buffer_grid(cand, s.device), kBlock, 0, stream>>>(st, out, cand);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 void radix_select_cuda(const at::Tensor& state, const at::Tensor& hist, int64_t digit) {
@@ -215,16 +318,23 @@ void radix_select_cuda(const at::Tensor& state, const at::Tensor& hist, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor radix_tie_counts_cuda(at::TensorList scores, const at::Tensor& state, bool absolute) {
+at::Tensor radix_tie_counts_cuda(at::TensorList scores, const at::Tensor& state, bool absolute,
+                                 const std::optional<at::Tensor>& candidates) {
   const char* op = "radix_tie_counts";
   const Scores s(scores, state, op);
+  const Candidates cand = candidates_of(candidates, s.device, op);
   auto ties = at::empty({s.list.total}, state.options());  // every chunk is written
   const c10::cuda::CUDAGuard guard(s.device);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
     tie_count_kernel<decltype(value), decltype(abs)::value>
-        <<<grid, kBlock, 0, stream>>>(t, state.const_data_ptr<int64_t>(), ties.data_ptr<int64_t>());
+        <<<grid, kBlock, 0, stream>>>(t, state.const_data_ptr<int64_t>(), ties.data_ptr<int64_t>(), cand);
   });
+  if (cand.capacity > 0 && s.list.total > 0) {  // after the chunk kernels, which wrote zeros where it serves
+    buffer_tie_count_kernel<<<buffer_grid(cand, s.device), kBlock, 0, stream>>>(
+        state.const_data_ptr<int64_t>(), ties.data_ptr<int64_t>(), s.list.total, cand);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return ties;
 }
 

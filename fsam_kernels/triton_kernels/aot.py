@@ -97,6 +97,7 @@ def _argument(name, dtype, params):
         "hist": lambda: torch.zeros(max(RADIX_HIST_SIZES), dtype=torch.int64),
         "ties": lambda: torch.zeros(chunks, dtype=torch.int64),
         "ties_before": lambda: torch.zeros(chunks, dtype=torch.int64),
+        "candidates": lambda: torch.zeros(64, dtype=torch.int64),
     }
     if name not in values:
         raise KeyError(f"aot: no sample value for argument {name!r} of a Triton op: add one to _argument")

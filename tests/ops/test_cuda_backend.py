@@ -92,11 +92,12 @@ def test_fake_impls_carry_cuda_tensors():
     def everything(params, grads, state, hist0, offsets, saved, scale):
         fsam = torch.ops.fsam
         fsam.fisher_accumulate_(params, grads, 0.9, 0.1, None, hist0)
+        candidates = torch.empty(512, dtype=torch.int64, device=state.device)
         for digit, size in enumerate(RADIX_HIST_SIZES):
             hist = hist0 if digit == 0 else torch.zeros(size, dtype=torch.int64, device=state.device)
-            fsam.radix_histogram_(grads, state, digit, True, hist)
+            fsam.radix_histogram_(grads, state, digit, True, hist, candidates)
             fsam.radix_select_(state, hist, digit)
-        ties = fsam.radix_tie_counts(grads, state, True)
+        ties = fsam.radix_tie_counts(grads, state, True, candidates)
         bits, counts = fsam.radix_mask(grads, state, ties, torch.cumsum(ties, 0) - ties, True)
         stats = fsam.grad_sumsq(params, grads, bits, False, 0.0)
         fsam.perturb_(params, grads, bits, offsets, saved, scale, False, 0.0)

@@ -21,9 +21,11 @@ def test_cpp_and_python_agree():
     assert cpp_constant("kRadixWidth") == _layout.RADIX_WIDTHS
     assert cpp_constant("kRadixShift") == _layout.RADIX_SHIFTS
     assert cpp_constant("kFirstShift") == "kRadixShift[0]" and _layout.FIRST_SHIFT == _layout.RADIX_SHIFTS[0]
-    state = [cpp_constant(n) for n in ("kStatePrefix", "kStateKLeft", "kStateTies", "kRadixStateSize")]
+    state = [cpp_constant(n) for n in ("kStatePrefix", "kStateKLeft", "kStateTies", "kStateCandidates",
+                                        "kRadixStateSize", "kCandidateKeyBits")]
     assert state == [str(v) for v in (_layout.STATE_PREFIX, _layout.STATE_K_LEFT, _layout.STATE_TIES,
-                                      _layout.RADIX_STATE_SIZE)]
+                                      _layout.STATE_CANDIDATES, _layout.RADIX_STATE_SIZE,
+                                      _layout.CANDIDATE_KEY_BITS)]
 
 
 def test_digits_cover_the_keys():

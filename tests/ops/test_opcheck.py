@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fsam_kernels import backends, ops
-from fsam_kernels._layout import RADIX_HIST_SIZES, total_chunks
+from fsam_kernels._layout import RADIX_HIST_SIZES, RADIX_STATE_SIZE, STATE_K_LEFT, total_chunks
 from conftest import compiled_backends
 
 # (namespace of the ops, device) for every compiled backend; `reference` is plain eager code.
@@ -33,12 +33,15 @@ def test_opcheck_all_ops(namespace, device):
     params, grads, bits, offsets, saved = inputs(device)
     scale = torch.tensor(0.1, device=device)
     fisher = [torch.rand(p.shape, device=device) for p in params]
-    state = torch.tensor([0, 500, 0], device=device)  # what radix_topk starts from for k = 500
-    for digit, size in enumerate(RADIX_HIST_SIZES):
-        hist = torch.zeros(size, dtype=torch.int64, device=device)
-        torch.library.opcheck(fsam.radix_histogram_.default, (grads, state, digit, True, hist))
-        torch.library.opcheck(fsam.radix_select_.default, (state, hist, digit))
-    torch.library.opcheck(fsam.radix_tie_counts.default, (grads, state, True))
+    for capacity in (None, 4000):  # without and with a candidate buffer that holds the candidates
+        candidates = None if capacity is None else torch.zeros(capacity, dtype=torch.int64, device=device)
+        state = torch.zeros(RADIX_STATE_SIZE, dtype=torch.int64, device=device)
+        state[STATE_K_LEFT] = 500  # what radix_topk starts from for k = 500
+        for digit, size in enumerate(RADIX_HIST_SIZES):
+            hist = torch.zeros(size, dtype=torch.int64, device=device)
+            torch.library.opcheck(fsam.radix_histogram_.default, (grads, state, digit, True, hist, candidates))
+            torch.library.opcheck(fsam.radix_select_.default, (state, hist, digit))
+        torch.library.opcheck(fsam.radix_tie_counts.default, (grads, state, True, candidates))
     ties = torch.zeros(total_chunks(grads), dtype=torch.int64, device=device)
     torch.library.opcheck(fsam.radix_mask.default, (grads, state, ties, ties, True))
     torch.library.opcheck(fsam.fisher_accumulate_.default, (fisher, [grads[0], None, grads[2]], 0.9, 0.1))

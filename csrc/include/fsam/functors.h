@@ -71,6 +71,17 @@ C10_HOST_DEVICE inline DigitChoice choose_digit(const int64_t* hist, int64_t bin
   return {digit, greater, hist[digit]};
 }
 
+// The candidate buffer (layout.h): an entry holds a key and its chunk.  The digit-1 pass fills it
+// only when the keys under the first digit chosen (every process's) fit, and records how many it
+// wrote; the later passes read it only when that count fits, so a stale or hostile state can make
+// them read the scores, never past the buffer.
+C10_HOST_DEVICE inline int64_t candidate(int64_t chunk, uint32_t key) { return (chunk << kCandidateKeyBits) | key; }
+C10_HOST_DEVICE inline uint32_t candidate_key(int64_t entry) { return static_cast<uint32_t>(entry); }
+C10_HOST_DEVICE inline int64_t candidate_chunk(int64_t entry) { return entry >> kCandidateKeyBits; }
+C10_HOST_DEVICE inline bool candidates_fit(int64_t keys_under_prefix, int64_t capacity) {
+  return keys_under_prefix >= 0 && keys_under_prefix <= capacity;
+}
+
 // How many of a chunk's keys equal to the k-th one it takes: ties go to the lowest flat
 // indices, so the chunks before it (holding `before` of them) take theirs first.
 C10_HOST_DEVICE inline int64_t tie_quota(int64_t k_left, int64_t before, int64_t here) {

@@ -19,11 +19,16 @@ constexpr int kRadixWidth[kRadixDigits] = {11, 11, 10};
 constexpr int kRadixShift[kRadixDigits] = {21, 10, 0};
 
 // The radix state carried between the stages: the key prefix chosen so far, how many of the
-// keys under it are still to take, and how many keys share the last digit chosen.
+// keys under it are still to take, how many keys share the last digit chosen, and how many
+// candidates the digit-1 pass appended (more than the buffer holds: the buffer is not used).
 constexpr int kStatePrefix = 0;
 constexpr int kStateKLeft = 1;
 constexpr int kStateTies = 2;
-constexpr int kRadixStateSize = 3;
+constexpr int kStateCandidates = 3;
+constexpr int kRadixStateSize = 4;
+
+// A candidate of the candidate buffer: (chunk << kCandidateKeyBits) | key.
+constexpr int kCandidateKeyBits = 32;
 
 // The first digit's histogram, which fisher_accumulate_ can emit while it writes the scores.
 constexpr int kFirstShift = kRadixShift[0];
