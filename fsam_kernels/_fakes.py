@@ -38,3 +38,11 @@ def register_fakes(namespace):
     @torch.library.register_fake(f"{namespace}::restore_")
     def _(params, mask_bits, save_offsets, saved):
         return None
+
+    @torch.library.register_fake(f"{namespace}::tensor_sumsq")
+    def _(tensors):
+        return torch.empty(len(tensors), dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+
+    @torch.library.register_fake(f"{namespace}::clip_scale_")
+    def _(tensors, norms, max_norm, eps):
+        return None

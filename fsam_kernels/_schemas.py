@@ -11,7 +11,11 @@ candidates: int64 [capacity], the candidate buffer.  The digit-1 histogram, when
 the first digit chosen (state[STATE_TIES], from radix_select_) number at most `capacity`, writes
 this process's into it as (chunk << CANDIDATE_KEY_BITS) | key and their count into
 state[STATE_CANDIDATES]; otherwise it sets that to capacity + 1.  Digit 2 and radix_tie_counts
-read candidates[:state[STATE_CANDIDATES]] instead of the scores when that count fits."""
+read candidates[:state[STATE_CANDIDATES]] instead of the scores when that count fits.
+
+Component-wise clipping: tensor_sumsq gives each tensor's sum of squares (float64 [len(tensors)],
+the summation order of grad_sumsq), clip_scale_ multiplies tensor i by
+min(1, max_norm / (norms[i] + eps)) (norms: float32 [len(tensors)])."""
 import torch
 
 SCHEMAS = {
@@ -27,6 +31,8 @@ SCHEMAS = {
     "perturb_": "(Tensor(a!)[] params, Tensor?[] grads, Tensor? mask_bits, Tensor save_offsets, "
                        "Tensor(b!) saved, Tensor scale, bool adaptive=False, float eta=0.0) -> ()",
     "restore_": "(Tensor(a!)[] params, Tensor? mask_bits, Tensor save_offsets, Tensor saved) -> ()",
+    "tensor_sumsq": "(Tensor[] tensors) -> Tensor",
+    "clip_scale_": "(Tensor(a!)[] tensors, Tensor norms, float max_norm, float eps) -> ()",
 }
 
 

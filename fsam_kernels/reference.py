@@ -212,3 +212,18 @@ def restore_(params, mask_bits, save_offsets, saved):
             w.copy_(original)
         else:
             w[m] = original
+
+
+def tensor_sumsq(tensors):
+    """Each tensor's sum of squares in grad_sumsq's order: fp64 within a chunk, chunks in order."""
+    sums = [_chunk_sums(t.float().reshape(-1).double() ** 2).cumsum(0)[-1] if t.numel() else
+            torch.zeros((), dtype=torch.float64, device=t.device) for t in tensors]
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+
+
+def clip_scale_(tensors, norms, max_norm, eps):
+    # in fp32 as the kernels: fp32(max_norm) / (norm + fp32(eps)), NaN kept by the clamp
+    coefficient = torch.tensor(max_norm, dtype=torch.float32) / (norms.float() + torch.tensor(eps, dtype=torch.float32))
+    coefficient = torch.clamp(coefficient, max=1.0)
+    for t, c in zip(tensors, coefficient):
+        t.copy_((t.float() * c).to(t.dtype))

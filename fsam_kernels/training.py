@@ -10,7 +10,7 @@ The second-pass gradient, the one the base optimizer uses, is always all-reduced
 """
 import contextlib
 
-import torch
+from .clipping import CLIP_MODES, clip_gradients_
 
 
 def _accumulate(micro_batches, backward, no_sync, sync_last):
@@ -49,16 +49,20 @@ def sharpness_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_p
 
 
 def sharpness_step(optimizer, micro_batches, loss_fn, *, model=None, scaler=None, max_grad_norm=None,
-                   sync_perturbation=False):
+                   clip="global", sync_perturbation=False):
     """One whole SAM/FSAM step for a plain training loop.
 
     loss_fn(batch) returns the mean loss of one micro-batch (the forward included); the
     gradient is averaged over the micro-batches.  model: the DistributedDataParallel (or any
     module with `no_sync`) when training distributed.  max_grad_norm clips the second-pass
-    gradient after unscaling.  With a scaler, scaler.update() is called here.  Returns the
-    mean first-pass loss (detached)."""
+    gradient (the one the base optimizer uses) after unscaling and after the all-reduce: as a
+    whole with clip="global" (torch.nn.utils.clip_grad_norm_), each tensor on its own with
+    clip="componentwise" (fsam_kernels.clip_grad_norm_componentwise_).  With a scaler,
+    scaler.update() is called here.  Returns the mean first-pass loss (detached)."""
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     n = len(micro_batches)
 
     def backward(batch):
@@ -73,7 +77,7 @@ def sharpness_step(optimizer, micro_batches, loss_fn, *, model=None, scaler=None
         if scaler is not None:
             scaler.unscale_(optimizer.base_optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        clip_gradients_(params, max_grad_norm, clip, backend=optimizer.backend)
     optimizer.second_step(zero_grad=True, scaler=scaler)
     if scaler is not None:
         scaler.update()

@@ -21,6 +21,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+HEADERS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")))  # kernels the sources instantiate
 # Per SM: registers, shared memory a block may have (bytes, less the 1 KiB the runtime reserves per
 # block), resident threads, resident blocks.
 SM = {80: dict(regs=65536, smem=164 * 1024, threads=2048, blocks=32),
@@ -42,9 +43,9 @@ def block_size():
 
 
 def kernel_names():
-    """The __global__ functions the sources define."""
+    """The __global__ functions the sources and their headers define."""
     names = set()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         names |= set(re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\)\s+)?(\w+)\(", open(src).read()))
     return names
 

@@ -5,6 +5,7 @@
 // their own dtype, in element order) at byte save_offsets[c] of `saved`; without a mask every
 // entry of the chunk is saved.  The offsets come from the popcounts (fsam_kernels/_layout.py).
 #include "chunks.h"
+#include "sumsq.h"
 
 #include <fsam/checks.h>
 #include <fsam/functors.h>
@@ -51,43 +52,6 @@ void check_saved(const char* op, const Inputs& in, const at::Tensor& save_offset
 // Whether chunk c's saved values lie inside a buffer of `capacity` bytes.
 bool saved_fits(const Inputs& in, const Chunk& c, const int64_t* offsets, int64_t capacity, int64_t itemsize) {
   return saved_run_fits(offsets[c.index], in.saved_entries(c), itemsize, capacity);
-}
-
-// kByteLanes[b][l] = bit l of b, as a float: the mask byte spread over 8 lanes.
-const auto kByteLanes = [] {
-  std::array<std::array<float, 8>, 256> t{};
-  for (int b = 0; b < 256; ++b)
-    for (int l = 0; l < 8; ++l) t[b][l] = static_cast<float>((b >> l) & 1);
-  return t;
-}();
-
-// SPEC's summation order within a chunk: the fp64 terms added in element order (8 lanes, one mask
-// byte per step, so that the loop vectorises; the lanes are then added in order).  Returns
-// {all, masked}.
-template <bool kAdaptive, typename scalar_t>
-std::array<double, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, const uint8_t* bits, int64_t n, float eta) {
-  constexpr int L = 8;
-  const SumsqTerm<kAdaptive> term{{eta}};
-  double all[L] = {0}, masked[L] = {0};
-  const int64_t full = n / L * L;
-  // SAM's term does not depend on w: do not load it
-  auto weight = [&](int64_t i) { return kAdaptive ? static_cast<float>(w[i]) : 0.0f; };
-  for (int64_t i = 0; i < full; i += L) {
-    const float* keep = kByteLanes[bits ? bits[i / L] : 0xff].data();
-    for (int l = 0; l < L; ++l) {
-      const double sq = term(weight(i + l), static_cast<float>(g[i + l]));
-      all[l] += sq;
-      masked[l] += sq * keep[l];  // 0 * sq = 0 for finite sq; a non-finite sq shows in `all`
-    }
-  }
-  for (int64_t i = full; i < n; ++i) {
-    const double sq = term(weight(i), static_cast<float>(g[i]));
-    all[i - full] += sq;
-    if (!bits || mask_bit(bits, i)) masked[i - full] += sq;
-  }
-  double a = 0, m = 0;
-  for (int l = 0; l < L; ++l) a += all[l], m += masked[l];
-  return {a, m};
 }
 
 at::Tensor grad_sumsq_cpu(at::TensorList params, const OptTensors& grads,

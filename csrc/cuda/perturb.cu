@@ -3,6 +3,7 @@
 // entries (every entry without a mask), in their dtype and element order, from byte
 // save_offsets[c] of `saved`; a masked entry's slot is a warp prefix sum over the mask words.
 #include "multi_tensor.cuh"
+#include "sumsq.cuh"
 
 #include <fsam/checks.h>
 #include <fsam/dispatch.h>
@@ -13,60 +14,12 @@ namespace {
 
 using OptTensors = c10::List<std::optional<at::Tensor>>;
 
-// Per chunk, the fp64 sums of (T g)^2 over every entry and over the masked ones (no mask: every
-// entry), reduced within the block in a fixed order.
-template <typename T, bool kAdaptive>
-__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) sumsq_kernel(TensorTable table, const uint8_t* bits,
-                                                                         double* partials, float eta) {
-  constexpr int N = kPack<T>;
-  static_assert(8 % N == 0 || N % 8 == 0, "a pack's mask bits lie in one byte");
-  __shared__ double scratch[kWarps];
-  const SumsqTerm<kAdaptive> term{{eta}};
-  for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
-    const Chunk ch = locate(table, c);
-    const T* w = chunk_data<const T>(table, 0, ch);
-    const T* g = chunk_data<const T>(table, 1, ch);
-    const uint8_t* b = bits != nullptr ? bits + ch.index * kChunkBytes : nullptr;
-    double all = 0, masked = 0;
-    if (g != nullptr) {
-      const bool vectorised = aligned(g, 16) && (!kAdaptive || aligned(w, 16));
-      for_each_pack<N>(ch.n, vectorised, [&](int i, auto width) {
-        constexpr int W = decltype(width)::value;
-        T gv[W], wv[W];
-        load<W>(g + i, gv);
-        if constexpr (kAdaptive) load<W>(w + i, wv);  // SAM's term does not depend on w: not read
-        const uint32_t keep = b != nullptr ? b[i / 8] >> (i % 8) : 0xffu;
-#pragma unroll
-        for (int j = 0; j < W; ++j) {
-          const double sq = term(kAdaptive ? static_cast<float>(wv[j]) : 0.0f, static_cast<float>(gv[j]));
-          all += sq;
-          if ((keep >> j) & 1u) masked += sq;
-        }
-      });
-    }
-    all = block_sum(all, scratch);
-    masked = block_sum(masked, scratch);
-    if (threadIdx.x == 0) {
-      partials[2 * ch.index] = all;
-      partials[2 * ch.index + 1] = masked;
-    }
-  }
-}
-
-// The chunk partials, in fp64: thread t adds the t-th run of chunks in chunk order, then the block
-// adds the runs in a fixed order; rounded to fp32 once.  No float atomics: the same bits every run.
+// The chunk partials of sumsq_kernel added over the whole list, rounded to fp32 once.
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) sum_partials_kernel(const double* partials,
                                                                                 int64_t chunks, float* out) {
   __shared__ double scratch[kWarps];
-  const int64_t per = (chunks + kBlock - 1) / kBlock;
-  const int64_t begin = threadIdx.x * per, end = begin + per < chunks ? begin + per : chunks;
-  double all = 0, masked = 0;
-  for (int64_t c = begin; c < end; ++c) {
-    all += partials[2 * c];
-    masked += partials[2 * c + 1];
-  }
-  all = block_sum(all, scratch);
-  masked = block_sum(masked, scratch);
+  const double all = ordered_sum(partials, 2, 0, chunks, scratch);
+  const double masked = ordered_sum(partials + 1, 2, 0, chunks, scratch);
   if (threadIdx.x == 0) {
     out[0] = static_cast<float>(all);
     out[1] = static_cast<float>(masked);

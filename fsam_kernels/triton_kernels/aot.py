@@ -28,10 +28,10 @@ from triton.runtime.jit import JITFunction
 from .._layout import CHUNK_BYTES, FIRST_HIST_SIZE, RADIX_HIST_SIZES, RADIX_STATE_SIZE, total_chunks
 from .._schemas import SCHEMAS
 from ..ops import FLOAT_DTYPES, save_layout
-from . import fisher, perturb, topk
+from . import clip, fisher, perturb, topk
 from .library import _IMPLS
 
-MODULES = (fisher, perturb, topk)
+MODULES = (clip, fisher, perturb, topk)
 SHAPES = [(5,), (3, 7), (4099,)]  # odd sizes, one over a chunk
 
 
@@ -98,6 +98,8 @@ def _argument(name, dtype, params):
         "ties": lambda: torch.zeros(chunks, dtype=torch.int64),
         "ties_before": lambda: torch.zeros(chunks, dtype=torch.int64),
         "candidates": lambda: torch.zeros(64, dtype=torch.int64),
+        "tensors": lambda: params, "norms": lambda: torch.rand(len(params)), "max_norm": lambda: 0.05,
+        "eps": lambda: 1e-6,
     }
     if name not in values:
         raise KeyError(f"aot: no sample value for argument {name!r} of a Triton op: add one to _argument")

@@ -3,7 +3,7 @@ fsam_kernels/_schemas.py, impls for CUDA tensors and for CPU tensors under the i
 fake impls for torch.compile, which treats them as opaque calls)."""
 from .._fakes import register_fakes
 from .._schemas import SCHEMAS, define
-from . import fisher, perturb, topk
+from . import clip, fisher, perturb, topk
 
 _IMPLS = {
     "fisher_accumulate_": fisher.fisher_accumulate_,
@@ -14,6 +14,8 @@ _IMPLS = {
     "grad_sumsq": perturb.grad_sumsq,
     "perturb_": perturb.perturb_,
     "restore_": perturb.restore_,
+    "tensor_sumsq": clip.tensor_sumsq,
+    "clip_scale_": clip.clip_scale_,
 }
 
 assert set(_IMPLS) == set(SCHEMAS), "every op needs a Triton impl"

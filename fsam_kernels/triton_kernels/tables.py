@@ -21,6 +21,7 @@ class Group:
     chunk_start: torch.Tensor   # int64 [chunks]: first element of the chunk in its tensor
     chunk_index: torch.Tensor   # int64 [chunks]: position of the chunk in the whole list
     numel: torch.Tensor         # int64 [members]
+    positions: torch.Tensor     # int64 [members]: `members` on the device
 
     @property
     def chunks(self):
@@ -49,7 +50,8 @@ def _groups(signature, device):
                 index.append(first_chunk + c)
         groups.append(Group(dtype, tuple(m[0] for m in members), _to_device(tensor, torch.int32, device),
                             _to_device(start, torch.int64, device), _to_device(index, torch.int64, device),
-                            _to_device([m[1] for m in members], torch.int64, device)))
+                            _to_device([m[1] for m in members], torch.int64, device),
+                            _to_device([m[0] for m in members], torch.int64, device)))
     return tuple(g for g in groups if g.chunks)
 
 
@@ -57,6 +59,19 @@ def groups(tensors):
     """The dtype groups of a list (tensors of 0 elements take no chunk)."""
     device = tensors[0].device
     return _groups(tuple((t.numel(), t.dtype) for t in tensors), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _first_chunks(numels, device):
+    first = [0]
+    for n in numels:
+        first.append(first[-1] + num_chunks(n))
+    return _to_device(first, torch.int64, device)
+
+
+def first_chunks(tensors):
+    """int64 [len + 1] on the list's device: each tensor's first chunk in the list, then the total."""
+    return _first_chunks(tuple(t.numel() for t in tensors), tensors[0].device)
 
 
 @functools.lru_cache(maxsize=256)

@@ -102,7 +102,9 @@ def test_fake_impls_carry_cuda_tensors():
         stats = fsam.grad_sumsq(params, grads, bits, False, 0.0)
         fsam.perturb_(params, grads, bits, offsets, saved, scale, False, 0.0)
         fsam.restore_(params, bits, offsets, saved)
-        return ties, bits, counts, stats
+        sums = fsam.tensor_sumsq(grads)
+        fsam.clip_scale_(grads, sums.sqrt().float(), 0.5, 1e-6)
+        return ties, bits, counts, stats, sums
 
     with FakeTensorMode():
         shapes = [(5000,), (3, 7), (64,)]
@@ -112,10 +114,11 @@ def test_fake_impls_carry_cuda_tensors():
                 torch.zeros(RADIX_HIST_SIZES[0], dtype=torch.int64, device="cuda"),
                 torch.zeros(total_chunks(params), dtype=torch.int64, device="cuda"),
                 torch.empty(4096, dtype=torch.uint8, device="cuda"), torch.tensor(0.1, device="cuda"))
-        ties, bits, counts, stats = everything(*args)
+        ties, bits, counts, stats, sums = everything(*args)
         graph = make_fx(everything, tracing_mode="fake")(*args)
     chunks = total_chunks(params)
-    assert ties.device.type == bits.device.type == counts.device.type == stats.device.type == "cuda"
+    assert ties.device.type == bits.device.type == counts.device.type == stats.device.type == sums.device.type == "cuda"
+    assert (sums.shape, sums.dtype) == ((len(shapes),), torch.float64)
     assert (ties.shape, ties.dtype) == ((chunks,), torch.int64)
     assert (bits.shape, bits.dtype) == ((chunks * CHUNK_BYTES,), torch.uint8)
     assert (counts.shape, counts.dtype) == ((chunks,), torch.int32)

@@ -52,6 +52,9 @@ def test_opcheck_all_ops(namespace, device):
     torch.library.opcheck(fsam.grad_sumsq.default, (params, [None, grads[1], None], None))
     torch.library.opcheck(fsam.perturb_.default, (params, grads, bits, offsets, saved, scale, False, 0.0))
     torch.library.opcheck(fsam.restore_.default, (params, bits, offsets, saved))
+    torch.library.opcheck(fsam.tensor_sumsq.default, (grads,))
+    norms = fsam.tensor_sumsq(grads).sqrt().float()
+    torch.library.opcheck(fsam.clip_scale_.default, ([g.clone() for g in grads], norms, 0.5, 1e-6))
 
 
 @CASES

@@ -113,6 +113,17 @@ struct SumsqTerm {
   }
 };
 
+// Component-wise clipping's factor for a tensor of L2 norm `norm`: min(1, max_norm / (norm + eps)),
+// as torch.nn.utils.clip_grad_norm_ forms it for one tensor.  A NaN norm gives NaN (as torch's
+// clamp keeps it), an infinite one 0.
+struct ClipCoefficient {
+  float max_norm, eps;
+  C10_HOST_DEVICE float operator()(float norm) const {
+    const float c = max_norm / (norm + eps);
+    return c > 1.0f ? 1.0f : c;
+  }
+};
+
 // The perturbed weight w + scale * T^2 g, rounded to fp32 (then to the weight's dtype).
 template <bool kAdaptive>
 struct Perturbation {

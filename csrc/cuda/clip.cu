@@ -1,0 +1,108 @@
+// Component-wise gradient-norm clipping (Yang & Ma, 2022): the per-tensor sums of squares (the
+// chunk partials of the norm, sumsq.cuh, then one block per tensor adding its chunks in a fixed
+// order) and the scaling of each tensor by its clip factor.  The CUDA impls; no host sync.
+#include "multi_tensor.cuh"
+#include "sumsq.cuh"
+
+#include <fsam/checks.h>
+#include <fsam/dispatch.h>
+#include <fsam/functors.h>
+
+namespace fsam::cuda {
+namespace {
+
+// sums[t] = the chunk partials of tensor t (chunks first[t] to first[t + 1]), in fp64.
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) tensor_sums_kernel(const double* partials,
+                                                                               const int64_t* first, int64_t tensors,
+                                                                               double* sums) {
+  __shared__ double scratch[kWarps];
+  for (int64_t t = blockIdx.x; t < tensors; t += gridDim.x) {
+    const double s = ordered_sum(partials, 2, first[t], first[t + 1], scratch);
+    if (threadIdx.x == 0) sums[t] = s;
+  }
+}
+
+// Each chunk times its tensor's clip factor; role 1 of the table points at the tensor's norm.
+template <typename T>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) clip_scale_kernel(TensorTable table,
+                                                                              ClipCoefficient coefficient) {
+  constexpr int N = kPack<T>;
+  for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
+    const Chunk ch = locate(table, c);
+    const float f = coefficient(*reinterpret_cast<const float*>(table.addr[1][ch.member]));
+    T* x = chunk_data<T>(table, 0, ch);
+    for_each_pack<N>(ch.n, aligned(x, 16), [&](int i, auto width) {
+      constexpr int W = decltype(width)::value;
+      T v[W];
+      load<W>(x + i, v);
+#pragma unroll
+      for (int j = 0; j < W; ++j) v[j] = static_cast<T>(static_cast<float>(v[j]) * f);
+      store<W>(x + i, v);
+    });
+  }
+}
+
+// The device of a list (the current one for an empty list: no kernel runs then).
+c10::Device device_of(at::TensorList tensors) {
+  return tensors.empty() ? c10::Device(kCUDA, c10::cuda::current_device()) : tensors[0].device();
+}
+
+at::Tensor tensor_sumsq_cuda(at::TensorList tensors) {
+  const char* op = "tensor_sumsq";
+  const c10::Device device = device_of(tensors);
+  check_float_list(tensors, device, op, "tensors");
+  const ListChunks list(tensors);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  const auto options = at::TensorOptions().dtype(at::kDouble).device(device);
+  if (list.total == 0) return at::zeros({n}, options);
+  const c10::cuda::CUDAGuard guard(device);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto partials = at::empty({2 * list.total}, options);  // every chunk writes its two
+  const std::vector<const void*> data = data_ptrs(tensors);
+  for_each_group(list, dtypes_of(tensors), {data, data}, device, [&](at::ScalarType dtype, const TensorTable& t,
+                                                                      unsigned grid) {
+    FSAM_DISPATCH_FLOATS(dtype, "tensor_sumsq", [&] {
+      sumsq_kernel<scalar_t, false><<<grid, kBlock, 0, stream>>>(t, nullptr, partials.data_ptr<double>(), 0.0f);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  // each tensor's first chunk, then the total: one pinned, non-blocking copy
+  auto first = at::empty({n + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(list.first.begin(), list.first.end(), first.data_ptr<int64_t>());
+  first.data_ptr<int64_t>()[n] = list.total;
+  const at::Tensor first_d = first.to(device, /*non_blocking=*/true);
+  auto sums = at::empty({n}, options);
+  tensor_sums_kernel<<<resident_grid(n, n, sm_count(device)), kBlock, 0, stream>>>(
+      partials.const_data_ptr<double>(), first_d.const_data_ptr<int64_t>(), n, sums.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return sums;
+}
+
+void clip_scale_cuda(at::TensorList tensors, const at::Tensor& norms, double max_norm, double eps) {
+  const char* op = "clip_scale_";
+  const c10::Device device = tensors.empty() ? norms.device() : tensors[0].device();
+  check_float_list(tensors, device, op, "tensors");
+  check_buffer(norms, at::kFloat, static_cast<int64_t>(tensors.size()), device, op, "norms");
+  const ListChunks list(tensors);
+  std::vector<const void*> norm_of(tensors.size());  // role 1: each tensor's norm
+  for (size_t i = 0; i < tensors.size(); ++i) norm_of[i] = norms.const_data_ptr<float>() + i;
+  const c10::cuda::CUDAGuard guard(device);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const ClipCoefficient coefficient{static_cast<float>(max_norm), static_cast<float>(eps)};
+  for_each_group(list, dtypes_of(tensors), {data_ptrs(tensors), norm_of}, device,
+                 [&](at::ScalarType dtype, const TensorTable& t, unsigned grid) {
+                   FSAM_DISPATCH_FLOATS(dtype, "clip_scale_", [&] {
+                     clip_scale_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(t, coefficient);
+                     C10_CUDA_KERNEL_LAUNCH_CHECK();
+                   });
+                 });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam, CUDA, m) {
+  m.impl("tensor_sumsq", &tensor_sumsq_cuda);
+  m.impl("clip_scale_", &clip_scale_cuda);
+}
+
+}  // namespace fsam::cuda
