@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
+from ..clipping import CLIP_MODES, clip_gradients_
 from ..fsam import FSAM
 from ..sam import SAM
 from ..training import sharpness_passes
@@ -114,13 +115,16 @@ class FineTuningTrainer(Trainer):
 
     Gradient accumulation: the first-pass gradient is accumulated over the window's
     micro-batches, the weights are perturbed once, and the second pass accumulates over the same
-    micro-batches.  max_grad_norm clips the second-pass gradient after unscaling.  fp16: the
+    micro-batches.  max_grad_norm clips the second-pass gradient after unscaling: as a whole
+    (grad_clip="global", the Trainer's own clipping) or each parameter tensor on its own
+    (grad_clip="componentwise": fsam_kernels.clip_grad_norm_componentwise_ with
+    c = args.max_grad_norm; with method=None too, i.e. AdamW with component-wise clipping).  fp16: the
     first pass is unscaled before first_step; an overflow skips the perturbation, the second
     pass and the base step (the scaler backs off).  The logged loss is the first pass's.
     """
 
-    def __init__(self, *args, method=_UNSET, method_kwargs=_UNSET, sync_perturbation=False, sharpness=_UNSET,
-                 sharpness_kwargs=_UNSET, **kwargs):
+    def __init__(self, *args, method=_UNSET, method_kwargs=_UNSET, sync_perturbation=False, grad_clip="global",
+                 sharpness=_UNSET, sharpness_kwargs=_UNSET, **kwargs):
         names = ("method", "method_kwargs")
         if sharpness is not _UNSET or sharpness_kwargs is not _UNSET:  # the older names
             if method is not _UNSET or method_kwargs is not _UNSET:
@@ -140,6 +144,12 @@ class FineTuningTrainer(Trainer):
         if method is not None and given is not None and not isinstance(given, registered):
             raise ValueError(f"optimizers= holds an optimizer that is not {'/'.join(c.__name__ for c in registered)}: "
                              f"pass {names[0]}=None to use it")
+        if grad_clip not in CLIP_MODES:
+            raise ValueError(f"grad_clip must be one of {CLIP_MODES}, got {grad_clip!r}")
+        if grad_clip != "global" and not callable(getattr(Trainer, "_clip_grad_norm", None)):
+            raise NotImplementedError("grad_clip='componentwise' replaces Trainer._clip_grad_norm, which this "
+                                      "version of transformers does not have")
+        self.grad_clip = grad_clip
         self.method = method
         self.method_kwargs = dict(method_kwargs or {})
         self.sync_perturbation = bool(sync_perturbation)
@@ -180,6 +190,17 @@ class FineTuningTrainer(Trainer):
         self.method_optimizer = METHODS[self.method](groups, base_cls, **self.method_kwargs, **base_kwargs)
         self.optimizer = _BaseStepOptimizer(self.method_optimizer)
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        """The Trainer's clipping, once per optimizer step after the all-reduce; component-wise
+        on request.  Returns the norm of the whole gradient before clipping, for the logs."""
+        if self.grad_clip == "global":
+            return super()._clip_grad_norm(model)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError("grad_clip='componentwise' under DeepSpeed or accelerate's FSDP")
+        self.accelerator.unscale_gradients()  # what accelerator.clip_grad_norm_ does first
+        backend = None if self.method_optimizer is None else self.method_optimizer.backend
+        return clip_gradients_(model.parameters(), self.args.max_grad_norm, self.grad_clip, backend=backend)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.method_optimizer is None:

@@ -34,42 +34,83 @@ def args(tmp_path, **kw):
     return TrainingArguments(**{**base, **kw})
 
 
-def trainer(tmp_path, model=None, sharpness="fsam", sharpness_kwargs=FSAM_KW, sync_perturbation=False, **kw):
+def trainer(tmp_path, model=None, sharpness="fsam", sharpness_kwargs=FSAM_KW, sync_perturbation=False,
+            grad_clip="global", **kw):
     model = tiny_bert(0) if model is None else model
     # BERT's classification loss ignores num_items_in_batch, and the Trainer would then sum the
     # micro-batch means; this makes it average them (the same for every optimizer).
     model.accepts_loss_kwargs = False
     return FSAMTrainer(model=model, args=args(tmp_path, **kw), train_dataset=Examples(), sharpness=sharpness,
-                       sharpness_kwargs=sharpness_kwargs if sharpness else None, sync_perturbation=sync_perturbation)
+                       sharpness_kwargs=sharpness_kwargs if sharpness else None, sync_perturbation=sync_perturbation,
+                       grad_clip=grad_clip)
 
 
-def test_step_is_fsam_by_hand(tmp_path):
-    """Accumulation 2: perturb once from the window's gradient, the second pass over the same
-    micro-batches, clip the second-pass gradient, AdamW with the Trainer's decay groups."""
-    t = trainer(tmp_path, gradient_accumulation_steps=2)
-    t.train()
-    model = tiny_bert(0)
+def clip_by_hand(model, max_norm, mode):
+    """torch's clip_grad_norm_ over the whole gradient, or over each tensor alone: whether it clipped."""
+    groups = [list(model.parameters())] if mode == "global" else [[p] for p in model.parameters()
+                                                                   if p.grad is not None]
+    return sum(int(torch.nn.utils.clip_grad_norm_(g, max_norm) > max_norm) for g in groups) > 0
+
+
+def windows(step):
+    items = Examples().items
+    window = [items[8 * step + 4 * i: 8 * step + 4 * i + 4] for i in range(2)]
+    return [{k: torch.stack([x[k] for x in mb]) for k in mb[0]} for mb in window]
+
+
+def decay_groups(t, model):
     named = list(model.named_parameters())
     decay = set(t.get_decay_parameter_names(model))
-    opt = FSAM([{"params": [(n, p) for n, p in named if n in decay], "weight_decay": 0.01},
-                {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0}],
-               torch.optim.AdamW, lr=1e-3, **FSAM_KW)
-    items = Examples().items
+    return [{"params": [(n, p) for n, p in named if n in decay], "weight_decay": 0.01},
+            {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("mode", ["global", "componentwise"])
+def test_step_is_fsam_by_hand(tmp_path, mode):
+    """Accumulation 2: perturb once from the window's gradient, the second pass over the same
+    micro-batches, clip the second-pass gradient (once, as a whole or per tensor), AdamW with the
+    Trainer's decay groups."""
+    c = {"global": 0.3, "componentwise": 0.05}[mode]  # each clips in this run
+    t = trainer(tmp_path, gradient_accumulation_steps=2, grad_clip=mode, max_grad_norm=c)
+    t.train()
+    model = tiny_bert(0)
+    opt = FSAM(decay_groups(t, model), torch.optim.AdamW, lr=1e-3, **FSAM_KW)
     clipped = 0
     for step in range(3):
-        window = [items[8 * step + 4 * i: 8 * step + 4 * i + 4] for i in range(2)]
-        window = [{k: torch.stack([x[k] for x in mb]) for k in mb[0]} for mb in window]
+        window = windows(step)
         for mb in window:
             (model(**mb).loss / 2).backward()
         opt.first_step(zero_grad=True)
         for mb in window:
             (model(**mb).loss / 2).backward()
-        clipped += torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3) > 0.3
+        clipped += clip_by_hand(model, c, mode)
         opt.second_step(zero_grad=True)
     assert clipped  # the clip mattered in this run
     for (n, a), b in zip(t.model.named_parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
     assert t.sharpness_optimizer._step_count == 3
+    assert all(h["grad_norm"] > 0 for h in t.state.log_history if "loss" in h)
+
+
+def test_adamw_with_componentwise_clipping_is_by_hand(tmp_path):
+    """method=None keeps the Trainer's AdamW; the clip is still component-wise, once a window."""
+    t = trainer(tmp_path, sharpness=None, gradient_accumulation_steps=2, grad_clip="componentwise", max_grad_norm=0.1)
+    t.train()
+    model = tiny_bert(0)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items()} | {"params": [p for _, p in g["params"]]}
+                             for g in decay_groups(t, model)], lr=1e-3)
+    clipped = 0
+    for step in range(3):
+        for mb in windows(step):
+            (model(**mb).loss / 2).backward()
+        clipped += clip_by_hand(model, 0.1, "componentwise")
+        opt.step()
+        opt.zero_grad()
+    assert clipped
+    for (n, a), b in zip(t.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="grad_clip must be one of"):
+        trainer(tmp_path, grad_clip="layerwise")
 
 
 def test_logs_and_schedulers(tmp_path):

@@ -16,6 +16,7 @@ from fsam_kernels.training import sharpness_step
 
 WORLD, MICRO, STEPS = 2, 2, 3
 KW = dict(rho=0.2, sparsity=0.7, mask_interval=2, lr=1e-2)
+MAX_NORM = {"global": 0.5, "componentwise": 0.1}  # each clips some steps' gradients
 
 
 def mlp():
@@ -34,22 +35,22 @@ def loss_of(model, b):
     return torch.nn.functional.cross_entropy(model(b[0]), b[1])
 
 
-def worker(rank, init_file, out_dir, sync):
+def worker(rank, init_file, out_dir, sync, clip):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     model = mlp()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = FSAM(model.named_parameters(), torch.optim.AdamW, **KW)
     for step in range(STEPS):
-        sharpness_step(opt, micro_batches(step, rank), lambda b: loss_of(ddp, b), model=ddp, max_grad_norm=0.5,
-                       sync_perturbation=sync)
+        sharpness_step(opt, micro_batches(step, rank), lambda b: loss_of(ddp, b), model=ddp,
+                       max_grad_norm=MAX_NORM[clip], clip=clip, sync_perturbation=sync)
     torch.save({"params": [p.detach().clone() for p in model.parameters()], "mask": opt.mask_bits.clone()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def run_ddp(tmp_path, sync):
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), sync), nprocs=WORLD, join=True)
+def run_ddp(tmp_path, sync, clip="global"):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), sync, clip), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -58,11 +59,20 @@ def assert_params_close(params, model):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
 
+def clip_by_hand(model, max_norm, clip):
+    """torch's clip_grad_norm_ over the whole gradient, or over each tensor alone; how many it clipped."""
+    groups = [list(model.parameters())] if clip == "global" else [[p] for p in model.parameters()]
+    return sum(int(torch.nn.utils.clip_grad_norm_(group, max_norm) > max_norm) for group in groups)
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-def test_synchronized_perturbation_is_the_whole_batch_step(tmp_path):
-    ranks = run_ddp(tmp_path, sync=True)
+@pytest.mark.parametrize("clip", ["global", "componentwise"])
+def test_synchronized_perturbation_is_the_whole_batch_step(tmp_path, clip):
+    """...and the clip, of either mode, acts on the all-reduced second-pass gradient."""
+    ranks = run_ddp(tmp_path, sync=True, clip=clip)
     model = mlp()
     opt = FSAM(model.named_parameters(), torch.optim.AdamW, **KW)
+    clipped = 0
     for step in range(STEPS):
         window = [b for r in range(WORLD) for b in micro_batches(step, r)]
         for b in window:
@@ -70,8 +80,9 @@ def test_synchronized_perturbation_is_the_whole_batch_step(tmp_path):
         opt.first_step(zero_grad=True)
         for b in window:
             (loss_of(model, b) / len(window)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        clipped += clip_by_hand(model, MAX_NORM[clip], clip)
         opt.second_step(zero_grad=True)
+    assert clipped > 0  # the clip did something
     assert torch.equal(ranks[0]["mask"], ranks[1]["mask"])  # one perturbation for all replicas
     assert torch.equal(ranks[0]["mask"], opt.mask_bits)
     for r in ranks:

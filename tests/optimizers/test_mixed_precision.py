@@ -114,37 +114,51 @@ def test_second_pass_overflow_skips_only_the_step():
     assert opt.mask_bits is not None  # the first pass was fine: its mask stands
 
 
-def test_sharpness_step_accumulation_and_clipping():
+def clip_by_hand(params, max_norm, mode):
+    """torch's clip_grad_norm_ on the whole gradient, or on each tensor alone; whether it clipped."""
+    groups = [list(params)] if mode == "global" else [[p] for p in params if p.grad is not None]
+    norms = [torch.nn.utils.clip_grad_norm_(g, max_norm) for g in groups]  # every group, no short cut
+    return any(bool(n > max_norm) for n in norms)
+
+
+@pytest.mark.parametrize("mode", ["global", "componentwise"])
+def test_sharpness_step_accumulation_and_clipping(mode):
     """Two micro-batches: one perturbation from their mean gradient, the second pass averaged at
-    it, the second-pass gradient clipped; against the optimizer's own API by hand."""
+    it, the second-pass gradient clipped once; against the optimizer's own API by hand."""
     m1, o1 = make()
     m2, o2 = make()
     parts = [{k: v[i::2] for k, v in batch(0).items()} for i in range(2)]
-    sharpness_step(o1, parts, lambda b: m1(**b).loss, max_grad_norm=0.1)
+    sharpness_step(o1, parts, lambda b: m1(**b).loss, max_grad_norm=0.1, clip=mode)
     for b in parts:
         (m2(**b).loss / 2).backward()
     o2.first_step(zero_grad=True)
     for b in parts:
         (m2(**b).loss / 2).backward()
-    norm = torch.nn.utils.clip_grad_norm_(m2.parameters(), 0.1)
-    assert norm > 0.1  # the clip did something
+    assert clip_by_hand(m2.parameters(), 0.1, mode)  # the clip did something
     o2.second_step(zero_grad=True)
-    assert_bits_equal(snapshot(m1), snapshot(m2))
+    if mode == "global":
+        assert_bits_equal(snapshot(m1), snapshot(m2))
+    else:  # the fused per-tensor norms round apart from torch's
+        for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
     with pytest.raises(ValueError, match="max_grad_norm"):
         sharpness_step(o1, parts, lambda b: m1(**b).loss, max_grad_norm=0)
+    with pytest.raises(ValueError, match="clip must be one of"):
+        sharpness_step(o1, parts, lambda b: m1(**b).loss, max_grad_norm=0.1, clip="per-layer")
     with pytest.raises(ValueError, match="empty"):
         sharpness_step(o1, [], lambda b: m1(**b).loss)
 
 
-def test_sharpness_step_scaler_with_clipping_matches_unscaled():
+@pytest.mark.parametrize("mode", ["global", "componentwise"])
+def test_sharpness_step_scaler_with_clipping_matches_unscaled(mode):
     """Both unscales in one iteration (the optimizer's for the first pass, the base's for the
     clip of the second) and the clip see the true gradient."""
     m1, o1 = make()
     m2, o2 = make()
     sc = scaler()
     for s in range(3):
-        sharpness_step(o1, [batch(s)], lambda b: m1(**b).loss, max_grad_norm=0.1)
-        sharpness_step(o2, [batch(s)], lambda b: m2(**b).loss, max_grad_norm=0.1, scaler=sc)
+        sharpness_step(o1, [batch(s)], lambda b: m1(**b).loss, max_grad_norm=0.1, clip=mode)
+        sharpness_step(o2, [batch(s)], lambda b: m2(**b).loss, max_grad_norm=0.1, clip=mode, scaler=sc)
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
     assert sc.get_scale() == 2.0**12
