@@ -33,6 +33,21 @@ def topk_kthvalue(S, k):
     return [s.abs() >= threshold for s in S]
 
 
+def clip_published(P, max_norm):
+    """Component-wise clipping as the official code does it (yangalan123/FineTuningStability): one
+    torch.nn.utils.clip_grad_norm_ call per parameter tensor."""
+    for p in P:
+        torch.nn.utils.clip_grad_norm_([p], max_norm)
+
+
+def clip_foreach(G, max_norm):
+    """The best of plain PyTorch: every norm in one _foreach_norm, the factors as a tensor, one
+    _foreach_mul_ (no host sync)."""
+    norms = torch.stack(torch._foreach_norm(G))
+    factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    torch._foreach_mul_(G, list(factors.unbind()))
+
+
 def perturb_published(P, G, masks, rho):
     """davda54/sam's norm, official FSAM's masked e_w, kept for second_step."""
     norm = torch.norm(torch.stack([g.norm(p=2) for g in G]), p=2)

@@ -1,17 +1,18 @@
 """Kernel microbenchmarks: each family (Fisher accumulation, top-k mask, norm + perturb,
-restore) on one parameter list, every provider side by side."""
+restore, component-wise clipping) on one parameter list, every provider side by side."""
 import torch
 
-from fsam_kernels import backends, radix_topk
+from fsam_kernels import backends, clip_grad_norm_componentwise_, radix_topk
 from fsam_kernels._layout import ChunkLayout
 
 from . import anchors
 from .param_lists import dtype_of, random_tensors, shapes_for
 from .timing import measure, rotation
 
-FAMILIES = ("fisher", "topk", "perturb", "restore")
+FAMILIES = ("fisher", "topk", "perturb", "restore", "clip")
 DENSITY = 0.1  # keep 10 % (s = 0.9)
 RHO = 0.05
+CLIP = 1e-3  # below every tensor's norm: each one is scaled
 
 
 def bytes_per_param(family):
@@ -21,6 +22,7 @@ def bytes_per_param(family):
         "topk": 4.0 + 1 / 8,                          # one read of the scores + the mask write (the floor)
         "perturb": 4.0 + 8.0 + 1 / 8 + 8 * DENSITY,   # norm reads g; perturb reads g, w, mask, writes w, saved
         "restore": 1 / 8 + 8 * DENSITY,               # mask, saved read, w written: masked entries only
+        "clip": 4.0 + 8.0,                            # the norms read g; the scaling reads and writes it
     }[family]
 
 
@@ -31,6 +33,11 @@ def _inputs(family, shapes, device, seed, k, dtype):
         x["F"] = random_tensors(shapes, device, seed=seed + 1, positive=True)
         return x
     if family == "topk":
+        return x
+    if family == "clip":
+        x["P"] = [torch.nn.Parameter(torch.empty_like(g)) for g in G]
+        for p, g in zip(x["P"], G):
+            p.grad = g
         return x
     x["P"] = random_tensors(shapes, device, dtype, seed=seed + 2)
     # One selection for every provider: the k largest |g|.
@@ -80,6 +87,11 @@ def providers(family, device, ours, with_compile):
                     perturb(x["P"], x["G"], x["bits"], x["offsets"], x["saved"], scale, False, 0.0)
                 return fn
             p[f"fsam-{b}"] = setup
+    elif family == "clip":
+        p["published-per-tensor"] = lambda x: lambda: anchors.clip_published(x["P"], CLIP)
+        p["foreach"] = lambda x: lambda: anchors.clip_foreach(x["G"], CLIP)
+        for b in ours:
+            p[f"fsam-{b}"] = lambda x, b=b: lambda: clip_grad_norm_componentwise_(x["P"], CLIP, backend=b)
     elif family == "restore":
         def published(x):
             saved = anchors.perturb_published(x["P"], x["G"], x["masks"], RHO)
@@ -99,7 +111,7 @@ def run(family, spec, device, ours, *, with_compile, min_time, copy_gbps, only=N
     n = sum(torch.Size(s).numel() for _, s in shapes)
     k = int(n * DENSITY)
     dtype = dtype_of(spec)
-    working = 4 * n * {"fisher": 2, "topk": 1, "perturb": 4, "restore": 4}[family]
+    working = 4 * n * {"fisher": 2, "topk": 1, "perturb": 4, "restore": 4, "clip": 1}[family]
     rows = []
     for name, setup in providers(family, device, ours, with_compile).items():
         if only and not any(o in name for o in only):

@@ -28,8 +28,16 @@ inline std::array<double, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, c
   const int64_t full = n / L * L;
   // SAM's term does not depend on w: do not load it
   auto weight = [&](int64_t i) { return kAdaptive ? static_cast<float>(w[i]) : 0.0f; };
+  if (bits == nullptr) {  // no mask: one sum (the masked one is the same)
+    for (int64_t i = 0; i < full; i += L)
+      for (int l = 0; l < L; ++l) all[l] += term(weight(i + l), static_cast<float>(g[i + l]));
+    for (int64_t i = full; i < n; ++i) all[i - full] += term(weight(i), static_cast<float>(g[i]));
+    double a = 0;
+    for (int l = 0; l < L; ++l) a += all[l];
+    return {a, a};
+  }
   for (int64_t i = 0; i < full; i += L) {
-    const float* keep = kByteLanes[bits ? bits[i / L] : 0xff].data();
+    const float* keep = kByteLanes[bits[i / L]].data();
     for (int l = 0; l < L; ++l) {
       const double sq = term(weight(i + l), static_cast<float>(g[i + l]));
       all[l] += sq;
@@ -39,7 +47,7 @@ inline std::array<double, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, c
   for (int64_t i = full; i < n; ++i) {
     const double sq = term(weight(i), static_cast<float>(g[i]));
     all[i - full] += sq;
-    if (!bits || mask_bit(bits, i)) masked[i - full] += sq;
+    if (mask_bit(bits, i)) masked[i - full] += sq;
   }
   double a = 0, m = 0;
   for (int l = 0; l < L; ++l) a += all[l], m += masked[l];
