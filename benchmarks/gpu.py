@@ -147,21 +147,35 @@ def step_glue(a, env, out):
     glue_dir = a.data_dir or os.environ.get("GLUE_DIR")
     if not glue_dir:
         raise SystemExit("gpu glue: set GLUE_DIR or pass --data-dir")
-    cmd = [sys.executable, "-m", "benchmarks.finetune_glue", "--data-dir", glue_dir, "--tasks", *a.tasks,
-           "--seeds", *map(str, a.seeds), "--epochs", str(a.epochs), "--out", os.path.join(out, "glue"),
-           "--resume", "--budget-s", str(a.budget_s), *(["--model-dir", a.model_dir] if a.model_dir else []),
-           *(["--cpu"] if a.device == "cpu" else []), *(a.glue_args or [])]
-    code, seconds, output = _run_logged(cmd, os.path.join(out, "glue.log"))
-    md = os.path.join(out, "glue", "glue.md")
+    common = ["--data-dir", glue_dir, "--tasks", *a.tasks, "--budget-s", str(a.budget_s),
+              *(["--model-dir", a.model_dir] if a.model_dir else []), *(["--cpu"] if a.device == "cpu" else [])]
+    if a.fewshot:  # the few-shot study (benchmarks/fewshot_glue.py): every optimizer, the clip sweep
+        name, md_name = "fewshot_glue", "fewshot.md"
+        cmd = [sys.executable, "-m", "benchmarks.fewshot_glue", *common, "--seeds", *map(str, a.seeds or range(5)),
+               "--sizes", *map(str, FEWSHOT_SIZES), "--epochs", *map(str, FEWSHOT_EPOCHS),
+               "--optimizers", *FEWSHOT_OPTIMIZERS, "--clip-norms", *map(str, CLIP_NORMS),
+               "--out", os.path.join(out, name)]
+    else:
+        name, md_name = "glue", "glue.md"
+        cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *common, "--seeds", *map(str, a.seeds or range(3)),
+               "--epochs", str(a.epochs), "--out", os.path.join(out, name), "--resume"]
+    cmd += a.glue_args or []
+    code, seconds, output = _run_logged(cmd, os.path.join(out, f"{name}.log"))
+    md = os.path.join(out, name, md_name)
     table = "(no run finished)"
     if os.path.exists(md):
         with open(md) as f:
             table = f.read().split("\n\n", 2)[-1]
     left = [x for x in output.splitlines() if x.startswith("left for the next call")]
-    _write_summary(out, "glue", env, f"exit {code}, {seconds:.0f} s in this call. {left[-1] if left else 'All runs done.'}"
+    _write_summary(out, name, env, f"exit {code}, {seconds:.0f} s in this call. {left[-1] if left else 'All runs done.'}"
                                       f"\n\n{table}")
     return 0 if code == 0 else 1
 
+
+# The few-shot study's plan on a GPU: every task of GLUE_TASKS, n = 100 and 1000, the papers' clip sweep.
+FEWSHOT_SIZES, FEWSHOT_EPOCHS = (100, 1000), (20, 5)
+FEWSHOT_OPTIMIZERS = ("adamw", "sam", "fsam", "adamw-clip")
+CLIP_NORMS = (0.01, 0.05, 0.1, 0.5, 1.0)
 
 STEPS = {"test": step_test, "sanitize": step_sanitize, "bench": step_bench, "glue": step_glue}
 
@@ -176,7 +190,8 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", help="GLUE data (default: $GLUE_DIR)")
     ap.add_argument("--model-dir", help="the MiniLM folder (e.g. the half-precision copy of `make gpu-carry`)")
     ap.add_argument("--tasks", nargs="+", default=list(GLUE_TASKS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, help="default 0 1 2 (the few-shot study: 0 to 4)")
+    ap.add_argument("--fewshot", action="store_true", help="glue: the few-shot study instead of full training")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--pytest-args", nargs=argparse.REMAINDER, help="test: what pytest runs (default: tests)")
     ap.add_argument("--bench-args", nargs=argparse.REMAINDER, help="bench: more flags for benchmarks.run")

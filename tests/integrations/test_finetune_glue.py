@@ -1,5 +1,6 @@
-"""benchmarks/finetune_glue.py: the GLUE file formats, the official metrics, the clear
-message without data, and one whole run on a tiny random BERT."""
+"""benchmarks/finetune_glue.py and the few-shot study on it (benchmarks/fewshot_glue.py): the GLUE
+file formats, the official metrics and baselines, the few-shot draws, the clear message without
+data, and whole runs on a tiny random BERT."""
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import fewshot_glue
 from benchmarks import finetune_glue as fg
 from models import tiny_bert
 
@@ -105,4 +107,59 @@ def test_append_replaces_only_the_rerun(tmp_path):
     assert [c["command"] for c in saved["commands"]] == ["first", "second"]
     assert sorted((r["optimizer"], r["score"]) for r in saved["runs"]) == [("adamw", 0.7), ("fsam", 0.6)]
     md = (tmp_path / "glue.md").read_text()
-    assert md.index("| rte | adamw") < md.index("| rte | fsam") and "70.00" in md
+    assert md.index("| adamw |") < md.index("| fsam |") and "70.00" in md
+
+
+def test_fewshot_draws_are_stratified_and_seeded():
+    targets = [0] * 70 + [1] * 30
+    picked = fg.fewshot_indices(targets, 10, seed=3, stratified=True)
+    assert len(picked) == len(set(picked)) == 10 and sorted(picked) == picked
+    assert sum(targets[i] for i in picked) == 3  # the labels in their training-set proportions
+    assert picked == fg.fewshot_indices(targets, 10, seed=3, stratified=True)
+    assert picked != fg.fewshot_indices(targets, 10, seed=4, stratified=True)
+    odd = fg.fewshot_indices([0] * 5 + [1] * 4 + [2] * 2, 4, seed=0, stratified=True)  # largest remainders
+    assert len(odd) == 4 and sorted(odd) == odd
+    assert len(fg.fewshot_indices([0.5] * 50, 7, seed=0, stratified=False)) == 7
+    with pytest.raises(ValueError, match="the training set has 50 examples"):
+        fg.fewshot_indices([0.5] * 50, 51, seed=0, stratified=False)
+
+
+def test_baselines_of_a_model_that_learned_nothing():
+    assert fg.baseline("rte", [1, 0, 0, 0]) == 0.75
+    assert fg.baseline("sst2", [1, 1, 0]) == pytest.approx(2 / 3)
+    assert fg.baseline("mrpc", [1, 0, 0, 1]) == pytest.approx(2 * 2 / (2 * 2 + 2))
+    assert fg.baseline("cola", [1, 0]) == 0.0 and fg.baseline("stsb", [0.1, 4.0]) == 0.0
+
+
+def test_clip_norms_expand_only_the_componentwise_runs():
+    a = fg.parse_args(["--tasks", "rte", "--optimizers", "adamw", "adamw-clip", "--seeds", "0", "1",
+                       "--clip-norms", "0.01", "0.1"])
+    plan = fg.planned_runs(a)
+    assert [(r["optimizer"], r["clip_norm"], r["seed"]) for r in plan] == [
+        ("adamw", None, 0), ("adamw-clip", 0.01, 0), ("adamw-clip", 0.1, 0),
+        ("adamw", None, 1), ("adamw-clip", 0.01, 1), ("adamw-clip", 0.1, 1)]
+    assert fg.label(plan[1]) == "adamw-clip c=0.01" and fg.label(plan[0]) == "adamw"
+
+
+def test_fewshot_study_end_to_end(tmp_path, data_dir):
+    """Two sizes, two optimizers, two seeds through the study driver: per-size results, the
+    combined report with failures, the plot, and a second call that has nothing left to run."""
+    model = tiny_model_dir(tmp_path / "model", data_dir)
+    out = tmp_path / "study"
+    argv = ["--sizes", "4", "6", "--epochs", "1", "1", "--out", str(out), "--data-dir", str(data_dir),
+            "--model-dir", model, "--tasks", "rte", "--optimizers", "adamw", "adamw-clip", "--clip-norms", "0.01",
+            "--seeds", "0", "1", "--max-length", "24", "--batch-size", "4", "--cpu",
+            "--work-dir", str(tmp_path / "work")]
+    fewshot_glue.main(argv)
+    runs = [r for r, _ in fewshot_glue.load_runs(str(out), [4, 6])]
+    assert sorted((r["train_examples"], fg.label(r), r["seed"]) for r in runs) == sorted(
+        (n, name, s) for n in (4, 6) for name in ("adamw", "adamw-clip c=0.01") for s in (0, 1))
+    assert all(r["failed"] == (r["score"] <= r["baseline"]) for r in runs)
+    md = (out / "fewshot.md").read_text()
+    assert "| failed |" in md and "adamw-clip c=0.01" in md and "benchmarks.finetune_glue" in md
+    assert (out / "fewshot.png").stat().st_size > 0
+    mtime = (out / "n4" / "glue_results.json").stat().st_mtime
+    fewshot_glue.main(argv)  # resumed: nothing left
+    assert (out / "n4" / "glue_results.json").stat().st_mtime == mtime
+    with pytest.raises(SystemExit):
+        fewshot_glue.main(["--sizes", "4", "--epochs", "1", "2", "--out", str(out)])

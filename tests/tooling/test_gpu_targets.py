@@ -73,3 +73,14 @@ def test_gpu_sized_lists(name, millions, dtype):
     assert millions[0] * 1e6 < n < millions[1] * 1e6 and len(shapes) > 100
     assert str(param_lists.dtype_of(name)) == f"torch.{dtype}"
     assert os.path.basename(gpu.results_dir("cpu")) == "cpu-dry-run"
+
+
+def test_glue_step_has_a_fewshot_mode(tmp_path, data_dir):  # noqa: F811
+    model = tiny_model_dir(tmp_path / "model", data_dir)
+    argv = ["glue", "--fewshot", "--device", "cpu", "--out", str(tmp_path / "res"), "--data-dir", str(data_dir),
+            "--model-dir", model, "--tasks", "rte", "--budget-s", "0"]
+    assert gpu.main(argv) == 0
+    log = (tmp_path / "res" / "fewshot_glue.log").read_text()
+    assert "benchmarks.fewshot_glue" in log and "--clip-norms 0.01 0.05 0.1 0.5 1.0" in log
+    assert "--seeds 0 1 2 3 4" in log and "--sizes 100 1000" in log
+    assert "left for the next call" in log and "left for the next call" in summary(tmp_path / "res", "fewshot_glue")
