@@ -103,7 +103,7 @@ def main(argv=None):
             print(f"left for the next call: every run of n = {n} (the budget is spent)")
             continue
         fg.main([*rest, "--fewshot", str(n), "--epochs", str(epochs), "--out", os.path.join(a.out, f"n{n}"),
-                 "--resume", *(["--budget-s", str(budget)] if budget is not None else [])])
+                 "--resume", *(["--budget-s", f"{budget:.0f}"] if budget is not None else [])])
     report(a.out, a.sizes)
     print(f"report: {os.path.join(a.out, 'fewshot.md')}")
 
