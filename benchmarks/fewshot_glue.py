@@ -57,7 +57,7 @@ def report(out, sizes):
                 f"Device: {rows[0]['device']}. A run failed when its dev score is at or below the majority-class "
                 "baseline (accuracy of the majority class, MCC 0, F1 of predicting every pair a paraphrase, "
                 "Pearson 0). Mean ± sd over the seeds (sample sd).\n\n"
-                f"{fg.table(sorted(rows, key=lambda r: (r['task'], r['train_examples'], fg.label(r), r['seed'])))}\n\n"
+                f"{fg.table(sorted(rows, key=fg.run_order))}\n\n"
                 "Made by, in this order:\n\n" + "".join(f"- {c}\n" for c in commands))
     plot(out, rows)
 
@@ -68,8 +68,7 @@ def plot(out, rows):
     import matplotlib.pyplot as plt
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     sizes = sorted({r["train_examples"] for r in rows})
-    names = list(dict.fromkeys(fg.label(r) for r in sorted(rows, key=lambda r: (list(fg.OPTIMIZERS).index(
-        r["optimizer"]), r.get("clip_norm") or 0))))
+    names = list(dict.fromkeys(fg.label(r) for r in sorted(rows, key=fg.run_order)))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for j, n in enumerate(sizes):

