@@ -2,7 +2,7 @@
 import json
 import os
 
-from benchmarks import run
+from benchmarks import kernels, run
 
 
 def test_tiny_benchmark_run(tmp_path):
@@ -13,9 +13,10 @@ def test_tiny_benchmark_run(tmp_path):
         assert os.path.getsize(out / name) > 0, name
     data = json.loads((out / "results.json").read_text())
     families = {r["family"] for r in data["kernels"]}
-    assert families == {"fisher", "topk", "perturb", "restore"}
+    assert families == set(kernels.FAMILIES) == {"fisher", "topk", "perturb", "restore", "clip"}
     providers = {r["provider"] for r in data["kernels"]}
-    assert {"published-eager", "foreach", "published-cat-topk", "cat-kthvalue", "fsam-reference"} <= providers
+    assert {"published-eager", "foreach", "published-cat-topk", "cat-kthvalue", "published-per-tensor",
+            "fsam-reference", "fsam-reference-unbuffered"} <= providers
     steps = {r["optimizer"]: r for r in data["step"]}
     assert {"adamw", "published-sam (davda54)", "published-fsam", "published-ssam-f"} <= set(steps)
     assert data["environment"]["copy_gbps"] > 0 and data["environment"]["torch"]
