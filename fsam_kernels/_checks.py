@@ -1,4 +1,4 @@
-"""Argument checks shared by the optimizers: each raises before any state changes, naming the
+"""Argument checks shared by the optimizers and clipping: each raises before any state changes, naming the
 argument."""
 
 

@@ -7,21 +7,13 @@ per-parameter Python loop.  Where it runs in a training step (after unscaling, o
 accumulation window, after the DDP all-reduce, on the gradient the base optimizer uses) is up to
 the caller: fsam_kernels.training.sharpness_step and the Trainer integration do it there.
 """
-import math
-
 import torch
 
 from . import backends
+from ._checks import check_number
 from .ops import FLOAT_DTYPES
 
 CLIP_MODES = ("global", "componentwise")
-
-
-def _check_threshold(name, value, *, positive):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (
-            positive and value == 0):
-        raise ValueError(f"{name} must be a number {'>' if positive else '>='} 0, got {value!r}")
-    return float(value)
 
 
 def _gradients(parameters):
@@ -58,8 +50,8 @@ def clip_grad_norm_componentwise_(parameters, max_norm, *, eps=1e-6, error_if_no
     on the gradients' device.  A non-finite norm clips its tensor as torch's formula does (to 0 for
     an infinite norm, to NaN for a NaN one); error_if_nonfinite=True raises instead, before any
     gradient changes (that check reads the norms back: one sync)."""
-    max_norm = _check_threshold("max_norm", max_norm, positive=False)
-    eps = _check_threshold("eps", eps, positive=False)
+    check_number("max_norm", max_norm, 0.0)
+    check_number("eps", eps, 0.0)
     grads, device = _gradients(parameters)
     if not grads:
         return torch.zeros(0, dtype=torch.float32)
@@ -69,7 +61,7 @@ def clip_grad_norm_componentwise_(parameters, max_norm, *, eps=1e-6, error_if_no
         bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
         raise RuntimeError(f"clip_grad_norm_componentwise_: the gradients at positions {bad} (among those with a "
                            "gradient) have a non-finite norm; pass error_if_nonfinite=False to clip them anyway")
-    backends.op("clip_scale_", backend)(grads, norms, max_norm, eps)
+    backends.op("clip_scale_", backend)(grads, norms, float(max_norm), float(eps))
     return norms
 
 
