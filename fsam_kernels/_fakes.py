@@ -46,3 +46,21 @@ def register_fakes(namespace):
     @torch.library.register_fake(f"{namespace}::clip_scale_")
     def _(tensors, norms, max_norm, eps):
         return None
+
+    @torch.library.register_fake(f"{namespace}::pac_noise_mask")
+    def _(params, log_stds, bases, seed, step, max_noise):
+        device = params[0].device if params else "cpu"
+        return (torch.empty(total_chunks(params) * CHUNK_BYTES, dtype=torch.uint8, device=device),
+                torch.empty(total_chunks(params), dtype=torch.int32, device=device))
+
+    @torch.library.register_fake(f"{namespace}::pac_perturb_")
+    def _(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
+        return None
+
+    @torch.library.register_fake(f"{namespace}::pac_restore_")
+    def _(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
+        return None
+
+    @torch.library.register_fake(f"{namespace}::pac_bound_grads_")
+    def _(params, grads, log_stds, log_std_grads, anchors, prior_log_stds, bases, seed, step, max_noise, coef):
+        return torch.empty(4, len(params), dtype=torch.float64, device=prior_log_stds.device)

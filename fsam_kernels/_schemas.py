@@ -15,7 +15,17 @@ read candidates[:state[STATE_CANDIDATES]] instead of the scores when that count 
 
 Component-wise clipping: tensor_sumsq gives each tensor's sum of squares (float64 [len(tensors)],
 the summation order of grad_sumsq), clip_scale_ multiplies tensor i by
-min(1, max_norm / (norms[i] + eps)) (norms: float32 [len(tensors)])."""
+min(1, max_norm / (norms[i] + eps)) (norms: float32 [len(tensors)]).
+
+PAC-tuning's noise (the generator: pac_normal in fsam_kernels/reference.py): n = exp(log_std) * clamp(eps,
+-max_noise, max_noise), eps the standard normal of counter bases[i] + element for (seed, step);
+log_stds[i] is fp32 with params[i]'s numel, or one value for the whole tensor.  pac_noise_mask
+marks the entries whose (w + n) - n is not w; pac_perturb_ adds the noise, saving the originals
+of the marked entries as perturb_ does; pac_restore_ subtracts it and writes them back.
+pac_bound_grads_ (after restore): log_std_grads[i] <- g eps e^p + (e^(2p - 2b_i) - 1) coef and
+g += e^(-2b_i) (w - anchor) coef (b = prior_log_stds, fp32 [T]), and returns float64 [4, T]: per
+tensor the sums of e^(2p), (w - anchor)^2, g^2 (before the addition) and p; with empty grads and
+log_std_grads only the sums (g^2: 0)."""
 import torch
 
 SCHEMAS = {
@@ -33,6 +43,15 @@ SCHEMAS = {
     "restore_": "(Tensor(a!)[] params, Tensor? mask_bits, Tensor save_offsets, Tensor saved) -> ()",
     "tensor_sumsq": "(Tensor[] tensors) -> Tensor",
     "clip_scale_": "(Tensor(a!)[] tensors, Tensor norms, float max_norm, float eps) -> ()",
+    "pac_noise_mask": "(Tensor[] params, Tensor[] log_stds, int[] bases, int seed, int step, float max_noise) "
+                      "-> (Tensor mask_bits, Tensor chunk_counts)",
+    "pac_perturb_": "(Tensor(a!)[] params, Tensor[] log_stds, int[] bases, int seed, int step, float max_noise, "
+                    "Tensor mask_bits, Tensor save_offsets, Tensor(b!) saved) -> ()",
+    "pac_restore_": "(Tensor(a!)[] params, Tensor[] log_stds, int[] bases, int seed, int step, float max_noise, "
+                    "Tensor mask_bits, Tensor save_offsets, Tensor saved) -> ()",
+    "pac_bound_grads_": "(Tensor[] params, Tensor(a!)[] grads, Tensor[] log_stds, Tensor(b!)[] log_std_grads, "
+                        "Tensor[] anchors, Tensor prior_log_stds, int[] bases, int seed, int step, float max_noise, "
+                        "float coef) -> Tensor",
 }
 
 

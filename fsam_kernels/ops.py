@@ -230,5 +230,115 @@ def save_layout(params, chunk_counts=None):
     return offsets, torch.empty(int(total), dtype=torch.uint8, device=layout.device)
 
 
+def counter_bases(params):
+    """PAC noise counters: each element's flat index over the whole list (list order, then
+    row-major), the default `bases` of the pac_* ops."""
+    bases, total = [], 0
+    for p in params:
+        bases.append(total)
+        total += p.numel()
+    return bases
+
+
+def _check_pac(params, log_stds, bases, seed, step, max_noise):
+    """The arguments every PAC noise op shares; returns (params, log_stds, bases, device)."""
+    params = _tensor_list("params", params)
+    log_stds = _tensor_list("log_stds", log_stds)
+    _check_floats("params", params)
+    _check_contiguous("params", params)
+    _check_floats("log_stds", log_stds, (torch.float32,))
+    if len(log_stds) != len(params):
+        raise ValueError(f"log_stds has {len(log_stds)} entries, params has {len(params)}")
+    for i, (p, s) in enumerate(zip(params, log_stds)):
+        if s.numel() not in (1, p.numel()):
+            raise ValueError(f"log_stds[{i}] has {s.numel()} elements; params[{i}] has {p.numel()} (or give 1)")
+    device = _device_of(params=params, log_stds=log_stds)
+    bases = counter_bases(params) if bases is None else list(bases)
+    if len(bases) != len(params) or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in bases):
+        raise ValueError(f"bases must hold one int >= 0 per tensor ({len(params)}), got {bases!r}")
+    for name, value in (("seed", seed), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+            raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+    if isinstance(max_noise, bool) or not isinstance(max_noise, (int, float)) or not max_noise > 0:
+        raise ValueError(f"max_noise must be a number > 0 (inf: no clamp), got {max_noise!r}")
+    return params, [s.contiguous() for s in log_stds], bases, device
+
+
+def pac_noise_mask(params, log_stds, *, seed, step, max_noise=2.0, bases=None, backend=None):
+    """PAC-tuning's noise n = exp(log_std) * clamp(eps, -max_noise, max_noise), eps the standard
+    normal that Philox gives element `bases[i] + j` of tensor i for (seed, step): the packed
+    mask (and per-chunk popcounts) of the entries where (w + n) - n is not w bit for bit, the
+    only ones pac_perturb must save.  log_stds: fp32, one per element or one per tensor."""
+    params, log_stds, bases, device = _check_pac(params, log_stds, bases, seed, step, max_noise)
+    if not params:
+        return torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(0, dtype=torch.int32, device=device)
+    impl = backends.op("pac_noise_mask", backends.resolve(backend, device))
+    return impl(params, log_stds, bases, seed, step, float(max_noise))
+
+
+def pac_perturb(params, log_stds, *, seed, step, mask_bits, save_offsets, saved, max_noise=2.0, bases=None,
+                backend=None):
+    """In place: w <- w + n (pac_noise_mask's noise), saving the originals of the entries that
+    `mask_bits` (from pac_noise_mask with the same arguments) marks."""
+    params, log_stds, bases, device = _check_pac(params, log_stds, bases, seed, step, max_noise)
+    if mask_bits is None:
+        raise ValueError("mask_bits is required: pac_noise_mask gives it")
+    _check_saving(params, mask_bits, save_offsets, saved, device)
+    if not params:
+        return
+    impl = backends.op("pac_perturb_", backends.resolve(backend, device))
+    impl(params, log_stds, bases, seed, step, float(max_noise), mask_bits, save_offsets, saved)
+
+
+def pac_restore(params, log_stds, *, seed, step, mask_bits, save_offsets, saved, max_noise=2.0, bases=None,
+                backend=None):
+    """In place: w <- w - n, then the saved originals written back: bit-exactly the weights
+    before pac_perturb with the same arguments (and backend)."""
+    params, log_stds, bases, device = _check_pac(params, log_stds, bases, seed, step, max_noise)
+    if mask_bits is None:
+        raise ValueError("mask_bits is required: pac_noise_mask gives it")
+    _check_saving(params, mask_bits, save_offsets, saved, device)
+    if not params:
+        return
+    impl = backends.op("pac_restore_", backends.resolve(backend, device))
+    impl(params, log_stds, bases, seed, step, float(max_noise), mask_bits, save_offsets, saved)
+
+
+def pac_bound_grads(params, grads, log_stds, log_std_grads, anchors, prior_log_stds, coef, *, seed=0, step=0,
+                    max_noise=2.0, bases=None, backend=None):
+    """PAC-tuning's stage-1 pass at the restored weights w, with the noise of (seed, step): per
+    element, log_std_grads <- g eps e^p + (e^(2p - 2b) - 1) coef and g <- g + e^(-2b) (w - anchor)
+    coef (b: tensor i's prior log-std prior_log_stds[i]); returns float64 [4, len(params)], per
+    tensor the sums of e^(2p), (w - anchor)^2, g^2 (before the addition) and p.  With grads and
+    log_std_grads both [], only the sums (the g^2 row 0).  log_stds: one per element here."""
+    params, log_stds, bases, device = _check_pac(params, log_stds, bases, seed, step, max_noise)
+    grads = _tensor_list("grads", grads)
+    log_std_grads = _tensor_list("log_std_grads", log_std_grads)
+    anchors = _tensor_list("anchors", anchors)
+    if bool(grads) != bool(log_std_grads) or (grads and len(grads) != len(params)) or \
+            (log_std_grads and len(log_std_grads) != len(params)):
+        raise ValueError("grads and log_std_grads must both have one tensor per parameter, or both be empty")
+    _check_contiguous("grads", grads)
+    _check_contiguous("log_std_grads", log_std_grads)
+    _check_floats("log_std_grads", log_std_grads, (torch.float32,))
+    _device_of(params=params, grads=grads, log_std_grads=log_std_grads, anchors=anchors)
+    for name, tensors, same_dtype in (("grads", grads, True), ("log_std_grads", log_std_grads, False),
+                                      ("anchors", anchors, True), ("log_stds", log_stds, False)):
+        if name == "anchors" and len(tensors) != len(params):
+            raise ValueError(f"anchors has {len(tensors)} entries, params has {len(params)}")
+        for i, (p, t) in enumerate(zip(params, tensors)):
+            if t.numel() != p.numel():
+                raise ValueError(f"{name}[{i}] has {t.numel()} elements, params[{i}] has {p.numel()}")
+            if same_dtype and t.dtype != p.dtype:
+                raise TypeError(f"{name}[{i}] is {t.dtype} but params[{i}] is {p.dtype}")
+    anchors = [a.contiguous() for a in anchors]
+    _check_buffer("prior_log_stds", prior_log_stds, torch.float32, len(params), device)
+    if not params:
+        return torch.zeros(4, 0, dtype=torch.float64, device=device)
+    impl = backends.op("pac_bound_grads_", backends.resolve(backend, device))
+    return impl(params, grads, log_stds, log_std_grads, anchors, prior_log_stds, bases, seed, step, float(max_noise),
+                float(coef))
+
+
 # The names of fsam_kernels 0.1 (they did the dense perturbation too, mask_bits=None).
 masked_perturb, masked_restore = perturb, restore

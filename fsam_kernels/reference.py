@@ -227,3 +227,124 @@ def clip_scale_(tensors, norms, max_norm, eps):
     coefficient = torch.clamp(coefficient, max=1.0)
     for t, c in zip(tensors, coefficient):
         t.copy_((t.float() * c).to(t.dtype))
+
+
+# ---- PAC-tuning's noise ---------------------------------------------------------------------
+# Philox4x32-10 (Salmon et al., SC 2011; the generator of Random123, cuRAND and Triton) with key
+# (seed low, seed high) and counter (index low, index high, step low, step high): every element
+# draws from its own counter, so the noise does not depend on chunking, threads or blocks.
+PHILOX_ROUNDS = 10
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = 0xFFFFFFFF
+_TWO_PI = 6.2831854820251465  # 2 pi rounded to fp32
+
+
+def _mulhilo(a, x):
+    """(high, low) 32-bit halves of the constant a times x (int64 tensor of uint32 values), in
+    16-bit pieces so that no int64 product overflows."""
+    high_part, low_part = x * (a >> 16), x * (a & 0xFFFF)
+    middle = low_part + ((high_part & 0xFFFF) << 16)
+    return ((high_part >> 16) + (middle >> 32)) & _LOW32, middle & _LOW32
+
+
+def philox(counter, key):
+    """Philox4x32-10 of four int64 tensors (or ints) of uint32 values and a pair of ints."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(PHILOX_ROUNDS):
+        high0, low0 = _mulhilo(_PHILOX_MUL[0], c0)
+        high1, low1 = _mulhilo(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
+        k0, k1 = (k0 + _PHILOX_KEY_STEP[0]) & _LOW32, (k1 + _PHILOX_KEY_STEP[1]) & _LOW32
+    return c0, c1, c2, c3
+
+
+def pac_normal(index, seed, step):
+    """fp32 standard normals of the int64 counters `index` for (seed, step): Box-Muller on the
+    first two Philox outputs, u1 = (x0 >> 9 + 1/2) 2^-23 in (0, 1) and u2 = (x1 >> 8) 2^-24, both
+    exact in fp32; only log, sqrt and cos round (and differ between math libraries)."""
+    zero = torch.zeros_like(index)
+    x0, x1, _, _ = philox((index & _LOW32, (index >> 32) & _LOW32, zero + (step & _LOW32), zero + (step >> 32)),
+                          (seed & _LOW32, (seed >> 32) & _LOW32))
+    u1 = ((x0 >> 9).float() + 0.5) * 2.0 ** -23
+    u2 = (x1 >> 8).float() * 2.0 ** -24
+    radius = torch.sqrt(torch.log(u1) * -2.0)
+    return radius * torch.cos(u2 * _TWO_PI)
+
+
+def pac_noise(numel, log_std, base, seed, step, max_noise, device):
+    """(eps clamped to [-max_noise, max_noise], n = exp(log_std) eps) for one tensor, fp32 flat."""
+    index = torch.arange(numel, dtype=torch.int64, device=device) + base
+    eps = pac_normal(index, seed, step).clamp(-max_noise, max_noise)
+    return eps, torch.exp(log_std.reshape(-1).float()) * eps
+
+
+def _pac_tensors(params, log_stds, bases, seed, step, max_noise):
+    """Per tensor: (flat weights, noise n)."""
+    for p, s, base in zip(params, log_stds, bases):
+        yield p.view(-1), pac_noise(p.numel(), s, base, seed, step, max_noise, p.device)[1]
+
+
+def _inexact(w, n):
+    """Where restoring w + n by subtracting n would not give w back, bit for bit."""
+    perturbed = (w.float() + n).to(w.dtype)
+    back = (perturbed.float() - n).to(w.dtype)
+    bits = torch.int32 if w.element_size() == 4 else torch.int16
+    return back.view(bits) != w.view(bits)
+
+
+def pac_noise_mask(params, log_stds, bases, seed, step, max_noise):
+    layout = ChunkLayout(params)
+    return layout.pack([_inexact(w, n) for w, n in _pac_tensors(params, log_stds, bases, seed, step, max_noise)])
+
+
+def pac_perturb_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
+    layout = ChunkLayout(params)
+    for i, (w, n) in enumerate(_pac_tensors(params, log_stds, bases, seed, step, max_noise)):
+        if w.numel() == 0:
+            continue
+        m = layout.unpack(mask_bits, i).reshape(-1)
+        original = w[m]
+        start = int(save_offsets[layout.first_chunk[i]])
+        saved[start: start + original.numel() * original.element_size()].copy_(original.view(torch.uint8))
+        w.copy_((w.float() + n).to(w.dtype))
+
+
+def pac_restore_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
+    layout = ChunkLayout(params)
+    for i, (w, n) in enumerate(_pac_tensors(params, log_stds, bases, seed, step, max_noise)):
+        if w.numel() == 0:
+            continue
+        m = layout.unpack(mask_bits, i).reshape(-1)
+        start = int(save_offsets[layout.first_chunk[i]])
+        w.copy_((w.float() - n).to(w.dtype))
+        w[m] = saved[start: start + int(m.sum()) * w.element_size()].view(w.dtype)
+
+
+def _ordered_sum(x):
+    """A tensor's fp64 sum in grad_sumsq's order: within each chunk, then the chunks in order."""
+    return _chunk_sums(x.double()).cumsum(0)[-1] if x.numel() else torch.zeros((), dtype=torch.float64,
+                                                                               device=x.device)
+
+
+def pac_bound_grads_(params, grads, log_stds, log_std_grads, anchors, prior_log_stds, bases, seed, step, max_noise,
+                     coef):
+    coef = torch.tensor(coef, dtype=torch.float32)
+    sums = []
+    for i, (p, s, anchor) in enumerate(zip(params, log_stds, anchors)):
+        log_std = s.reshape(-1).float().expand(p.numel())
+        b = prior_log_stds[i].float()
+        diff = p.reshape(-1).float() - anchor.reshape(-1).float()
+        g_sq = torch.zeros((), dtype=torch.float64, device=p.device)
+        if grads:
+            g = grads[i].view(-1)
+            gf = g.float()
+            eps = pac_noise(p.numel(), s, bases[i], seed, step, max_noise, p.device)[0]
+            kl = (torch.exp(log_std * 2.0 - b * 2.0) - 1.0) * coef
+            log_std_grads[i].view(-1).copy_(gf * eps * torch.exp(log_std) + kl)
+            g_sq = _ordered_sum(gf.double() * gf.double())
+            g.copy_((gf + torch.exp(b * -2.0) * diff * coef).to(g.dtype))
+        sums.append(torch.stack([_ordered_sum(torch.exp(log_std * 2.0)), _ordered_sum(diff.double() * diff.double()),
+                                 g_sq, _ordered_sum(log_std)]))
+    return torch.stack(sums, 1) if sums else torch.zeros(4, 0, dtype=torch.float64)

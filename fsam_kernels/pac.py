@@ -1,0 +1,476 @@
+"""PAC-tuning (Liu et al., EMNLP 2023) on the fused kernels: PAC-Bayes training of a noise
+posterior (stage 1), then perturbed gradient descent with the learned noise (stage 2).
+
+Per step, one forward/backward at w + n with n = exp(p) * clamp(eps, -2, 2): p is a log-std per
+element, eps a standard normal regenerated from Philox (seed, step, element index) whenever it is
+needed, never stored.  The perturbation keeps only a bit per element and the originals of the
+entries where (w + n) - n is not w (a few percent), and the restore is bit-exact.  In stage 1 the
+gradients of p, of the per-tensor prior log-std b and of the bound's w-regulariser come from one
+fused pass; p and b take Adam steps of their own.  docs/algorithm.md has the formulas and where
+this departs from the official code.
+"""
+import math
+
+import torch
+
+from . import backends, ops
+from ._checks import check_int, check_number
+from ._layout import ChunkLayout
+from .params import param_groups_with_names
+from .roles import SUMSQ_ALL, gradients_of
+
+__all__ = ["PACTuning", "KTable", "estimate_k", "DEFAULT_PRIOR_GRID"]
+
+# The official prior grid for K: exp(linspace(-6, -2, 8)).
+DEFAULT_PRIOR_GRID = tuple(math.exp(-6.0 + 4.0 * i / 7) for i in range(8))
+# The bound's constant: (KL + BOUND_CONSTANT + 3 T) / (n gamma), as the official code has it.
+BOUND_CONSTANT = 10.0
+
+
+class KTable:
+    """K(sigma) of the bound: increasing values over a grid of prior stds, interpolated linearly
+    between grid points, constant below the first and extended with the last slope above the last
+    (the official code's piecewise-linear form)."""
+
+    def __init__(self, grid, values):
+        grid = [float(g) for g in grid]
+        values = [float(v) for v in values]
+        if not grid or len(grid) != len(values):
+            raise ValueError(f"a K table needs as many values as grid points (at least one), got {len(grid)} "
+                             f"and {len(values)}")
+        if any(not b > a for a, b in zip(grid, grid[1:])) or any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError("a K table needs an increasing grid and finite values >= 0")
+        self.grid, self.values = grid, values
+        self._on_device = {}
+
+    def _tensors(self, device):
+        """The grid and values on `device`, copied there once (a copy per step would sync)."""
+        if device not in self._on_device:
+            self._on_device[device] = (torch.tensor(self.grid, dtype=torch.float64, device=device),
+                                       torch.tensor(self.values, dtype=torch.float64, device=device))
+        return self._on_device[device]
+
+    def __call__(self, x):
+        """(K(x), dK/dx) for a 0-dim float64 device tensor, without a sync."""
+        grid, values = self._tensors(x.device)
+        if len(self.grid) == 1:
+            return values[0] + 0 * x, torch.zeros_like(x)
+        i = (torch.searchsorted(grid, x.reshape(1)) - 1).clamp(0, len(self.grid) - 2)[0]
+        slope = (values[i + 1] - values[i]) / (grid[i + 1] - grid[i])
+        below = x < grid[0]
+        return (torch.where(below, values[0], values[i] + slope * (x - grid[i])),
+                torch.where(below, torch.zeros_like(slope), slope))
+
+    def state(self):
+        return {"grid": list(self.grid), "values": list(self.values)}
+
+
+def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GRID, samples=10, gamma=10.0, seed=0,
+               backend="auto", progress=True):
+    """The K table of the bound, estimated once before training as the official code does: for
+    each prior std sigma of `prior_grid`, `samples` models w + sigma * eps (eps standard normal,
+    unclamped) give the losses err of the examples of `data`; K(sigma) is the smallest K with
+    exp(1.5 gamma^2 K^2) >= mean exp(gamma (mean err - err)), in closed form; the values are
+    then made increasing.  loss_fn(model, batch) returns the batch's per-example losses (or
+    one mean, counted as one example).  params: the tensors to perturb (default: the model's
+    parameters that require grad); they are restored bit-exactly after each sample.  The model
+    runs as it is (train or eval mode), under no_grad."""
+    grid = [float(g) for g in prior_grid]
+    if not grid:
+        raise ValueError("prior_grid is empty: K needs at least one prior std")
+    if any(not (math.isfinite(g) and g > 0) for g in grid):
+        raise ValueError(f"prior_grid must hold finite stds > 0, got {grid}")
+    check_int("samples", samples, 1)
+    check_number("gamma", gamma, 0.0, low_open=True)
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    if not params:
+        raise ValueError("estimate_k: no parameters to perturb")
+    device = params[0].device
+    backend = backends.resolve(backend, device)
+    ops_ = {name: backends.op(name, backend) for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_")}
+    bases = ops.counter_bases(params)
+    layout = ChunkLayout(params)
+    bar = _progress(len(grid) * samples, "estimating K", progress)
+    values = []
+    with torch.no_grad():
+        for g_index, sigma in enumerate(grid):
+            log_std = [torch.full((1,), math.log(sigma), dtype=torch.float32, device=device)] * len(params)
+            losses = []
+            for s in range(samples):
+                noise = (log_std, bases, int(seed), g_index * samples + s, math.inf)
+                bits, counts = ops_["pac_noise_mask"](params, *noise)
+                offsets, total = layout.save_offsets(counts)
+                saved = torch.empty(int(total), dtype=torch.uint8, device=device)
+                ops_["pac_perturb_"](params, *noise, bits, offsets, saved)
+                try:
+                    losses.append(torch.cat([loss_fn(model, batch).detach().double().reshape(-1) for batch in data]))
+                finally:
+                    ops_["pac_restore_"](params, *noise, bits, offsets, saved)
+                bar.update(1)
+            err = torch.stack(losses)
+            if err.numel() == 0:
+                raise ValueError("estimate_k: data gave no losses")
+            # log mean exp(gamma (mu - err)) >= 0 (Jensen), so K is real
+            log_m = torch.logsumexp(gamma * (err.mean() - err).reshape(-1), 0) - math.log(err.numel())
+            values.append(math.sqrt(max(float(log_m), 0.0) * 2.0 / (3.0 * gamma * gamma)))
+    bar.close()
+    increasing = [max(values[: i + 1]) for i in range(len(values))]
+    return KTable(grid, increasing)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, desc, enabled):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with transformers, not with torch
+        return _NoBar()
+    return tqdm(total=total, desc=desc)
+
+
+class PACTuning(torch.optim.Optimizer):
+    """PAC-tuning around a base optimizer (davda54/sam's shape: a base optimizer class, shared
+    `param_groups`, params as tensors, groups or `named_parameters()`).
+
+        opt.perturb()                      # w <- w + exp(p) * clamp(eps, -2, 2)
+        loss_fn(model(x), y).backward()    # the gradient at the noisy point
+        opt.step()                         # exact restore; stage 1: p, b, the bound's w-gradient; base step
+        opt.zero_grad()
+
+    or `opt.step(closure)` with a closure that runs the forward and backward.  `restore()` puts
+    the weights back (and, in stage 1, adds the bound's w-gradient to .grad) without the updates;
+    step() then takes only those.
+
+    num_examples: the training-set size n of the bound; stage1_steps: steps of stage 1 (then
+    p and b freeze); gamma: the bound's gamma (a constant, as in the official code); seed: the
+    noise's Philox key.  The K table (`estimate_k`, or `opt.estimate_k(model, loss_fn, data)`)
+    must be set before a stage-1 step.  Per param group (defaults here): noise_lr, the Adam
+    learning rate of p and b (official: 0.1); log_std_power c: p and b start at
+    c * log(mean |w|) over the group (official: 2 for the encoder, 1 for the head).
+    max_noise: the clamp of eps.  freeze: parameters whose name contains one of these strings
+    are frozen (requires_grad=False) and left out, as the official code does with embeddings;
+    () freezes nothing (unnamed parameters are never frozen).
+
+    Non-finite gradients skip the whole update (p, b and the base step) with the weights
+    restored; `skipped_steps` counts them.  Each step syncs twice: to size the saved
+    originals (perturb) and to read the finite flag (step)."""
+
+    def __init__(self, params, base_optimizer, *, num_examples, stage1_steps, gamma=10.0, seed=0, backend="auto",
+                 k_table=None, noise_lr=0.1, log_std_power=2.0, noise_betas=(0.9, 0.999), max_noise=2.0,
+                 freeze=("embed",), **base_kwargs):
+        if not callable(base_optimizer):
+            raise TypeError(f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}")
+        check_int("num_examples", num_examples, 1)
+        check_int("stage1_steps", stage1_steps, 0)
+        check_number("gamma", gamma, 0.0, low_open=True)
+        check_int("seed", seed, 0)
+        check_number("noise_lr", noise_lr, 0.0)
+        check_number("log_std_power", log_std_power, 0.0, low_open=True)
+        check_number("max_noise", max_noise, 0.0, low_open=True)
+        if not (isinstance(noise_betas, (tuple, list)) and len(noise_betas) == 2 and
+                all(isinstance(b, (int, float)) and 0 <= b < 1 for b in noise_betas)):
+            raise ValueError(f"noise_betas must be two numbers in [0, 1), got {noise_betas!r}")
+        if isinstance(freeze, str):
+            freeze = (freeze,)
+        freeze = () if freeze is None else freeze
+        if not all(isinstance(f, str) for f in freeze):
+            raise TypeError("freeze must be a tuple of name substrings")
+        if k_table is not None and not isinstance(k_table, KTable):
+            raise TypeError(f"k_table must be a KTable (from estimate_k), got {type(k_table).__name__}")
+        groups, names = param_groups_with_names(params)
+        groups, names = self._trainable(groups, names, tuple(freeze))
+        for g in groups:
+            g.setdefault("noise_lr", noise_lr)
+            g.setdefault("log_std_power", log_std_power)
+            check_number("noise_lr", g["noise_lr"], 0.0)
+            check_number("log_std_power", g["log_std_power"], 0.0, low_open=True)
+        super().__init__(groups, {})
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._names = names
+        devices = {p.device for p in self._params}
+        if len(devices) != 1:
+            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        self._device = devices.pop()
+        for i, p in enumerate(self._params):
+            if p.dtype not in ops.FLOAT_DTYPES:
+                raise TypeError(f"parameter {self._name(i)} is {p.dtype}; float32, bfloat16 and float16 are supported")
+            if not p.is_contiguous():
+                raise ValueError(f"parameter {self._name(i)} is not contiguous; the kernels update it in place")
+        self.backend = backends.resolve(backend, self._device)
+        self._op = {name: backends.op(name, self.backend)
+                    for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_", "pac_bound_grads_", "grad_sumsq")}
+        self.num_examples, self.stage1_steps, self.gamma = int(num_examples), int(stage1_steps), float(gamma)
+        self.seed, self.max_noise, self.k_table = int(seed), float(max_noise), k_table
+        self._bases = ops.counter_bases(self._params)
+        self._layout = ChunkLayout(self._params)
+        self._numels = torch.tensor([p.numel() for p in self._params], dtype=torch.float64, device=self._device)
+        self._init_noise(noise_betas)
+        self._step = 0
+        self._perturbed = None  # (bits, offsets, saved) between perturb() and the restore
+        self._restored = None  # after restore(): whether the gradients were finite (device bool)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
+        self._bound = None
+
+    @staticmethod
+    def _trainable(groups, names, freeze):
+        """The groups without frozen parameters (frozen here when a name matches `freeze`)."""
+        kept_groups, kept_names, i = [], [], 0
+        for g in groups:
+            kept = []
+            for p in g["params"]:
+                name = names[i]
+                i += 1
+                if name is not None and any(f in name for f in freeze):
+                    p.requires_grad_(False)
+                if p.requires_grad:
+                    kept.append(p)
+                    kept_names.append(name)
+            if kept:
+                kept_groups.append({**g, "params": kept})
+        if not kept_groups:
+            raise ValueError("PACTuning: no trainable parameter left (all frozen or requires_grad=False)")
+        return kept_groups, kept_names
+
+    def _init_noise(self, betas):
+        """p and b at c log(mean |w|) per group; the anchors w0 and the Adam of p and b for stage 1."""
+        self.log_stds, self.prior_log_stds, noise_groups = [], [], []
+        for g in self.param_groups:
+            total = sum(p.detach().double().abs().sum() for p in g["params"])
+            count = sum(p.numel() for p in g["params"])
+            start = float(g["log_std_power"] * torch.log(total / max(count, 1)).clamp(min=-80.0))
+            p_group = [torch.full(p.shape, start, dtype=torch.float32, device=self._device) for p in g["params"]]
+            b_group = torch.full((len(g["params"]),), start, dtype=torch.float32, device=self._device)
+            self.log_stds += p_group
+            self.prior_log_stds.append(b_group)
+            noise_groups.append({"params": p_group + [b_group], "lr": g["noise_lr"]})
+        if self.stage1_steps > 0:
+            self.anchors = [p.detach().clone() for p in self._params]
+            self._log_std_grads = [torch.empty_like(s) for s in self.log_stds]
+            self.noise_optimizer = torch.optim.Adam(noise_groups, betas=tuple(betas), eps=1e-8)
+        else:
+            self.anchors = self._log_std_grads = self.noise_optimizer = None
+
+    def _name(self, i):
+        return self._names[i] if self._names[i] is not None else f"#{i}"
+
+    def add_param_group(self, param_group):
+        if hasattr(self, "log_stds"):
+            raise RuntimeError("add_param_group() after construction is not supported: build a new optimizer "
+                               "over all the parameters")
+        super().add_param_group(param_group)
+
+    @property
+    def stage(self):
+        """1 while p and b are trained (the first stage1_steps steps), then 2."""
+        return 1 if self._step < self.stage1_steps else 2
+
+    @property
+    def skipped_steps(self):
+        """Steps whose update non-finite gradients skipped (syncs)."""
+        return int(self._skipped)
+
+    def estimate_k(self, model, loss_fn, data, **kwargs):
+        """Estimate the K table over this optimizer's parameters (see estimate_k) and keep it."""
+        self.k_table = estimate_k(model, loss_fn, data, params=self._params, gamma=self.gamma, seed=self.seed,
+                                  backend=self.backend, **kwargs)
+        return self.k_table
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def _noise(self):
+        return (self.log_stds, self._bases, self.seed, self._step, self.max_noise)
+
+    @torch.no_grad()
+    def perturb(self):
+        """w <- w + exp(p) * clamp(eps, -max_noise, max_noise) with this step's eps."""
+        if self._perturbed is not None:
+            raise RuntimeError("perturb() called twice: step() or restore() comes between")
+        if self._restored is not None:
+            raise RuntimeError("perturb() after restore(): call step() to finish the step first")
+        if self.stage == 1 and self.k_table is None:
+            raise RuntimeError("stage 1 needs the K table: call opt.estimate_k(model, loss_fn, data) or pass "
+                               "k_table= (fsam_kernels.pac.estimate_k)")
+        bits, counts = self._op["pac_noise_mask"](self._params, *self._noise())
+        offsets, total = self._layout.save_offsets(counts)
+        saved = torch.empty(int(total), dtype=torch.uint8, device=self._device)  # the one sync of perturb
+        self._op["pac_perturb_"](self._params, *self._noise(), bits, offsets, saved)
+        self._perturbed = (bits, offsets, saved)
+
+    def held_bytes(self):
+        """Bytes held between perturb() and the restore: the mask bits and the saved originals."""
+        if self._perturbed is None:
+            return 0
+        bits, offsets, saved = self._perturbed
+        return bits.numel() + offsets.numel() * offsets.element_size() + saved.numel()
+
+    @torch.no_grad()
+    def restore(self):
+        """Put back the exact weights of before perturb(); in stage 1 also compute the gradients of
+        p and b and add the bound's w-regulariser to .grad.  step() then takes only the updates."""
+        if self._perturbed is None:
+            raise RuntimeError("restore() without perturb(), or twice")
+        bits, offsets, saved = self._perturbed
+        self._op["pac_restore_"](self._params, *self._noise(), bits, offsets, saved)
+        self._perturbed = None
+        grads = gradients_of(self._params)
+        if self.stage == 1:
+            self._restored = self._stage1_gradients(grads)
+        else:
+            present = [(p, g) for p, g in zip(self._params, grads) if g is not None]
+            sumsq = self._op["grad_sumsq"]([p for p, _ in present], [g for _, g in present], None, False, 0.0)
+            self._restored = torch.isfinite(sumsq[SUMSQ_ALL])
+
+    def _stage1_gradients(self, grads):
+        """The fused pass, then the bound and b's gradient from its per-tensor sums (on the device).
+        Returns the finite flag of the loss gradient."""
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self._params, grads)]
+        for p, g in zip(self._params, grads):
+            if p.grad is not g:  # None (the regulariser reaches it all the same) or not contiguous
+                p.grad = g
+        prior = torch.cat(self.prior_log_stds)
+        coef = 1.0 / (self.num_examples * self.gamma)
+        sums = self._op["pac_bound_grads_"](self._params, grads, self.log_stds, self._log_std_grads, self.anchors,
+                                            prior, self._bases, self.seed, self._step, self.max_noise, coef)
+        bound, grad_b = self._bound_and_grad(sums, prior)
+        self._bound = bound
+        for s, grad in zip(self.log_stds, self._log_std_grads):
+            s.grad = grad
+        for b, grad in zip(self.prior_log_stds, torch.split(grad_b.float(), [b.numel() for b in self.prior_log_stds])):
+            b.grad = grad
+        return torch.isfinite(sums[2].sum())
+
+    def _bound_and_grad(self, sums, prior):
+        """The bound 1.5 K(e^mean b)^2 gamma + (KL + 10 + 3T) / (n gamma) and its gradient in b,
+        float64 on the device (SPEC section 1, PAC-tuning)."""
+        s, d, _, p_sum = sums
+        b = prior.double()
+        t = self._numels
+        count = b.numel()
+        decay = torch.exp(-2.0 * b) * (s + d)
+        kl = 0.5 * (decay.sum() - 2.0 * p_sum.sum() + (2.0 * b * t).sum() - t.sum())
+        x = torch.exp(b.mean())
+        k, slope = self.k_table(x)
+        coef = 1.0 / (self.num_examples * self.gamma)
+        bound = 1.5 * k * k * self.gamma + (kl + BOUND_CONSTANT + 3.0 * count) * coef
+        grad_b = 3.0 * self.gamma * k * slope * x / count + (t - decay) * coef
+        return bound, grad_b
+
+    @torch.no_grad()
+    def bound(self):
+        """The bound at the current p, b and w (a 0-dim float64 device tensor; stage 1 only)."""
+        if self.anchors is None:
+            raise RuntimeError("bound() needs stage 1's anchors: this optimizer has no stage 1 (stage1_steps=0) "
+                               "or has left it")
+        if self.k_table is None:
+            raise RuntimeError("bound() needs the K table (estimate_k)")
+        prior = torch.cat(self.prior_log_stds)
+        sums = self._op["pac_bound_grads_"](self._params, [], self.log_stds, [], self.anchors, prior, self._bases,
+                                            self.seed, self._step, self.max_noise, 0.0)
+        return self._bound_and_grad(sums, prior)[0]
+
+    def step(self, closure=None):
+        """The updates of one step: restore (unless restore() came first), then, with finite
+        gradients, stage 1's Adam steps of p and b and the base optimizer's step.  With a closure,
+        perturb() and the closure (forward and backward) come first; returns its loss."""
+        loss = None
+        if closure is not None:
+            self.perturb()
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except BaseException:
+                with torch.no_grad():
+                    bits, offsets, saved = self._perturbed
+                    self._op["pac_restore_"](self._params, *self._noise(), bits, offsets, saved)
+                    self._perturbed = None
+                raise
+        if self._perturbed is None and self._restored is None:
+            raise RuntimeError("step() without perturb(): perturb the weights, run the forward and backward, "
+                               "then step()")
+        if self._perturbed is not None:
+            self.restore()
+        finite, self._restored = self._restored, None
+        if bool(finite):  # the one sync of step
+            with torch.no_grad():
+                if self.stage == 1:
+                    self.noise_optimizer.step()
+                self.base_optimizer.step()
+        else:
+            self._skipped += 1
+        self._opt_called = True
+        self._step += 1
+        if self._step == self.stage1_steps:
+            self._enter_stage2()
+        return loss
+
+    second_step = step  # the two-pass optimizers' last call: the Trainer drives both alike
+
+    def _enter_stage2(self):
+        """p and b are final: drop what only stage 1 needs."""
+        self.anchors = self._log_std_grads = self.noise_optimizer = None
+        for s in self.log_stds:
+            s.grad = None
+        for b in self.prior_log_stds:
+            b.grad = None
+
+    def zero_grad(self, set_to_none=True):
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def _signature(self):
+        return [(tuple(p.shape), str(p.dtype)) for p in self._params]
+
+    def state_dict(self):
+        if self._perturbed is not None or self._restored is not None:
+            raise RuntimeError("state_dict() in the middle of a step (after perturb() or restore())")
+        clone = lambda ts: None if ts is None else [t.detach().clone() for t in ts]  # noqa: E731
+        pac = {"type": type(self).__name__, "step": self._step, "seed": self.seed, "skipped": self._skipped.clone(),
+               "layout": self._signature(), "log_stds": clone(self.log_stds),
+               "prior_log_stds": clone(self.prior_log_stds), "anchors": clone(self.anchors),
+               "noise_optimizer": None if self.noise_optimizer is None else self.noise_optimizer.state_dict(),
+               "k_table": None if self.k_table is None else self.k_table.state()}
+        return {"base": self.base_optimizer.state_dict(), "pac": pac}
+
+    def load_state_dict(self, state_dict):
+        if not isinstance(state_dict, dict) or set(state_dict) != {"base", "pac"}:
+            raise ValueError("load_state_dict expects a dict made by PACTuning.state_dict() (keys 'base', 'pac')")
+        if self._perturbed is not None or self._restored is not None:
+            raise RuntimeError("load_state_dict() in the middle of a step (after perturb() or restore())")
+        pac = state_dict["pac"]
+        if pac.get("type") != type(self).__name__:
+            raise ValueError(f"this state comes from {pac.get('type')}, not {type(self).__name__}")
+        if [tuple(x) for x in pac["layout"]] != self._signature():
+            raise ValueError("this state was saved for a different parameter layout (shapes or dtypes differ)")
+        if pac["seed"] != self.seed:
+            raise ValueError(f"this state was saved with seed {pac['seed']}, this optimizer has seed {self.seed}")
+        if [b.numel() for b in pac["prior_log_stds"]] != [b.numel() for b in self.prior_log_stds]:
+            raise ValueError("this state's parameter groups differ from this optimizer's")
+        in_stage1 = pac["step"] < self.stage1_steps
+        if in_stage1 and (pac["anchors"] is None or pac["noise_optimizer"] is None):
+            raise ValueError("this state left stage 1 but this optimizer's stage1_steps puts it in stage 1")
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups
+        with torch.no_grad():
+            for dst, src in zip(self.log_stds + self.prior_log_stds, pac["log_stds"] + pac["prior_log_stds"]):
+                dst.copy_(src)
+            if in_stage1:
+                for dst, src in zip(self.anchors, pac["anchors"]):
+                    dst.copy_(src)
+                self.noise_optimizer.load_state_dict(pac["noise_optimizer"])
+        self._step = int(pac["step"])
+        self._skipped = pac["skipped"].to(self._device, torch.int64).clone()
+        self.k_table = None if pac["k_table"] is None else KTable(**pac["k_table"])
+        if not in_stage1:
+            self._enter_stage2()
