@@ -54,6 +54,9 @@ SCHEMAS = {
                         "float coef) -> Tensor",
 }
 
+# Ops with C++ CPU kernels but no GPU ones (triton, cuda) yet: PAC-tuning's, in progress.
+CPU_ONLY = ("pac_noise_mask", "pac_perturb_", "pac_restore_", "pac_bound_grads_")
+
 
 def define(namespace):
     """Define every op of SCHEMAS under `namespace`; keep the returned library alive."""

@@ -21,6 +21,10 @@ from .roles import SUMSQ_ALL, gradients_of
 
 __all__ = ["PACTuning", "KTable", "estimate_k", "DEFAULT_PRIOR_GRID"]
 
+# The backends with PAC-tuning's kernels so far; "auto" takes the reference (eager PyTorch, on
+# any device) where the fastest backend has none.
+PAC_BACKENDS = ("cpu", "reference")
+
 # The official prior grid for K: exp(linspace(-6, -2, 8)).
 DEFAULT_PRIOR_GRID = tuple(math.exp(-6.0 + 4.0 * i / 7) for i in range(8))
 # The bound's constant: (KL + BOUND_CONSTANT + 3 T) / (n gamma), as the official code has it.
@@ -86,7 +90,7 @@ def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GR
     if not params:
         raise ValueError("estimate_k: no parameters to perturb")
     device = params[0].device
-    backend = backends.resolve(backend, device)
+    backend = resolve_backend(backend, device)
     ops_ = {name: backends.op(name, backend) for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_")}
     bases = ops.counter_bases(params)
     layout = ChunkLayout(params)
@@ -116,6 +120,18 @@ def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GR
     bar.close()
     increasing = [max(values[: i + 1]) for i in range(len(values))]
     return KTable(grid, increasing)
+
+
+def resolve_backend(backend, device):
+    """backends.resolve for the PAC ops: "auto" falls back to the reference where the fastest
+    backend lacks them; naming such a backend is an error."""
+    resolved = backends.resolve(backend, device)
+    if resolved in PAC_BACKENDS:
+        return resolved
+    if backend is None or backend == "auto":
+        return "reference"
+    raise NotImplementedError(f"PAC-tuning has no {resolved!r} kernels yet (it has {PAC_BACKENDS}); "
+                              "backend='auto' takes the reference on this device")
 
 
 class _NoBar:
@@ -207,7 +223,7 @@ class PACTuning(torch.optim.Optimizer):
                 raise TypeError(f"parameter {self._name(i)} is {p.dtype}; float32, bfloat16 and float16 are supported")
             if not p.is_contiguous():
                 raise ValueError(f"parameter {self._name(i)} is not contiguous; the kernels update it in place")
-        self.backend = backends.resolve(backend, self._device)
+        self.backend = resolve_backend(backend, self._device)
         self._op = {name: backends.op(name, self.backend)
                     for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_", "pac_bound_grads_", "grad_sumsq")}
         self.num_examples, self.stage1_steps, self.gamma = int(num_examples), int(stage1_steps), float(gamma)

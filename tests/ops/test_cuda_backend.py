@@ -13,7 +13,7 @@ import torch
 import fsam_kernels
 from fsam_kernels import _extension, backends
 from fsam_kernels._layout import CHUNK_BYTES, RADIX_HIST_SIZES, RADIX_STATE_SIZE, total_chunks
-from fsam_kernels._schemas import SCHEMAS
+from fsam_kernels._schemas import CPU_ONLY, SCHEMAS
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -34,7 +34,7 @@ def test_every_cpu_op_has_a_cuda_kernel():
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     cpu_ops = [name for name in SCHEMAS if has(f"fsam::{name}", "CPU")]
     assert cpu_ops == list(SCHEMAS)
-    assert [name for name in cpu_ops if not has(f"fsam::{name}", "CUDA")] == []
+    assert [name for name in cpu_ops if not has(f"fsam::{name}", "CUDA")] == list(CPU_ONLY)
     assert _extension.has_cuda_kernels()
 
 
@@ -104,7 +104,14 @@ def test_fake_impls_carry_cuda_tensors():
         fsam.restore_(params, bits, offsets, saved)
         sums = fsam.tensor_sumsq(grads)
         fsam.clip_scale_(grads, sums.sqrt().float(), 0.5, 1e-6)
-        return ties, bits, counts, stats, sums
+        log_stds = [torch.empty(p.numel(), device=p.device) for p in params]
+        noise = (log_stds, [0, 5000, 5021], 1, 2, 2.0)
+        pac_bits, pac_counts = fsam.pac_noise_mask(params, *noise)
+        fsam.pac_perturb_(params, *noise, pac_bits, offsets, saved)
+        fsam.pac_restore_(params, *noise, pac_bits, offsets, saved)
+        pac_sums = fsam.pac_bound_grads_(params, grads, log_stds, log_stds, params, scale.new_empty(3), *noise[1:],
+                                         1e-3)
+        return ties, bits, counts, stats, sums, pac_bits, pac_counts, pac_sums
 
     with FakeTensorMode():
         shapes = [(5000,), (3, 7), (64,)]
@@ -114,7 +121,7 @@ def test_fake_impls_carry_cuda_tensors():
                 torch.zeros(RADIX_HIST_SIZES[0], dtype=torch.int64, device="cuda"),
                 torch.zeros(total_chunks(params), dtype=torch.int64, device="cuda"),
                 torch.empty(4096, dtype=torch.uint8, device="cuda"), torch.tensor(0.1, device="cuda"))
-        ties, bits, counts, stats, sums = everything(*args)
+        ties, bits, counts, stats, sums, pac_bits, pac_counts, pac_sums = everything(*args)
         graph = make_fx(everything, tracing_mode="fake")(*args)
     chunks = total_chunks(params)
     assert ties.device.type == bits.device.type == counts.device.type == stats.device.type == sums.device.type == "cuda"
@@ -123,5 +130,7 @@ def test_fake_impls_carry_cuda_tensors():
     assert (bits.shape, bits.dtype) == ((chunks * CHUNK_BYTES,), torch.uint8)
     assert (counts.shape, counts.dtype) == ((chunks,), torch.int32)
     assert (stats.shape, stats.dtype) == ((2,), torch.float32)
+    assert (pac_bits.shape, pac_counts.shape) == (bits.shape, counts.shape) and pac_counts.dtype == torch.int32
+    assert (pac_sums.shape, pac_sums.dtype, pac_sums.device.type) == ((4, len(shapes)), torch.float64, "cuda")
     called = {str(n.target).split(".")[1] for n in graph.graph.nodes if str(n.target).startswith("fsam.")}
     assert called == set(SCHEMAS)

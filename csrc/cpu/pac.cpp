@@ -1,0 +1,231 @@
+// PAC-tuning's noise ops on the CPU: the mask of the entries a restore by subtraction would not
+// give back, the perturbation saving their originals (at the offsets of perturb_'s layout), the
+// exact restore, and stage 1's fused pass (log-std gradients, the w-regulariser, per-tensor sums).
+#include "chunks.h"
+
+#include <fsam/checks.h>
+#include <fsam/functors.h>
+#include <fsam/pac_noise.h>
+
+#include <array>
+#include <atomic>
+
+namespace fsam {
+namespace {
+
+constexpr auto kCPU = c10::DeviceType::CPU;
+
+struct NoiseInputs {
+  at::TensorList params;
+  at::TensorList log_stds;
+  std::vector<int64_t> bases;
+  PacNoise noise;
+  std::vector<Chunk> chunks;
+
+  // Chunk c's log-std of element i of its tensor: one per element, or one for the tensor.
+  const float* log_std(const Chunk& c) const {
+    const at::Tensor& s = log_stds[c.tensor];
+    return s.const_data_ptr<float>() + (s.numel() == 1 ? 0 : c.begin);
+  }
+  int64_t log_std_stride(const Chunk& c) const { return log_stds[c.tensor].numel() == 1 ? 0 : 1; }
+  int64_t counter(const Chunk& c, int64_t i) const { return bases[c.tensor] + c.begin + i; }
+};
+
+NoiseInputs check_noise(const char* op, at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases,
+                        int64_t seed, int64_t step, double max_noise) {
+  check_float_list(params, kCPU, op, "params");
+  check_float_list(log_stds, kCPU, op, "log_stds", /*fp32_only=*/true);
+  TORCH_CHECK(log_stds.size() == params.size(), op, ": log_stds has ", log_stds.size(), " tensors, params has ",
+              params.size());
+  TORCH_CHECK(bases.size() == params.size(), op, ": bases has ", bases.size(), " entries, params has ",
+              params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(log_stds[i].numel() == 1 || log_stds[i].numel() == params[i].numel(), op, ": log_stds[", i,
+                "] has ", log_stds[i].numel(), " elements, params[", i, "] has ", params[i].numel());
+    TORCH_CHECK(bases[i] >= 0, op, ": bases[", i, "] is negative");
+  }
+  TORCH_CHECK(seed >= 0 && step >= 0, op, ": seed and step must be >= 0");
+  TORCH_CHECK(max_noise > 0, op, ": max_noise must be > 0");
+  return {params, log_stds, bases.vec(),
+          PacNoise{static_cast<uint64_t>(seed), static_cast<uint64_t>(step), static_cast<float>(max_noise)},
+          chunk_table(params)};
+}
+
+std::tuple<at::Tensor, at::Tensor> pac_noise_mask_cpu(at::TensorList params, at::TensorList log_stds,
+                                                      at::IntArrayRef bases, int64_t seed, int64_t step,
+                                                      double max_noise) {
+  const NoiseInputs in = check_noise("pac_noise_mask", params, log_stds, bases, seed, step, max_noise);
+  const int64_t chunks = static_cast<int64_t>(in.chunks.size());
+  auto bits = at::zeros({chunks * kChunkBytes}, at::TensorOptions().dtype(at::kByte));
+  auto counts = at::empty({chunks}, at::TensorOptions().dtype(at::kInt));
+  uint8_t* b = bits.data_ptr<uint8_t>();
+  int32_t* n = counts.data_ptr<int32_t>();
+  parallel_chunks(in.chunks, [&](const Chunk& c) {
+    FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "pac_noise_mask", [&] {
+      const scalar_t* w = in.params[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      const float* s = in.log_std(c);
+      const int64_t stride = in.log_std_stride(c);
+      uint8_t* out = b + c.index * kChunkBytes;
+      int32_t count = 0;
+      for (int64_t i = 0; i < c.end - c.begin; ++i) {
+        if (pac_inexact(w[i], in.noise(in.counter(c, i), s[i * stride]))) {
+          out[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+          ++count;
+        }
+      }
+      n[c.index] = count;
+    });
+  });
+  return {bits, counts};
+}
+
+// The save buffers of a perturbation; false for a chunk whose run would not lie inside `saved`.
+struct SavedRuns {
+  const uint8_t* bits;
+  const int64_t* offsets;
+  int64_t capacity;
+  bool fits(const Chunk& c, int64_t itemsize) const {
+    return saved_run_fits(offsets[c.index], popcount(bits + c.index * kChunkBytes, kChunkBytes), itemsize, capacity);
+  }
+};
+
+SavedRuns check_saved_runs(const char* op, const NoiseInputs& in, const at::Tensor& mask_bits,
+                           const at::Tensor& save_offsets, const at::Tensor& saved) {
+  const int64_t chunks = static_cast<int64_t>(in.chunks.size());
+  check_buffer(mask_bits, at::kByte, chunks * kChunkBytes, kCPU, op, "mask_bits");
+  check_buffer(save_offsets, at::kLong, chunks, kCPU, op, "save_offsets");
+  check_buffer(saved, at::kByte, -1, kCPU, op, "saved");
+  return {mask_bits.const_data_ptr<uint8_t>(), save_offsets.const_data_ptr<int64_t>(), saved.numel()};
+}
+
+void pac_perturb_cpu(at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases, int64_t seed, int64_t step,
+                     double max_noise, const at::Tensor& mask_bits, const at::Tensor& save_offsets,
+                     const at::Tensor& saved) {
+  const char* op = "pac_perturb_";
+  const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise);
+  const SavedRuns runs = check_saved_runs(op, in, mask_bits, save_offsets, saved);
+  uint8_t* store = saved.data_ptr<uint8_t>();
+  std::atomic<bool> overflow{false};
+  parallel_chunks(in.chunks, [&](const Chunk& c) {
+    FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "pac_perturb_", [&] {
+      if (!runs.fits(c, sizeof(scalar_t))) {
+        overflow = true;
+        return;
+      }
+      scalar_t* w = in.params[c.tensor].data_ptr<scalar_t>() + c.begin;
+      scalar_t* dst = reinterpret_cast<scalar_t*>(store + runs.offsets[c.index]);
+      const uint8_t* bits = runs.bits + c.index * kChunkBytes;
+      const float* s = in.log_std(c);
+      const int64_t stride = in.log_std_stride(c);
+      int64_t j = 0;
+      for (int64_t i = 0; i < c.end - c.begin; ++i) {
+        if (mask_bit(bits, i)) dst[j++] = w[i];
+        w[i] = pac_add(w[i], in.noise(in.counter(c, i), s[i * stride]));
+      }
+    });
+  });
+  TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", runs.capacity, " bytes)");
+}
+
+void pac_restore_cpu(at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases, int64_t seed, int64_t step,
+                     double max_noise, const at::Tensor& mask_bits, const at::Tensor& save_offsets,
+                     const at::Tensor& saved) {
+  const char* op = "pac_restore_";
+  const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise);
+  const SavedRuns runs = check_saved_runs(op, in, mask_bits, save_offsets, saved);
+  const uint8_t* store = saved.const_data_ptr<uint8_t>();
+  std::atomic<bool> overflow{false};
+  parallel_chunks(in.chunks, [&](const Chunk& c) {
+    FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "pac_restore_", [&] {
+      if (!runs.fits(c, sizeof(scalar_t))) {
+        overflow = true;
+        return;
+      }
+      scalar_t* w = in.params[c.tensor].data_ptr<scalar_t>() + c.begin;
+      const scalar_t* src = reinterpret_cast<const scalar_t*>(store + runs.offsets[c.index]);
+      const uint8_t* bits = runs.bits + c.index * kChunkBytes;
+      const float* s = in.log_std(c);
+      const int64_t stride = in.log_std_stride(c);
+      int64_t j = 0;
+      for (int64_t i = 0; i < c.end - c.begin; ++i) {
+        w[i] = mask_bit(bits, i) ? src[j++] : pac_sub(w[i], in.noise(in.counter(c, i), s[i * stride]));
+      }
+    });
+  });
+  TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", runs.capacity, " bytes)");
+}
+
+// Rows of the per-tensor sums pac_bound_grads_ returns.
+enum BoundSum { kSumExp2P, kSumDiffSq, kSumGradSq, kSumLogStd, kBoundSums };
+
+at::Tensor pac_bound_grads_cpu(at::TensorList params, at::TensorList grads, at::TensorList log_stds,
+                               at::TensorList log_std_grads, at::TensorList anchors, const at::Tensor& prior_log_stds,
+                               at::IntArrayRef bases, int64_t seed, int64_t step, double max_noise, double coef) {
+  const char* op = "pac_bound_grads_";
+  const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise);
+  const int64_t count = static_cast<int64_t>(params.size());
+  const bool with_grads = !grads.empty();
+  TORCH_CHECK(grads.size() == log_std_grads.size() && (!with_grads || static_cast<int64_t>(grads.size()) == count),
+              op, ": grads and log_std_grads must both have one tensor per parameter, or both be empty");
+  TORCH_CHECK(static_cast<int64_t>(anchors.size()) == count, op, ": anchors has ", anchors.size(),
+              " tensors, params has ", count);
+  check_float_list(grads, kCPU, op, "grads");
+  check_float_list(log_std_grads, kCPU, op, "log_std_grads", /*fp32_only=*/true);
+  check_float_list(anchors, kCPU, op, "anchors");
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(anchors[i].numel() == params[i].numel() && anchors[i].scalar_type() == params[i].scalar_type(), op,
+                ": anchors[", i, "] must match params[", i, "] in size and dtype");
+    TORCH_CHECK(log_stds[i].numel() == params[i].numel(), op, ": log_stds[", i, "] needs one value per element");
+    if (with_grads) {
+      TORCH_CHECK(grads[i].numel() == params[i].numel() && grads[i].scalar_type() == params[i].scalar_type(), op,
+                  ": grads[", i, "] must match params[", i, "] in size and dtype");
+      TORCH_CHECK(log_std_grads[i].numel() == params[i].numel(), op, ": log_std_grads[", i, "] has ",
+                  log_std_grads[i].numel(), " elements, params[", i, "] has ", params[i].numel());
+    }
+  }
+  check_buffer(prior_log_stds, at::kFloat, count, kCPU, op, "prior_log_stds");
+  const float* prior = prior_log_stds.const_data_ptr<float>();
+  const PacBoundTerms terms{static_cast<float>(coef)};
+  std::vector<std::array<double, kBoundSums>> partial(in.chunks.size());
+  parallel_chunks(in.chunks, [&](const Chunk& c) {
+    FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "pac_bound_grads_", [&] {
+      const scalar_t* w = in.params[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      const scalar_t* w0 = anchors[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      const float* s = in.log_std(c);
+      const float b = prior[c.tensor];
+      const float decay = expf(b * -2.0f);
+      scalar_t* g = with_grads ? grads[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
+      float* sg = with_grads ? log_std_grads[c.tensor].data_ptr<float>() + c.begin : nullptr;
+      std::array<double, kBoundSums> sum{};
+      for (int64_t i = 0; i < c.end - c.begin; ++i) {
+        const float diff = static_cast<float>(w[i]) - static_cast<float>(w0[i]);
+        sum[kSumExp2P] += static_cast<double>(expf(s[i] * 2.0f));
+        sum[kSumDiffSq] += static_cast<double>(diff) * diff;
+        sum[kSumLogStd] += static_cast<double>(s[i]);
+        if (g == nullptr) continue;
+        const float gf = static_cast<float>(g[i]);
+        sum[kSumGradSq] += static_cast<double>(gf) * gf;
+        sg[i] = terms.log_std_grad(gf, in.noise.eps(in.counter(c, i)), s[i], b);
+        g[i] = static_cast<scalar_t>(terms.regularised(gf, diff, decay));
+      }
+      partial[c.index] = sum;
+    });
+  });
+  // fp64 within a chunk, the chunks of a tensor added in order: grad_sumsq's summation order.
+  auto out = at::zeros({kBoundSums, count}, at::TensorOptions().dtype(at::kDouble));
+  double* sums = out.data_ptr<double>();
+  for (const Chunk& c : in.chunks)
+    for (int r = 0; r < kBoundSums; ++r) sums[r * count + c.tensor] += partial[c.index][r];
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam, CPU, m) {
+  m.impl("pac_noise_mask", &pac_noise_mask_cpu);
+  m.impl("pac_perturb_", &pac_perturb_cpu);
+  m.impl("pac_restore_", &pac_restore_cpu);
+  m.impl("pac_bound_grads_", &pac_bound_grads_cpu);
+}
+
+}  // namespace fsam

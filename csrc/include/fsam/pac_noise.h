@@ -1,0 +1,93 @@
+// PAC-tuning's noise and per-element math, for the host and the device (fsam_kernels/reference.py
+// is the specification; every operation rounds to fp32 in its order).  The noise of element
+// `index` at (seed, step) is Philox4x32-10 (Salmon et al., SC 2011: the generator of Random123,
+// cuRAND and Triton) of key (seed low, seed high) and counter (index low, index high, step low,
+// step high), turned into a standard normal by Box-Muller: it depends on nothing but those three
+// numbers, so not on chunks, threads or blocks, and is regenerated instead of stored.  The integer
+// stream is identical in every backend; log, cos, sqrt and exp come from each backend's math
+// library, so the noise of two backends can differ in the last bits.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace fsam {
+
+constexpr int kPhiloxRounds = 10;
+constexpr float kTwoPi = 6.2831854820251465f;  // 2 pi rounded to fp32
+
+struct PhiloxOut {
+  uint32_t x[4];
+};
+
+C10_HOST_DEVICE inline void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+}
+
+C10_HOST_DEVICE inline PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                               uint32_t k1) {
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo(0xD2511F53u, c0, hi0, lo0);
+    mulhilo(0xCD9E8D57u, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
+    k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// u1 = (x0 >> 9 + 1/2) 2^-23 in (0, 1) and u2 = (x1 >> 8) 2^-24 are exact in fp32.
+C10_HOST_DEVICE inline float pac_normal(uint64_t index, uint64_t seed, uint64_t step) {
+  const PhiloxOut r = philox4x32_10(static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
+                                    static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
+                                    static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const float u1 = (static_cast<float>(r.x[0] >> 9) + 0.5f) * 0x1p-23f;
+  const float u2 = static_cast<float>(r.x[1] >> 8) * 0x1p-24f;
+  const float radius = sqrtf(logf(u1) * -2.0f);
+  return radius * cosf(u2 * kTwoPi);
+}
+
+// eps clamped to [-max_noise, max_noise], and the noise exp(log_std) * eps.
+struct PacNoise {
+  uint64_t seed, step;
+  float max_noise;
+  C10_HOST_DEVICE float eps(int64_t index) const {
+    const float e = pac_normal(static_cast<uint64_t>(index), seed, step);
+    return e < -max_noise ? -max_noise : (e > max_noise ? max_noise : e);
+  }
+  C10_HOST_DEVICE float operator()(int64_t index, float log_std) const { return expf(log_std) * eps(index); }
+};
+
+template <typename T>
+C10_HOST_DEVICE inline uint32_t value_bits(T v) {
+  uint32_t u = 0;
+  memcpy(&u, &v, sizeof(T));
+  return u;
+}
+
+// w + n and (w + n) - n in the weight's dtype; an entry is inexact when the latter is not w bit
+// for bit, and only those need their originals saved.
+template <typename T>
+C10_HOST_DEVICE inline T pac_add(T w, float n) { return static_cast<T>(static_cast<float>(w) + n); }
+template <typename T>
+C10_HOST_DEVICE inline T pac_sub(T w, float n) { return static_cast<T>(static_cast<float>(w) - n); }
+template <typename T>
+C10_HOST_DEVICE inline bool pac_inexact(T w, float n) { return value_bits(pac_sub(pac_add(w, n), n)) != value_bits(w); }
+
+// Stage 1 of the bound, per element: the gradient of the log-std p, g eps e^p + (e^(2p - 2b) - 1)
+// coef, and the loss gradient plus the w-regulariser's, g + e^(-2b) (w - w0) coef.
+struct PacBoundTerms {
+  float coef;
+  C10_HOST_DEVICE float log_std_grad(float g, float eps, float log_std, float b) const {
+    return g * eps * expf(log_std) + (expf(log_std * 2.0f - b * 2.0f) - 1.0f) * coef;
+  }
+  C10_HOST_DEVICE float regularised(float g, float diff, float decay) const { return g + decay * diff * coef; }
+};
+
+}  // namespace fsam
