@@ -31,7 +31,7 @@ def warn_if_missing():
 def has_cuda_kernels():
     """Whether the extension registered a CUDA kernel for every op (but the CPU-only ones)."""
     return LOADED and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fsam::{name}", "CUDA")
-                          for name in _schemas.SCHEMAS if name not in _schemas.CPU_ONLY)
+                          for name in _schemas.SCHEMAS if name not in _schemas.CUDA_PENDING)
 
 
 if LOADED:

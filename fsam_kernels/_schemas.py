@@ -54,8 +54,8 @@ SCHEMAS = {
                         "float coef) -> Tensor",
 }
 
-# Ops with C++ CPU kernels but no GPU ones (triton, cuda) yet: PAC-tuning's, in progress.
-CPU_ONLY = ("pac_noise_mask", "pac_perturb_", "pac_restore_", "pac_bound_grads_")
+# Ops with no CUDA C++ kernel yet (the cpu, triton and reference backends have them): PAC-tuning's.
+CUDA_PENDING = ("pac_noise_mask", "pac_perturb_", "pac_restore_", "pac_bound_grads_")
 
 
 def define(namespace):

@@ -16,14 +16,15 @@ import torch
 from . import backends, ops
 from ._checks import check_int, check_number
 from ._layout import ChunkLayout
+from ._schemas import CUDA_PENDING
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, gradients_of
 
 __all__ = ["PACTuning", "KTable", "estimate_k", "DEFAULT_PRIOR_GRID"]
 
-# The backends with PAC-tuning's kernels so far; "auto" takes the reference (eager PyTorch, on
-# any device) where the fastest backend has none.
-PAC_BACKENDS = ("cpu", "reference")
+# The backends with PAC-tuning's kernels; "auto" takes the reference (eager PyTorch, on any
+# device) where the fastest backend has none.
+PAC_BACKENDS = tuple(b for b in backends.BACKENDS if not (b == "cuda" and CUDA_PENDING))
 
 # The official prior grid for K: exp(linspace(-6, -2, 8)).
 DEFAULT_PRIOR_GRID = tuple(math.exp(-6.0 + 4.0 * i / 7) for i in range(8))

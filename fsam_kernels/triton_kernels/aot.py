@@ -28,10 +28,10 @@ from triton.runtime.jit import JITFunction
 from .._layout import CHUNK_BYTES, FIRST_HIST_SIZE, RADIX_HIST_SIZES, RADIX_STATE_SIZE, total_chunks
 from .._schemas import SCHEMAS
 from ..ops import FLOAT_DTYPES, save_layout
-from . import clip, fisher, perturb, topk
+from . import clip, fisher, pac, perturb, topk
 from .library import _IMPLS
 
-MODULES = (clip, fisher, perturb, topk)
+MODULES = (clip, fisher, pac, perturb, topk)
 SHAPES = [(5,), (3, 7), (4099,)]  # odd sizes, one over a chunk
 
 
@@ -80,14 +80,15 @@ def compile_only(target, compiled):
         driver.set_active(previous)
 
 
-def _argument(name, dtype, params):
-    """The value of a schema argument that is given (not None)."""
+def _argument(op, name, dtype, params):
+    """The value of argument `name` of `op` that is given (not None)."""
     chunks = total_chunks(params)
     bits = torch.zeros(chunks * CHUNK_BYTES, dtype=torch.uint8)
     save_offsets, saved = save_layout(params)
     values = {
         "fisher": lambda: [torch.rand(p.shape) for p in params],
-        "grads": lambda: [torch.randn(p.shape).to(dtype) for p in params[:-1]] + [None],
+        "grads": lambda: [torch.randn(p.shape).to(dtype) for p in params[:-1]] + [
+            torch.randn(params[-1].shape).to(dtype) if op.startswith("pac_") else None],
         "scores": lambda: params, "params": lambda: params, "k": lambda: 3,
         "decay": lambda: 0.9, "alpha": lambda: 0.1, "eta": lambda: 0.01,
         "found_inf": lambda: torch.zeros(1), "first_hist": lambda: torch.zeros(FIRST_HIST_SIZE, dtype=torch.int64),
@@ -100,6 +101,12 @@ def _argument(name, dtype, params):
         "candidates": lambda: torch.zeros(64, dtype=torch.int64),
         "tensors": lambda: params, "norms": lambda: torch.rand(len(params)), "max_norm": lambda: 0.05,
         "eps": lambda: 1e-6,
+        "log_stds": lambda: [torch.full((p.numel(),), -4.0) for p in params[:-1]] + [torch.full((1,), -4.0)]
+        if op != "pac_bound_grads_" else [torch.full((p.numel(),), -4.0) for p in params],
+        "log_std_grads": lambda: [torch.empty(p.numel()) for p in params],
+        "anchors": lambda: [p.clone() for p in params], "prior_log_stds": lambda: torch.full((len(params),), -4.0),
+        "bases": lambda: [0, 5, 26], "seed": lambda: 3, "step": lambda: 2 ** 40 + 1, "max_noise": lambda: 2.0,
+        "coef": lambda: 1e-3,
     }
     if name not in values:
         raise KeyError(f"aot: no sample value for argument {name!r} of a Triton op: add one to _argument")
@@ -108,6 +115,8 @@ def _argument(name, dtype, params):
 
 # Integer arguments that select a specialisation: every value.
 ENUMERATED = {"digit": range(len(RADIX_HIST_SIZES))}
+# List arguments that may also be empty together (which selects another specialisation).
+EMPTY_TOGETHER = {"pac_bound_grads_": ("grads", "log_std_grads")}
 
 
 def cases():
@@ -121,8 +130,11 @@ def cases():
         for dtype in FLOAT_DTYPES:
             params = [torch.randn(s).to(dtype) for s in SHAPES]
             for combo in itertools.product(*choices):
-                yield name, dtype, {a.name: _argument(a.name, dtype, params) if isinstance(v, str) else v
-                                    for a, v in zip(arguments, combo)}
+                kwargs = {a.name: _argument(name, a.name, dtype, params) if isinstance(v, str) else v
+                          for a, v in zip(arguments, combo)}
+                yield name, dtype, kwargs
+                if name in EMPTY_TOGETHER:
+                    yield name, dtype, {**kwargs, **{k: [] for k in EMPTY_TOGETHER[name]}}
 
 
 def defined_kernels():

@@ -13,15 +13,26 @@ SEGMENT_BLOCK = 1024  # chunk partials a program adds at once
 
 
 @triton.jit
-def _tensor_sums_kernel(partials, first, sums, BLOCK: tl.constexpr):
-    """sums[t] = the fp64 chunk partials of tensor t, in a fixed order."""
+def _tensor_sums_kernel(partials, first, sums, count, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """sums[col * count + t] = column col (program axis 1) of tensor t's fp64 chunk partials (rows
+    of STRIDE values), in a fixed order."""
     t = tl.program_id(0)
+    col = tl.program_id(1)
     lo, hi = tl.load(first + t), tl.load(first + t + 1)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(lo, hi, BLOCK):
         c = start + tl.arange(0, BLOCK)
-        acc += tl.load(partials + 2 * c, mask=c < hi, other=0.0)
-    tl.store(sums + t, tl.sum(acc, 0))
+        acc += tl.load(partials + STRIDE * c + col, mask=c < hi, other=0.0)
+    tl.store(sums + col * count + t, tl.sum(acc, 0))
+
+
+def tensor_sums(partials, tensors, columns):
+    """float64 [columns, len(tensors)]: the first `columns` columns of the chunk partials summed
+    per tensor in a fixed order (deterministic, unlike an atomic or index_add reduction)."""
+    sums = torch.empty(columns, len(tensors), dtype=torch.float64, device=partials.device)
+    _tensor_sums_kernel[(len(tensors), columns)](partials, tables.first_chunks(tensors), sums, len(tensors),
+                                                 STRIDE=partials.shape[1], BLOCK=SEGMENT_BLOCK)
+    return sums
 
 
 @triton.jit
@@ -47,9 +58,7 @@ def tensor_sumsq(tensors):
         _sumsq_kernel[(g.chunks,)](addr, addr, g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel, partials,
                                    partials, 0.0, DT=tl_dtype(g.dtype), MASKED=False, ADAPTIVE=False, BLOCK=BLOCK,
                                    **LAUNCH_OPTIONS)
-    sums = torch.empty(len(tensors), dtype=torch.float64, device=device)
-    _tensor_sums_kernel[(len(tensors),)](partials, tables.first_chunks(tensors), sums, BLOCK=SEGMENT_BLOCK)
-    return sums
+    return tensor_sums(partials, tensors, 1)[0]
 
 
 def clip_scale_(tensors, norms, max_norm, eps):

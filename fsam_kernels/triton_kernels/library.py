@@ -2,8 +2,8 @@
 fsam_kernels/_schemas.py, impls for CUDA tensors and for CPU tensors under the interpreter,
 fake impls for torch.compile, which treats them as opaque calls)."""
 from .._fakes import register_fakes
-from .._schemas import CPU_ONLY, SCHEMAS, define
-from . import clip, fisher, perturb, topk
+from .._schemas import SCHEMAS, define
+from . import clip, fisher, pac, perturb, topk
 
 _IMPLS = {
     "fisher_accumulate_": fisher.fisher_accumulate_,
@@ -16,9 +16,13 @@ _IMPLS = {
     "restore_": perturb.restore_,
     "tensor_sumsq": clip.tensor_sumsq,
     "clip_scale_": clip.clip_scale_,
+    "pac_noise_mask": pac.pac_noise_mask,
+    "pac_perturb_": pac.pac_perturb_,
+    "pac_restore_": pac.pac_restore_,
+    "pac_bound_grads_": pac.pac_bound_grads_,
 }
 
-assert set(_IMPLS) == set(SCHEMAS) - set(CPU_ONLY), "every op but the CPU-only ones needs a Triton impl"
+assert set(_IMPLS) == set(SCHEMAS), "every op needs a Triton impl"
 _lib = define("fsam_triton")
 for _name in _IMPLS:
     for _key in ("CUDA", "CPU"):

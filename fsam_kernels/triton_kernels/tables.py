@@ -75,11 +75,12 @@ def first_chunks(tensors):
 
 
 @functools.lru_cache(maxsize=256)
-def _addresses(pointers, device):
-    return _to_device(list(pointers), torch.int64, device)
+def int64_table(values, device):
+    """A tuple of ints as an int64 tensor on `device`, built once per tuple."""
+    return _to_device(list(values), torch.int64, device)
 
 
 def addresses(tensors, members, device):
     """int64 table on `device` of the data pointers of tensors[m] for m in members (0 for None)."""
-    return _addresses(tuple(0 if tensors[m] is None else tensors[m].data_ptr() for m in members), device)
+    return int64_table(tuple(0 if tensors[m] is None else tensors[m].data_ptr() for m in members), device)
 

@@ -89,14 +89,15 @@ def test_both_namespaces_have_every_schema():
         assert str(getattr(torch.ops.fsam_triton, name).default._schema) == str(parsed).replace("fsam::", "fsam_triton::")
 
 
-def test_opcheck_pac_ops():
-    """PAC-tuning's ops (C++ on the CPU so far)."""
-    if "cpu" not in backends.available_backends():
-        pytest.skip("the C++ extension is not built")
-    fsam = namespace_ops("fsam")
-    params, grads, _, _, _ = inputs("cpu")
+@CASES
+def test_opcheck_pac_ops(namespace, device):
+    """PAC-tuning's ops (no CUDA C++ kernels yet: CUDA_PENDING)."""
+    if namespace == "fsam" and device == "cuda":
+        pytest.skip("PAC-tuning has no CUDA C++ kernels yet")
+    fsam = namespace_ops(namespace)
+    params, grads, _, _, _ = inputs(device)
     g = torch.Generator().manual_seed(1)
-    log_stds = [torch.randn(p.numel(), generator=g) - 4.0 for p in params]
+    log_stds = [(torch.randn(p.numel(), generator=g) - 4.0).to(device) for p in params]
     bases = ops.counter_bases(params)
     noise = (log_stds, bases, 3, 5, 2.0)
     torch.library.opcheck(fsam.pac_noise_mask.default, (params, *noise))
@@ -105,7 +106,8 @@ def test_opcheck_pac_ops():
     torch.library.opcheck(fsam.pac_perturb_.default, (params, *noise, bits, offsets, saved))
     torch.library.opcheck(fsam.pac_restore_.default, (params, *noise, bits, offsets, saved))
     anchors = [p.clone() for p in params]
-    prior = torch.full((len(params),), -4.0)
+    prior = torch.full((len(params),), -4.0, device=device)
     torch.library.opcheck(fsam.pac_bound_grads_.default,
-                          (params, grads, log_stds, [torch.empty(p.numel()) for p in params], anchors, prior, bases,
+                          (params, grads, log_stds, [torch.empty(p.numel(), device=device) for p in params], anchors,
+                           prior, bases,
                            3, 5, 2.0, 1e-3))
