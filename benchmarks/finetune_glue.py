@@ -38,6 +38,7 @@ OPTIMIZERS = {
     "fsam": ("fsam", lambda a: {"rho": a.rho, "sparsity": a.sparsity, "mask_interval": a.mask_interval,
                                 "pool": "fsam4plm"}, "global"),
     "adamw-clip": (None, lambda a: None, "componentwise"),
+    "pac": ("pac", lambda a: {"stage1_steps": round(a.pac_stage1 * a.total_steps), "gamma": a.pac_gamma}, "global"),
 }
 
 
@@ -190,7 +191,7 @@ def run_one(a):
     device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
     method, kwargs_of, grad_clip = OPTIMIZERS[a.optimizer]
     clip_norm = a.clip_norm if grad_clip == "componentwise" else None
-    total_steps = math.ceil(math.ceil(len(train_set) / a.batch_size) * a.epochs)
+    total_steps = a.total_steps = math.ceil(math.ceil(len(train_set) / a.batch_size) * a.epochs)
     args = TrainingArguments(
         output_dir=os.path.join(a.work_dir, f"{a.task}-{a.optimizer}-{a.seed}"), seed=a.seed, data_seed=a.seed,
         num_train_epochs=a.epochs, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=128,
@@ -211,8 +212,9 @@ def run_one(a):
     trainer.create_optimizer()
     clock = OptimizerClock(device)
     if trainer.method_optimizer is not None:
-        for name in ("first_step", "restore", "second_step"):
-            clock.wrap(trainer.method_optimizer, name)
+        for name in ("first_step", "perturb", "restore", "second_step"):
+            if hasattr(trainer.method_optimizer, name):
+                clock.wrap(trainer.method_optimizer, name)
     else:
         clock.wrap(trainer.optimizer, "step")
     if device == "cuda":
@@ -233,7 +235,8 @@ def run_one(a):
         "peak_mem_mib": (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "peak_mem_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
-        "skipped_perturbations": None if opt is None else opt.skipped_perturbations,
+        "skipped_perturbations": None if opt is None else getattr(opt, "skipped_perturbations", None),
+        "skipped_steps": getattr(opt, "skipped_steps", None),
         "backend": None if opt is None else opt.backend, "device": device,
     }
     print("RESULT " + json.dumps(result), flush=True)
@@ -262,6 +265,9 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=0.05)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--mask-interval", type=int, default=100)
+    p.add_argument("--pac-stage1", type=float, default=0.8,
+                   help="PAC-tuning's share of steps in stage 1 (official: 200 of 250 epochs)")
+    p.add_argument("--pac-gamma", type=float, default=10.0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--work-dir", default="/tmp/fsam_glue")

@@ -29,9 +29,9 @@ def warn_if_missing():
 
 
 def has_cuda_kernels():
-    """Whether the extension registered a CUDA kernel for every op (but the CPU-only ones)."""
+    """Whether the extension registered a CUDA kernel for every op."""
     return LOADED and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fsam::{name}", "CUDA")
-                          for name in _schemas.SCHEMAS if name not in _schemas.CUDA_PENDING)
+                          for name in _schemas.SCHEMAS)
 
 
 if LOADED:

@@ -54,9 +54,6 @@ SCHEMAS = {
                         "float coef) -> Tensor",
 }
 
-# Ops with no CUDA C++ kernel yet (the cpu, triton and reference backends have them): PAC-tuning's.
-CUDA_PENDING = ("pac_noise_mask", "pac_perturb_", "pac_restore_", "pac_bound_grads_")
-
 
 def define(namespace):
     """Define every op of SCHEMAS under `namespace`; keep the returned library alive."""

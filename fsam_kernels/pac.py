@@ -16,15 +16,11 @@ import torch
 from . import backends, ops
 from ._checks import check_int, check_number
 from ._layout import ChunkLayout
-from ._schemas import CUDA_PENDING
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, gradients_of
+from .training import noise_passes
 
 __all__ = ["PACTuning", "KTable", "estimate_k", "DEFAULT_PRIOR_GRID"]
-
-# The backends with PAC-tuning's kernels; "auto" takes the reference (eager PyTorch, on any
-# device) where the fastest backend has none.
-PAC_BACKENDS = tuple(b for b in backends.BACKENDS if not (b == "cuda" and CUDA_PENDING))
 
 # The official prior grid for K: exp(linspace(-6, -2, 8)).
 DEFAULT_PRIOR_GRID = tuple(math.exp(-6.0 + 4.0 * i / 7) for i in range(8))
@@ -91,7 +87,7 @@ def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GR
     if not params:
         raise ValueError("estimate_k: no parameters to perturb")
     device = params[0].device
-    backend = resolve_backend(backend, device)
+    backend = backends.resolve(backend, device)
     ops_ = {name: backends.op(name, backend) for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_")}
     bases = ops.counter_bases(params)
     layout = ChunkLayout(params)
@@ -121,18 +117,6 @@ def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GR
     bar.close()
     increasing = [max(values[: i + 1]) for i in range(len(values))]
     return KTable(grid, increasing)
-
-
-def resolve_backend(backend, device):
-    """backends.resolve for the PAC ops: "auto" falls back to the reference where the fastest
-    backend lacks them; naming such a backend is an error."""
-    resolved = backends.resolve(backend, device)
-    if resolved in PAC_BACKENDS:
-        return resolved
-    if backend is None or backend == "auto":
-        return "reference"
-    raise NotImplementedError(f"PAC-tuning has no {resolved!r} kernels yet (it has {PAC_BACKENDS}); "
-                              "backend='auto' takes the reference on this device")
 
 
 class _NoBar:
@@ -169,7 +153,8 @@ class PACTuning(torch.optim.Optimizer):
     num_examples: the training-set size n of the bound; stage1_steps: steps of stage 1 (then
     p and b freeze); gamma: the bound's gamma (a constant, as in the official code); seed: the
     noise's Philox key.  The K table (`estimate_k`, or `opt.estimate_k(model, loss_fn, data)`)
-    must be set before a stage-1 step.  Per param group (defaults here): noise_lr, the Adam
+    must be set before a stage-1 step; prior_grid and k_samples are the estimate's (the official
+    exp(linspace(-6, -2, 8)) and 10 models per prior std).  Per param group (defaults here): noise_lr, the Adam
     learning rate of p and b (official: 0.1); log_std_power c: p and b start at
     c * log(mean |w|) over the group (official: 2 for the encoder, 1 for the head).
     max_noise: the clamp of eps.  freeze: parameters whose name contains one of these strings
@@ -180,9 +165,11 @@ class PACTuning(torch.optim.Optimizer):
     restored; `skipped_steps` counts them.  Each step syncs twice: to size the saved
     originals (perturb) and to read the finite flag (step)."""
 
+    training_passes = staticmethod(noise_passes)  # what a training loop runs before the updates
+
     def __init__(self, params, base_optimizer, *, num_examples, stage1_steps, gamma=10.0, seed=0, backend="auto",
-                 k_table=None, noise_lr=0.1, log_std_power=2.0, noise_betas=(0.9, 0.999), max_noise=2.0,
-                 freeze=("embed",), **base_kwargs):
+                 k_table=None, prior_grid=DEFAULT_PRIOR_GRID, k_samples=10, noise_lr=0.1, log_std_power=2.0,
+                 noise_betas=(0.9, 0.999), max_noise=2.0, freeze=("embed",), **base_kwargs):
         if not callable(base_optimizer):
             raise TypeError(f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}")
         check_int("num_examples", num_examples, 1)
@@ -192,6 +179,10 @@ class PACTuning(torch.optim.Optimizer):
         check_number("noise_lr", noise_lr, 0.0)
         check_number("log_std_power", log_std_power, 0.0, low_open=True)
         check_number("max_noise", max_noise, 0.0, low_open=True)
+        check_int("k_samples", k_samples, 1)
+        prior_grid = tuple(float(g) for g in prior_grid)
+        if not prior_grid:
+            raise ValueError("prior_grid is empty: K needs at least one prior std")
         if not (isinstance(noise_betas, (tuple, list)) and len(noise_betas) == 2 and
                 all(isinstance(b, (int, float)) and 0 <= b < 1 for b in noise_betas)):
             raise ValueError(f"noise_betas must be two numbers in [0, 1), got {noise_betas!r}")
@@ -224,11 +215,12 @@ class PACTuning(torch.optim.Optimizer):
                 raise TypeError(f"parameter {self._name(i)} is {p.dtype}; float32, bfloat16 and float16 are supported")
             if not p.is_contiguous():
                 raise ValueError(f"parameter {self._name(i)} is not contiguous; the kernels update it in place")
-        self.backend = resolve_backend(backend, self._device)
+        self.backend = backends.resolve(backend, self._device)
         self._op = {name: backends.op(name, self.backend)
                     for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_", "pac_bound_grads_", "grad_sumsq")}
         self.num_examples, self.stage1_steps, self.gamma = int(num_examples), int(stage1_steps), float(gamma)
         self.seed, self.max_noise, self.k_table = int(seed), float(max_noise), k_table
+        self.prior_grid, self.k_samples = prior_grid, int(k_samples)
         self._bases = ops.counter_bases(self._params)
         self._layout = ChunkLayout(self._params)
         self._numels = torch.tensor([p.numel() for p in self._params], dtype=torch.float64, device=self._device)
@@ -297,10 +289,12 @@ class PACTuning(torch.optim.Optimizer):
         """Steps whose update non-finite gradients skipped (syncs)."""
         return int(self._skipped)
 
-    def estimate_k(self, model, loss_fn, data, **kwargs):
-        """Estimate the K table over this optimizer's parameters (see estimate_k) and keep it."""
-        self.k_table = estimate_k(model, loss_fn, data, params=self._params, gamma=self.gamma, seed=self.seed,
-                                  backend=self.backend, **kwargs)
+    def estimate_k(self, model, loss_fn, data, progress=True):
+        """Estimate the K table over this optimizer's parameters, its prior_grid and k_samples (see
+        estimate_k), and keep it."""
+        self.k_table = estimate_k(model, loss_fn, data, params=self._params, prior_grid=self.prior_grid,
+                                  samples=self.k_samples, gamma=self.gamma, seed=self.seed, backend=self.backend,
+                                  progress=progress)
         return self.k_table
 
     # ---- the step ----------------------------------------------------------------------------
@@ -330,6 +324,16 @@ class PACTuning(torch.optim.Optimizer):
             return 0
         bits, offsets, saved = self._perturbed
         return bits.numel() + offsets.numel() * offsets.element_size() + saved.numel()
+
+    @torch.no_grad()
+    def cancel(self):
+        """Put back the exact weights of before perturb() and drop the step (after an error in its
+        forward or backward): the next step draws this step's noise again."""
+        if self._perturbed is None:
+            raise RuntimeError("cancel() without perturb()")
+        bits, offsets, saved = self._perturbed
+        self._op["pac_restore_"](self._params, *self._noise(), bits, offsets, saved)
+        self._perturbed = None
 
     @torch.no_grad()
     def restore(self):
@@ -407,10 +411,7 @@ class PACTuning(torch.optim.Optimizer):
                 with torch.enable_grad():
                     loss = closure()
             except BaseException:
-                with torch.no_grad():
-                    bits, offsets, saved = self._perturbed
-                    self._op["pac_restore_"](self._params, *self._noise(), bits, offsets, saved)
-                    self._perturbed = None
+                self.cancel()
                 raise
         if self._perturbed is None and self._restored is None:
             raise RuntimeError("step() without perturb(): perturb the weights, run the forward and backward, "

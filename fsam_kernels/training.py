@@ -48,6 +48,28 @@ def sharpness_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_p
     return loss, True
 
 
+def noise_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_perturbation=False, scaler=None):
+    """PAC-tuning's one pass of a step (fsam_kernels.PACTuning): perturb, the forward and backward
+    of every micro-batch at the noisy weights (the gradient all-reduced at the last), restore, which
+    in stage 1 also adds the bound's gradients.  The caller then clips and takes the updates.
+
+    The noise depends only on (seed, step, element), so DDP replicas draw the same one:
+    sync_perturbation changes nothing here.  Returns (the loss summed over the micro-batches, True)."""
+    if not micro_batches:
+        raise ValueError("micro_batches is empty: a step needs at least one micro-batch")
+    if scaler is not None:
+        raise NotImplementedError("PAC-tuning with a GradScaler (fp16) is not supported: its stage-1 gradients "
+                                  "need the unscaled gradient; train in bf16 or fp32")
+    optimizer.perturb()
+    try:
+        loss = _accumulate(micro_batches, backward, no_sync, sync_last=True)
+    except BaseException:
+        optimizer.cancel()
+        raise
+    optimizer.restore()
+    return loss, True
+
+
 def sharpness_step(optimizer, micro_batches, loss_fn, *, model=None, scaler=None, max_grad_norm=None,
                    clip="global", sync_perturbation=False):
     """One whole SAM/FSAM step for a plain training loop.

@@ -16,6 +16,7 @@ from . import backends
 from .ops import FLOAT_DTYPES
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, ParamRoles
+from .training import sharpness_passes
 
 
 class Perturbation:
@@ -57,6 +58,8 @@ def base_step(optimizer, base_optimizer, scaler=None, skip=None):
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
     """The two-pass protocol over ParamRoles and a Perturbation (subclasses choose both in their
     constructor: `_compose`)."""
+
+    training_passes = staticmethod(sharpness_passes)  # what a training loop runs before the base step
 
     def __init__(self, params, base_optimizer, *, backend, base_kwargs):
         if not callable(base_optimizer):

@@ -3,8 +3,8 @@
 // exact restore, and stage 1's fused pass (log-std gradients, the w-regulariser, per-tensor sums).
 #include "chunks.h"
 
-#include <fsam/checks.h>
 #include <fsam/functors.h>
+#include <fsam/pac_checks.h>
 #include <fsam/pac_noise.h>
 
 #include <array>
@@ -32,20 +32,8 @@ struct NoiseInputs {
 };
 
 NoiseInputs check_noise(const char* op, at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases,
-                        int64_t seed, int64_t step, double max_noise) {
-  check_float_list(params, kCPU, op, "params");
-  check_float_list(log_stds, kCPU, op, "log_stds", /*fp32_only=*/true);
-  TORCH_CHECK(log_stds.size() == params.size(), op, ": log_stds has ", log_stds.size(), " tensors, params has ",
-              params.size());
-  TORCH_CHECK(bases.size() == params.size(), op, ": bases has ", bases.size(), " entries, params has ",
-              params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(log_stds[i].numel() == 1 || log_stds[i].numel() == params[i].numel(), op, ": log_stds[", i,
-                "] has ", log_stds[i].numel(), " elements, params[", i, "] has ", params[i].numel());
-    TORCH_CHECK(bases[i] >= 0, op, ": bases[", i, "] is negative");
-  }
-  TORCH_CHECK(seed >= 0 && step >= 0, op, ": seed and step must be >= 0");
-  TORCH_CHECK(max_noise > 0, op, ": max_noise must be > 0");
+                        int64_t seed, int64_t step, double max_noise, bool per_element = false) {
+  check_pac_noise(params, log_stds, bases, seed, step, max_noise, kCPU, op, per_element);
   return {params, log_stds, bases.vec(),
           PacNoise{static_cast<uint64_t>(seed), static_cast<uint64_t>(step), static_cast<float>(max_noise)},
           chunk_table(params)};
@@ -91,10 +79,7 @@ struct SavedRuns {
 
 SavedRuns check_saved_runs(const char* op, const NoiseInputs& in, const at::Tensor& mask_bits,
                            const at::Tensor& save_offsets, const at::Tensor& saved) {
-  const int64_t chunks = static_cast<int64_t>(in.chunks.size());
-  check_buffer(mask_bits, at::kByte, chunks * kChunkBytes, kCPU, op, "mask_bits");
-  check_buffer(save_offsets, at::kLong, chunks, kCPU, op, "save_offsets");
-  check_buffer(saved, at::kByte, -1, kCPU, op, "saved");
+  check_pac_saving(static_cast<int64_t>(in.chunks.size()), mask_bits, save_offsets, saved, kCPU, op);
   return {mask_bits.const_data_ptr<uint8_t>(), save_offsets.const_data_ptr<int64_t>(), saved.numel()};
 }
 
@@ -155,35 +140,14 @@ void pac_restore_cpu(at::TensorList params, at::TensorList log_stds, at::IntArra
   TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", runs.capacity, " bytes)");
 }
 
-// Rows of the per-tensor sums pac_bound_grads_ returns.
-enum BoundSum { kSumExp2P, kSumDiffSq, kSumGradSq, kSumLogStd, kBoundSums };
-
 at::Tensor pac_bound_grads_cpu(at::TensorList params, at::TensorList grads, at::TensorList log_stds,
                                at::TensorList log_std_grads, at::TensorList anchors, const at::Tensor& prior_log_stds,
                                at::IntArrayRef bases, int64_t seed, int64_t step, double max_noise, double coef) {
   const char* op = "pac_bound_grads_";
-  const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise);
+  const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise, /*per_element=*/true);
+  check_pac_bound(params, grads, log_std_grads, anchors, prior_log_stds, kCPU, op);
   const int64_t count = static_cast<int64_t>(params.size());
   const bool with_grads = !grads.empty();
-  TORCH_CHECK(grads.size() == log_std_grads.size() && (!with_grads || static_cast<int64_t>(grads.size()) == count),
-              op, ": grads and log_std_grads must both have one tensor per parameter, or both be empty");
-  TORCH_CHECK(static_cast<int64_t>(anchors.size()) == count, op, ": anchors has ", anchors.size(),
-              " tensors, params has ", count);
-  check_float_list(grads, kCPU, op, "grads");
-  check_float_list(log_std_grads, kCPU, op, "log_std_grads", /*fp32_only=*/true);
-  check_float_list(anchors, kCPU, op, "anchors");
-  for (int64_t i = 0; i < count; ++i) {
-    TORCH_CHECK(anchors[i].numel() == params[i].numel() && anchors[i].scalar_type() == params[i].scalar_type(), op,
-                ": anchors[", i, "] must match params[", i, "] in size and dtype");
-    TORCH_CHECK(log_stds[i].numel() == params[i].numel(), op, ": log_stds[", i, "] needs one value per element");
-    if (with_grads) {
-      TORCH_CHECK(grads[i].numel() == params[i].numel() && grads[i].scalar_type() == params[i].scalar_type(), op,
-                  ": grads[", i, "] must match params[", i, "] in size and dtype");
-      TORCH_CHECK(log_std_grads[i].numel() == params[i].numel(), op, ": log_std_grads[", i, "] has ",
-                  log_std_grads[i].numel(), " elements, params[", i, "] has ", params[i].numel());
-    }
-  }
-  check_buffer(prior_log_stds, at::kFloat, count, kCPU, op, "prior_log_stds");
   const float* prior = prior_log_stds.const_data_ptr<float>();
   const PacBoundTerms terms{static_cast<float>(coef)};
   std::vector<std::array<double, kBoundSums>> partial(in.chunks.size());

@@ -41,12 +41,13 @@ constexpr int kChunkWords = static_cast<int>(kChunk / 32);
 constexpr int kWarpWords = kChunkWords / kWarps;
 static_assert(kWarpWords <= kWarp && kChunkWords % kWarps == 0, "a warp's mask words fit its lanes");
 
-constexpr int kRoles = 2;  // data pointers per member (e.g. params and grads)
+constexpr int kRoles = 5;  // data pointers per member (e.g. params and grads; PAC-tuning has five)
 
 struct TensorTable {  // what a kernel gets, by value
   const int64_t* group_first;   // [members + 1]: the member's first chunk in the group, then the total
   const int64_t* list_first;    // [members]: its first chunk in the whole list (the layout's chunk index)
   const int64_t* numel;         // [members]
+  const int64_t* position;      // [members]: its position in the list (to index per-tensor arrays)
   const int64_t* addr[kRoles];  // [members]: data pointers, 0 where absent (a missing gradient)
   int64_t members, chunks;
 };
@@ -123,8 +124,8 @@ void for_each_group(const ListChunks& list, const std::vector<at::ScalarType>& d
       if (dtypes[i] == dtype && list.numel[i] > 0) members.push_back(i);
     if (members.empty()) continue;
     const int64_t m = static_cast<int64_t>(members.size());
-    // [group_first (m + 1) | list_first (m) | numel (m) | addr[0] (m) | addr[1] (m)]
-    auto host = at::empty({(3 + kRoles) * m + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    // [group_first (m + 1) | list_first (m) | numel (m) | position (m) | addr[0] (m) | ... | addr[kRoles - 1] (m)]
+    auto host = at::empty({(4 + kRoles) * m + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
     int64_t* h = host.data_ptr<int64_t>();
     h[0] = 0;
     for (int64_t j = 0; j < m; ++j) {
@@ -132,15 +133,23 @@ void for_each_group(const ListChunks& list, const std::vector<at::ScalarType>& d
       h[j + 1] = h[j] + num_chunks(list.numel[i]);
       h[m + 1 + j] = list.first[i];
       h[2 * m + 1 + j] = list.numel[i];
+      h[3 * m + 1 + j] = i;
       for (int r = 0; r < kRoles; ++r)
-        h[(3 + r) * m + 1 + j] = addr[r].empty() ? 0 : reinterpret_cast<int64_t>(addr[r][i]);
+        h[(4 + r) * m + 1 + j] = addr[r].empty() ? 0 : reinterpret_cast<int64_t>(addr[r][i]);
     }
     const int64_t chunks = h[m];
     const at::Tensor table = host.to(device, /*non_blocking=*/true);  // the caching host allocator keeps `host`
     const int64_t* d = table.const_data_ptr<int64_t>();                // until the copy has run
-    const TensorTable t{d, d + m + 1, d + 2 * m + 1, {d + 3 * m + 1, d + 4 * m + 1}, m, chunks};
+    TensorTable t{d, d + m + 1, d + 2 * m + 1, d + 3 * m + 1, {}, m, chunks};
+    for (int r = 0; r < kRoles; ++r) t.addr[r] = d + (4 + r) * m + 1;
     launch(dtype, t, resident_grid(chunks, kMaxChunksPerBlock, sms));
   }
+}
+
+// Calls f(std::integral_constant<bool, value>{}): a runtime flag as a kernel's template argument.
+template <typename F>
+void with_bool(bool value, const F& f) {
+  value ? f(std::true_type{}) : f(std::false_type{});
 }
 
 inline std::vector<const void*> data_ptrs(at::TensorList tensors) {

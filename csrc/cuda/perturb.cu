@@ -156,12 +156,6 @@ struct Inputs {
   }
 };
 
-// Calls f(std::integral_constant<bool, value>{}): a runtime flag as a kernel's template argument.
-template <typename F>
-void with_bool(bool value, const F& f) {
-  value ? f(std::true_type{}) : f(std::false_type{});
-}
-
 at::Tensor grad_sumsq_cuda(at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
                            bool adaptive, double eta) {
   const Inputs in("grad_sumsq", params, grads, mask_bits,

@@ -1,6 +1,7 @@
 """`FineTuningTrainer` (alias `FSAMTrainer`): the Hugging Face Trainer with the step of a
-fine-tuning method chosen by name from a registry (`METHODS`: "sam", "fsam"; more register
-with `register_method`), here SAM/FSAM's two-pass step.
+fine-tuning method chosen by name from a registry (`METHODS`: "sam", "fsam", "pac"; more register
+with `register_method`): SAM/FSAM's two-pass step, or PAC-tuning's noisy pass.  Each method's
+optimizer class says what runs before the base step (`training_passes`).
 
 Per optimizer step (one accumulation window) the Trainer's loop hands the micro-batches to
 `training_step`; this trainer runs them only when the window is complete: the first pass
@@ -18,12 +19,12 @@ from transformers import Trainer
 
 from ..clipping import CLIP_MODES, clip_gradients_
 from ..fsam import FSAM
+from ..pac import PACTuning
 from ..sam import SAM
-from ..training import sharpness_passes
 
 # name -> optimizer class (built as cls(param_groups, base_optimizer_class, **kwargs)); None
 # keeps the Trainer's own optimizer.
-METHODS = {"sam": SAM, "fsam": FSAM}
+METHODS = {"sam": SAM, "fsam": FSAM, "pac": PACTuning}
 
 
 def register_method(name, cls):
@@ -187,7 +188,10 @@ class FineTuningTrainer(Trainer):
         if clash:
             raise ValueError(f"method options {sorted(clash)} (sharpness_kwargs/method_kwargs) are the base "
                              "optimizer's: set them in TrainingArguments")
-        self.method_optimizer = METHODS[self.method](groups, base_cls, **self.method_kwargs, **base_kwargs)
+        method_kwargs = dict(self.method_kwargs)
+        if METHODS[self.method] is PACTuning:  # the bound's n: the training set's size unless given
+            method_kwargs.setdefault("num_examples", len(self.train_dataset))
+        self.method_optimizer = METHODS[self.method](groups, base_cls, **method_kwargs, **base_kwargs)
         self.optimizer = _BaseStepOptimizer(self.method_optimizer)
         return self.optimizer
 
@@ -209,16 +213,40 @@ class FineTuningTrainer(Trainer):
         if not self.accelerator.sync_gradients:  # the window is reported whole, at its last micro-batch
             return torch.zeros((), device=self.args.device)
         window, self._window = self._window, []
-        loss, _ = sharpness_passes(
-            self.method_optimizer, window, lambda item: super(FineTuningTrainer, self).training_step(model, *item),
+        opt = self.method_optimizer
+        if isinstance(opt, PACTuning) and opt.k_table is None and opt.stage == 1:
+            self._estimate_k(model)
+        loss, _ = type(opt).training_passes(
+            opt, window, lambda item: super(FineTuningTrainer, self).training_step(model, *item),
             no_sync=lambda: self.accelerator.no_sync(model), sync_perturbation=self.sync_perturbation,
             scaler=self.accelerator.scaler)
         return loss
 
+    def _estimate_k(self, model):
+        """PAC-tuning's K table, once before its first step, from the per-example losses of the
+        training set (cross-entropy, or the squared error of a regression) with dropout off."""
+        def losses(m, batch):
+            batch = self._prepare_inputs(batch)
+            labels = batch.pop("labels")
+            logits = m(**batch).logits.float()
+            if labels.is_floating_point():
+                return (logits.squeeze(-1) - labels.float()) ** 2
+            return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+        was_training = model.training
+        model.eval()
+        try:
+            self.method_optimizer.estimate_k(model, losses, self.get_train_dataloader(),
+                                             progress=not self.args.disable_tqdm)
+        finally:
+            model.train(was_training)
+
     def log(self, logs, *args, **kwargs):
         opt = self.method_optimizer
         if opt is not None and "loss" in logs:
-            logs["skipped_perturbations"] = opt.skipped_perturbations
+            for name in ("skipped_perturbations", "skipped_steps"):
+                if hasattr(opt, name):
+                    logs[name] = getattr(opt, name)
             density = opt.mask_density() if hasattr(opt, "mask_density") else 1.0
             if density is not None:
                 logs["mask_density"] = density

@@ -82,7 +82,7 @@ def tiny_model_dir(path, data_dir):
     return str(path)
 
 
-@pytest.mark.parametrize("task,optimizer", [("rte", "fsam"), ("stsb", "adamw")])
+@pytest.mark.parametrize("task,optimizer", [("rte", "fsam"), ("stsb", "adamw"), ("rte", "pac")])
 def test_one_run_end_to_end(tmp_path, data_dir, capsys, task, optimizer):
     model = tiny_model_dir(tmp_path, data_dir)
     fg.main(["--data-dir", str(data_dir), "--model-dir", model, "--max-length", "24", "--epochs", "2",
@@ -94,6 +94,7 @@ def test_one_run_end_to_end(tmp_path, data_dir, capsys, task, optimizer):
     assert r["metric"] == ("accuracy" if task == "rte" else "pearson") and -1 <= r["score"] <= 1
     assert 0 < r["optimizer_s"] < r["wall_s"] and r["peak_mem_mib"] > 0
     assert r["skipped_perturbations"] == (0 if optimizer == "fsam" else None)
+    assert r["skipped_steps"] == (0 if optimizer == "pac" else None)
     assert torch.isfinite(torch.tensor(r["train_loss"]))
 
 

@@ -266,3 +266,43 @@ def test_methods_are_chosen_by_name_from_a_registry(tmp_path):
         integration.FineTuningTrainer(model=tiny_bert(0), args=args(tmp_path), method="sam", sharpness="fsam")
     with pytest.raises(TypeError, match="register_method"):
         integration.register_method("x", SAM(tiny_bert(0).parameters(), torch.optim.SGD, lr=0.1))
+
+
+def test_pac_tuning_is_by_hand(tmp_path):
+    """method="pac": K estimated once from the training set's per-example losses (dropout off),
+    then per window perturb, both micro-batches at the noisy weights, restore with the stage-1
+    gradients, the Trainer's clip, the updates; num_examples defaults to the training set's size."""
+    from fsam_kernels import PACTuning
+    from fsam_kernels.pac import estimate_k
+    pac_kw = dict(stage1_steps=2, k_samples=2, backend="reference")
+    t = trainer(tmp_path, sharpness="pac", sharpness_kwargs=pac_kw, gradient_accumulation_steps=2)
+    t.train()
+    opt = t.method_optimizer
+    assert isinstance(opt, PACTuning) and opt.num_examples == 32 and opt.stage == 2 and opt._step == 3
+    assert all(h["skipped_steps"] == 0 for h in t.state.log_history if "loss" in h)
+    model = tiny_bert(0)
+    by_hand = PACTuning(decay_groups(t, model), torch.optim.AdamW, lr=1e-3, num_examples=32, **pac_kw)
+    items = Examples().items
+    data = [{k: torch.stack([x[k] for x in items[i: i + 4]]) for k in items[0]} for i in range(0, 32, 4)]
+
+    def losses(m, b):
+        return torch.nn.functional.cross_entropy(m(input_ids=b["input_ids"]).logits, b["labels"], reduction="none")
+
+    model.eval()
+    table = estimate_k(model, losses, data, params=by_hand._params, samples=2, progress=False)
+    model.train()
+    assert table.values == pytest.approx(opt.k_table.values, rel=1e-6)  # the Trainer's forward rounds apart
+    by_hand.k_table = opt.k_table
+    for step in range(3):
+        by_hand.perturb()
+        for mb in windows(step):
+            (model(**mb).loss / 2).backward()
+        by_hand.restore()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
+        by_hand.step()
+        by_hand.zero_grad()
+    for (n, a), b in zip(t.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(NotImplementedError, match="GradScaler"):
+        from fsam_kernels.training import noise_passes
+        noise_passes(by_hand, [windows(0)[0]], lambda b: model(**b).loss.backward(), scaler=object())

@@ -4,8 +4,8 @@
 // cuRAND and Triton) of key (seed low, seed high) and counter (index low, index high, step low,
 // step high), turned into a standard normal by Box-Muller: it depends on nothing but those three
 // numbers, so not on chunks, threads or blocks, and is regenerated instead of stored.  The integer
-// stream is identical in every backend; log, cos, sqrt and exp come from each backend's math
-// library, so the noise of two backends can differ in the last bits.
+// stream is identical in every backend; log, cos and exp come from each backend's math library
+// (CUDA computes the cosine as cospi), so the noise of two backends can differ in the last bits.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -50,7 +50,12 @@ C10_HOST_DEVICE inline float pac_normal(uint64_t index, uint64_t seed, uint64_t 
   const float u1 = (static_cast<float>(r.x[0] >> 9) + 0.5f) * 0x1p-23f;
   const float u2 = static_cast<float>(r.x[1] >> 8) * 0x1p-24f;
   const float radius = sqrtf(logf(u1) * -2.0f);
+#ifdef __CUDA_ARCH__
+  // cos(pi 2 u2): cosf's reduction of large arguments needs a stack frame, cospif's does not
+  return radius * cospif(u2 * 2.0f);
+#else
   return radius * cosf(u2 * kTwoPi);
+#endif
 }
 
 // eps clamped to [-max_noise, max_noise], and the noise exp(log_std) * eps.
@@ -79,6 +84,9 @@ template <typename T>
 C10_HOST_DEVICE inline T pac_sub(T w, float n) { return static_cast<T>(static_cast<float>(w) - n); }
 template <typename T>
 C10_HOST_DEVICE inline bool pac_inexact(T w, float n) { return value_bits(pac_sub(pac_add(w, n), n)) != value_bits(w); }
+
+// Rows of the per-tensor sums pac_bound_grads_ returns.
+enum BoundSum { kSumExp2P, kSumDiffSq, kSumGradSq, kSumLogStd, kBoundSums };
 
 // Stage 1 of the bound, per element: the gradient of the log-std p, g eps e^p + (e^(2p - 2b) - 1)
 // coef, and the loss gradient plus the w-regulariser's, g + e^(-2b) (w - w0) coef.
