@@ -11,8 +11,8 @@ from fsam_kernels._layout import CHUNK
 
 from conftest import DTYPES, all_backends, interpreted, randn, seed_of, shapes
 
-# the backends that run on CPU tensors here (Triton under the interpreter)
-CPU_PAC = pytest.mark.parametrize("backend", [b for b, d in all_backends() if d == "cpu"])
+# every backend that runs here, on its device (Triton on CPU tensors under the interpreter)
+PAC = pytest.mark.parametrize("backend,device", all_backends())
 
 
 def philox_of(values, key):
@@ -91,15 +91,15 @@ def perturb_restore(backend, params, log_stds, seed, step, bases=None, poison=Tr
     return bits, counts, perturbed
 
 
-@CPU_PAC
+@PAC
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape_set", ["mixed", "many"])
-def test_restore_is_bit_exact_over_many_steps(backend, dtype, shape_set):
-    params = randn(shapes(shape_set), dtype, "cpu", seed_of("pac", backend, dtype, shape_set))
+def test_restore_is_bit_exact_over_many_steps(backend, device, dtype, shape_set):
+    params = randn(shapes(shape_set), dtype, device, seed_of("pac", backend, dtype, shape_set))
     params = [(p * 0.05).contiguous() for p in params]
-    log_stds = log_stds_for(params, 1e-2, seed_of("std", dtype, shape_set))
+    log_stds = [s.to(device) for s in log_stds_for(params, 1e-2, seed_of("std", dtype, shape_set))]
     original = [p.clone() for p in params]
-    for step in range(1 if interpreted(backend, "cpu") else 4):  # the interpreter is slow
+    for step in range(1 if interpreted(backend, device) else 4):  # the interpreter is slow
         bits, counts, perturbed = perturb_restore(backend, params, log_stds, seed=11, step=step)
         for p, o in zip(params, original):
             assert torch.equal(p.view(torch.uint8), o.view(torch.uint8))
@@ -109,38 +109,38 @@ def test_restore_is_bit_exact_over_many_steps(backend, dtype, shape_set):
         assert 0 < int(counts.sum()) < total
 
 
-@CPU_PAC
-def test_inexact_fraction_matches_spec(backend):
+@PAC
+def test_inexact_fraction_matches_spec(backend, device):
     """SPEC: about 5 % of fp32 entries at std 1e-3 and 19 % at 1e-2 are not restored by w - n."""
-    params = [torch.randn(CHUNK * 8 + 5) * 0.04]
+    params = [p * 0.04 for p in randn([(CHUNK * 8 + 5,)], torch.float32, device, seed_of("fraction"))]
     for std, expected in ((1e-3, 0.05), (1e-2, 0.19)):
-        _, counts, _ = perturb_restore(backend, params, log_stds_for(params, std, 0, per_tensor=True), 1, 0)
+        s = [t.to(device) for t in log_stds_for(params, std, 0, per_tensor=True)]
+        _, counts, _ = perturb_restore(backend, params, s, 1, 0)
         assert abs(int(counts.sum()) / params[0].numel() - expected) < 0.015
 
 
-@CPU_PAC
-def test_noise_follows_global_counters(backend):
+@PAC
+def test_noise_follows_global_counters(backend, device):
     """Element j of tensor i draws counter bases[i] + j: splitting a tensor in two (with the
     bases of the whole) gives the same perturbed values."""
-    whole = [torch.randn(3 * CHUNK + 17) * 0.05]
+    whole = [p * 0.05 for p in randn([(3 * CHUNK + 17,)], torch.float32, device, seed_of("counters"))]
     parts = [whole[0][:CHUNK + 5].clone(), whole[0][CHUNK + 5:].clone()]
-    s = log_stds_for(whole, 1e-2, 4)
+    s = [t.to(device) for t in log_stds_for(whole, 1e-2, 4)]
     _, _, a = perturb_restore(backend, whole, s, 5, 2)
     _, _, b = perturb_restore(backend, parts, [s[0][:CHUNK + 5], s[0][CHUNK + 5:]], 5, 2, bases=[0, CHUNK + 5])
     assert torch.equal(a[0], torch.cat(b))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_noise_agrees_with_reference(backend):
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in all_backends() if b != "reference"] or [
+    pytest.param(None, None, marks=pytest.mark.skip(reason="no compiled backend built"))])
+def test_noise_agrees_with_reference(backend, device):
     """The same Philox stream; log, cos and exp of two math libraries may differ in the last
     bits, so the noise agrees to a few ulps (and most perturbed weights bit for bit)."""
-    if backend not in backends.available_backends():
-        pytest.skip(f"{backend} is not available here")
     params = [p * 0.05 for p in randn([(2 * CHUNK + 3,), (50, 7)], torch.float32, "cpu", seed_of("agree"))]
     s = log_stds_for(params, 1e-2, 1)
     _, _, ref = perturb_restore("reference", [p.clone() for p in params], s, 9, 3)
-    _, _, got = perturb_restore(backend, [p.clone() for p in params], s, 9, 3)
-    for r, c, p in zip(ref, got, params):
+    _, _, got = perturb_restore(backend, [p.to(device) for p in params], [t.to(device) for t in s], 9, 3)
+    for r, c, p in zip(ref, [g.cpu() for g in got], params):
         noise_r, noise_c = (r - p).double(), (c - p).double()
         assert torch.allclose(noise_r, noise_c, rtol=1e-4, atol=1e-8)
         # bit-identical weights: 91-94 % for C++ (glibc against SLEEF), 82-86 % for the interpreter
@@ -162,26 +162,28 @@ def direct_bound_terms(params, grads, log_stds, anchors, prior, seed, step, max_
     return out
 
 
-@CPU_PAC
+@PAC
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bound_grads_against_float64(backend, dtype):
+def test_bound_grads_against_float64(backend, device, dtype):
     params = [(p * 0.05).contiguous() for p in randn(shapes("mixed"), dtype, "cpu", seed_of("bg", dtype))]
-    anchors = [(p.float() + 0.01 * torch.randn(p.shape)).to(dtype) for p in params]
+    anchors = [(p.float() + 0.01 * a).to(dtype) for p, a in zip(params, randn(shapes("mixed"), torch.float32, "cpu",
+                                                                             seed_of("anchor", dtype)))]
     grads = [g.contiguous() for g in randn(shapes("mixed"), dtype, "cpu", seed_of("g", dtype))]
     s = log_stds_for(params, 1e-2, 3)
-    prior = torch.randn(len(params)) * 0.3 + math.log(1e-2)
+    prior = torch.linspace(-0.3, 0.3, len(params)) + math.log(1e-2)
     coef = 1.0 / (100 * 10.0)
     want = direct_bound_terms(params, grads, s, anchors, prior, 7, 4, 2.0, coef)
-    log_std_grads = [torch.full((p.numel(),), float("nan")) for p in params]  # poisoned
-    got_grads = [g.clone() for g in grads]
-    sums = ops.pac_bound_grads(params, got_grads, s, log_std_grads, anchors, prior, coef, seed=7, step=4,
-                               backend=backend)
+    on = [[t.to(device) for t in ts] for ts in (params, s, anchors)]
+    log_std_grads = [torch.full((p.numel(),), float("nan"), device=device) for p in params]  # poisoned
+    got_grads = [g.to(device) for g in grads]
+    sums = ops.pac_bound_grads(on[0], got_grads, on[1], log_std_grads, on[2], prior.to(device), coef, seed=7, step=4,
+                               backend=backend).cpu()
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     for i in range(len(params)):
-        assert torch.allclose(log_std_grads[i].double(), want["log_std_grads"][i], rtol=1e-4, atol=1e-6)
-        assert torch.allclose(got_grads[i].double().reshape(-1), want["grads"][i], rtol=tol, atol=tol * 1e-2)
+        assert torch.allclose(log_std_grads[i].cpu().double(), want["log_std_grads"][i], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(got_grads[i].cpu().double().reshape(-1), want["grads"][i], rtol=tol, atol=tol * 1e-2)
     assert torch.allclose(sums.T, torch.stack(want["sums"]), rtol=1e-5, atol=1e-9)
-    only_sums = ops.pac_bound_grads(params, [], s, [], anchors, prior, coef, backend=backend)
+    only_sums = ops.pac_bound_grads(on[0], [], on[1], [], on[2], prior.to(device), coef, backend=backend).cpu()
     assert torch.equal(only_sums[[0, 1, 3]], sums[[0, 1, 3]]) and not only_sums[2].any()
 
 

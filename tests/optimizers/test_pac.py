@@ -10,8 +10,8 @@ from fsam_kernels import backends, reference
 from fsam_kernels.pac import KTable, PACTuning, estimate_k
 from conftest import all_backends
 
-# the backends that run on CPU tensors here (Triton under the interpreter)
-BACKENDS = pytest.mark.parametrize("backend", [b for b, d in all_backends() if d == "cpu"])
+# every backend that runs here, on its device (Triton on CPU tensors under the interpreter)
+BACKENDS = pytest.mark.parametrize("backend,device", all_backends())
 K_TABLE = KTable([math.exp(-6), math.exp(-4), math.exp(-2)], [0.01, 0.03, 0.2])
 
 
@@ -28,9 +28,9 @@ class Net(torch.nn.Module):
         return self.head(torch.tanh(self.hidden(self.embed(x).flatten(1))))
 
 
-def data(seed=1, n=24):
+def data(seed=1, n=24, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 11, (n, 3), generator=g), torch.randint(0, 3, (n,), generator=g)
+    return torch.randint(0, 11, (n, 3), generator=g).to(device), torch.randint(0, 3, (n,), generator=g).to(device)
 
 
 def make(model, backend="reference", stage1_steps=3, **kw):
@@ -56,11 +56,11 @@ def weights(model):
 
 
 @BACKENDS
-def test_same_seed_same_run_and_stage_switch(backend):
-    x, y = data()
+def test_same_seed_same_run_and_stage_switch(backend, device):
+    x, y = data(device=device)
     runs = []
     for _ in range(2):
-        model = Net()
+        model = Net().to(device)
         opt = make(model, backend)
         assert opt.stage == 1 and not model.embed.weight.requires_grad  # embeddings frozen by default
         losses = train(model, opt, 5, x, y)
@@ -69,15 +69,15 @@ def test_same_seed_same_run_and_stage_switch(backend):
     assert runs[0][0] == runs[1][0]
     for a, b in zip(runs[0][1] + runs[0][2], runs[1][1] + runs[1][2]):
         assert torch.equal(a, b)
-    other = Net()
+    other = Net().to(device)
     train(other, make(other, backend, seed=1), 5, x, y)
     assert not all(torch.equal(a, b) for a, b in zip(weights(other), runs[0][1]))
 
 
 @BACKENDS
-def test_log_stds_freeze_in_stage2(backend):
-    x, y = data()
-    model = Net()
+def test_log_stds_freeze_in_stage2(backend, device):
+    x, y = data(device=device)
+    model = Net().to(device)
     opt = make(model, backend, stage1_steps=2)
     start = [s.clone() for s in opt.log_stds]
     train(model, opt, 2, x, y)
@@ -91,9 +91,9 @@ def test_log_stds_freeze_in_stage2(backend):
 
 @BACKENDS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_restore_is_bit_exact(backend, dtype):
-    x, y = data()
-    model = Net(dtype=dtype)
+def test_restore_is_bit_exact(backend, device, dtype):
+    x, y = data(device=device)
+    model = Net(dtype=dtype).to(device)
     opt = make(model, backend)
     for _ in range(4):
         before = weights(model)
@@ -109,18 +109,18 @@ def test_restore_is_bit_exact(backend, dtype):
 
 
 @BACKENDS
-def test_resume_equals_uninterrupted(backend):
-    x, y = data()
-    model = Net()
+def test_resume_equals_uninterrupted(backend, device):
+    x, y = data(device=device)
+    model = Net().to(device)
     opt = make(model, backend, stage1_steps=4)
     whole = train(model, opt, 6, x, y)
     for cut in (2, 5):  # in stage 1, in stage 2
-        model = Net()
+        model = Net().to(device)
         opt = make(model, backend, stage1_steps=4)
         first = train(model, opt, cut, x, y)
         saved_model = copy.deepcopy(model.state_dict())
         saved_opt = copy.deepcopy(opt.state_dict())
-        model = Net(seed=5)  # other weights: the checkpoint must restore everything
+        model = Net(seed=5).to(device)  # other weights: the checkpoint must restore everything
         model.load_state_dict(saved_model)
         opt = make(model, backend, stage1_steps=4)
         opt.load_state_dict(saved_opt)
@@ -226,10 +226,10 @@ def test_errors():
 
 
 @BACKENDS
-def test_non_finite_gradients_skip_the_update(backend):
-    x, y = data()
+def test_non_finite_gradients_skip_the_update(backend, device):
+    x, y = data(device=device)
     for stage1_steps in (5, 0):
-        model = Net()
+        model = Net().to(device)
         opt = make(model, backend, stage1_steps=stage1_steps)
         train(model, opt, 1, x, y)
         before = weights(model)
