@@ -65,6 +65,36 @@ def restore_published(P, saved):
         p.sub_(e_w)
 
 
+def pac_noise_published(P, S):
+    """PAC-tuning's official noise injection: clamped normals and their scaled copies stored (2 N
+    floats), then w += exp(p) eps."""
+    noises, scaled = [], []
+    for p, s in zip(P, S):
+        eps = torch.clip(torch.randn(p.shape, device=p.device), min=-2, max=2)
+        noises.append(eps)
+        scaled.append(torch.exp(s) * eps)
+        p.add_(scaled[-1])
+    return noises, scaled
+
+
+def pac_restore_published(P, scaled):
+    """Its removal: a deep copy of the scaled noise, then w -= it (not exact)."""
+    import copy
+    for p, n in zip(P, copy.deepcopy(scaled)):
+        p.sub_(n)
+
+
+def pac_round_trip_foreach(P, S, old):
+    """The same with foreach ops and an exact restore from a full copy of the weights."""
+    torch._foreach_copy_(old, P)
+    eps = [torch.randn(p.shape, device=p.device) for p in P]
+    torch._foreach_clamp_min_(eps, -2.0)
+    torch._foreach_clamp_max_(eps, 2.0)
+    torch._foreach_mul_(eps, torch._foreach_exp(S))
+    torch._foreach_add_(P, eps)
+    torch._foreach_copy_(P, old)
+
+
 def perturb_foreach(P, G, masks, rho, old):
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(G)))
     scale = rho / (norm + 1e-12)

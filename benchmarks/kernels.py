@@ -1,18 +1,23 @@
 """Kernel microbenchmarks: each family (Fisher accumulation, top-k mask, norm + perturb,
-restore, component-wise clipping) on one parameter list, every provider side by side."""
+restore, component-wise clipping, PAC-tuning's noise round trip) on one parameter list, every
+provider side by side."""
+import math
+
 import torch
 
-from fsam_kernels import backends, clip_grad_norm_componentwise_, radix_topk
+from fsam_kernels import backends, clip_grad_norm_componentwise_, ops, radix_topk
 from fsam_kernels._layout import ChunkLayout
 
 from . import anchors
 from .param_lists import dtype_of, random_tensors, shapes_for
 from .timing import measure, rotation
 
-FAMILIES = ("fisher", "topk", "perturb", "restore", "clip")
+FAMILIES = ("fisher", "topk", "perturb", "restore", "clip", "pac")
 DENSITY = 0.1  # keep 10 % (s = 0.9)
 RHO = 0.05
 CLIP = 1e-3  # below every tensor's norm: each one is scaled
+PAC_STD = 1e-2  # the noise's std: 19 % of fp32 entries are not restored by w - n (SPEC)
+PAC_INEXACT = 0.19
 
 
 def bytes_per_param(family):
@@ -23,6 +28,8 @@ def bytes_per_param(family):
         "perturb": 4.0 + 8.0 + 1 / 8 + 8 * DENSITY,   # norm reads g; perturb reads g, w, mask, writes w, saved
         "restore": 1 / 8 + 8 * DENSITY,               # mask, saved read, w written: masked entries only
         "clip": 4.0 + 8.0,                            # the norms read g; the scaling reads and writes it
+        # perturb and restore each read w and p and write w; the mask, the inexact entries saved
+        "pac": 24.0 + 2 / 8 + 8 * PAC_INEXACT,
     }[family]
 
 
@@ -33,6 +40,10 @@ def _inputs(family, shapes, device, seed, k, dtype):
         x["F"] = random_tensors(shapes, device, seed=seed + 1, positive=True)
         return x
     if family == "topk":
+        return x
+    if family == "pac":
+        x["P"] = random_tensors(shapes, device, dtype, seed=seed + 2)
+        x["S"] = [torch.full(p.shape, math.log(PAC_STD), device=device) for p in x["P"]]
         return x
     if family == "clip":
         x["P"] = [torch.nn.Parameter(torch.empty_like(g)) for g in G]
@@ -92,6 +103,26 @@ def providers(family, device, ours, with_compile):
         p["foreach"] = lambda x: lambda: anchors.clip_foreach(x["G"], CLIP)
         for b in ours:
             p[f"fsam-{b}"] = lambda x, b=b: lambda: clip_grad_norm_componentwise_(x["P"], CLIP, backend=b)
+    elif family == "pac":  # perturb then restore, the noise of one step
+        p["published-eager"] = lambda x: lambda: anchors.pac_restore_published(
+            x["P"], anchors.pac_noise_published(x["P"], x["S"])[1])
+        p["foreach"] = lambda x: (lambda old: lambda: anchors.pac_round_trip_foreach(x["P"], x["S"], old))(
+            [torch.empty_like(t) for t in x["P"]])
+        for b in ours:
+            ops_of = {name: backends.op(name, b) for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_")}
+
+            def setup(x, ops_of=ops_of):
+                layout, bases = ChunkLayout(x["P"]), ops.counter_bases(x["P"])
+
+                def fn():
+                    noise = (x["S"], bases, 0, 1, 2.0)
+                    bits, counts = ops_of["pac_noise_mask"](x["P"], *noise)
+                    offsets, total = layout.save_offsets(counts)
+                    saved = torch.empty(int(total), dtype=torch.uint8, device=device)  # PACTuning's one sync
+                    ops_of["pac_perturb_"](x["P"], *noise, bits, offsets, saved)
+                    ops_of["pac_restore_"](x["P"], *noise, bits, offsets, saved)
+                return fn
+            p[f"fsam-{b}"] = setup
     elif family == "restore":
         def published(x):
             saved = anchors.perturb_published(x["P"], x["G"], x["masks"], RHO)
@@ -111,7 +142,7 @@ def run(family, spec, device, ours, *, with_compile, min_time, copy_gbps, only=N
     n = sum(torch.Size(s).numel() for _, s in shapes)
     k = int(n * DENSITY)
     dtype = dtype_of(spec)
-    working = 4 * n * {"fisher": 2, "topk": 1, "perturb": 4, "restore": 4, "clip": 1}[family]
+    working = 4 * n * {"fisher": 2, "topk": 1, "perturb": 4, "restore": 4, "clip": 1, "pac": 4}[family]
     rows = []
     for name, setup in providers(family, device, ours, with_compile).items():
         if only and not any(o in name for o in only):

@@ -51,6 +51,19 @@ def each_op(backend, device, dtype, shapes, seed):
             out += [sums, [p.clone() for p in P]]
             call(ops.restore, P, save_offsets=offsets, saved=saved, mask_bits=mask)
             assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(P, before) if x.numel())
+        # PAC-tuning's noise (std 1e-2): the restore is exact in every backend; the noise itself
+        # differs between backends in the last bits, so only the stage-1 sums are compared
+        S = [torch.full((p.numel(),), -4.6, device=dev) for p in P]
+        noise = dict(seed=5, step=seed)
+        pbits, pcounts = call(ops.pac_noise_mask, P, S, **noise)
+        poffsets, psaved = ops.save_layout(P, pcounts)
+        before = [p.clone() for p in P]
+        call(ops.pac_perturb, P, S, mask_bits=pbits, save_offsets=poffsets, saved=psaved, **noise)
+        call(ops.pac_restore, P, S, mask_bits=pbits, save_offsets=poffsets, saved=psaved, **noise)
+        assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(P, before) if x.numel())
+        G0 = [torch.zeros_like(p) if t is None else t for p, t in zip(P, G)]
+        out.append(call(ops.pac_bound_grads, P, G0, S, [torch.empty(p.numel(), device=dev) for p in P], before,
+                        torch.full((len(P),), -4.6, device=dev), 1e-3, **noise))
         results[b] = out
     for got, want in zip(results[backend], results["reference"]):
         for x, y in zip(*(v if isinstance(v, list) else [v] for v in (got, want))):

@@ -13,7 +13,7 @@ def test_tiny_benchmark_run(tmp_path):
         assert os.path.getsize(out / name) > 0, name
     data = json.loads((out / "results.json").read_text())
     families = {r["family"] for r in data["kernels"]}
-    assert families == set(kernels.FAMILIES) == {"fisher", "topk", "perturb", "restore", "clip"}
+    assert families == set(kernels.FAMILIES) == {"fisher", "topk", "perturb", "restore", "clip", "pac"}
     providers = {r["provider"] for r in data["kernels"]}
     assert {"published-eager", "foreach", "published-cat-topk", "cat-kthvalue", "published-per-tensor",
             "fsam-reference", "fsam-reference-unbuffered"} <= providers
