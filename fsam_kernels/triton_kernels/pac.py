@@ -12,6 +12,10 @@ from . import tables
 from .clip import tensor_sums
 from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, member_ptr, round_to, tl_dtype
 
+# Philox and the transcendentals make these kernels compute-heavy: twice the warps of the others
+# halve the elements (and registers) a thread holds.
+PAC_LAUNCH = {**LAUNCH_OPTIONS, "num_warps": 16}
+
 BOUND_SUMS = 4  # e^(2p), (w - anchor)^2, g^2, p
 
 
@@ -147,7 +151,7 @@ def pac_noise_mask(params, log_stds, bases, seed, step, max_noise):
         _pac_mask_kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), *_noise_tables(params, log_stds, bases, g, device),
             g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel, seed, step, float(max_noise), bits, counts,
-            DT=tl_dtype(g.dtype), ITEMSIZE=_itemsize(g.dtype), BLOCK=BLOCK, **LAUNCH_OPTIONS)
+            DT=tl_dtype(g.dtype), ITEMSIZE=_itemsize(g.dtype), BLOCK=BLOCK, **PAC_LAUNCH)
     return bits, counts
 
 
@@ -159,7 +163,7 @@ def _shift(kernel, params, log_stds, bases, seed, step, max_noise, mask_bits, sa
             tables.addresses(params, g.members, device), *_noise_tables(params, log_stds, bases, g, device),
             g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel, seed, step, float(max_noise), mask_bits,
             save_offsets, saved[: saved.numel() // itemsize * itemsize].view(g.dtype), saved.numel() // itemsize,
-            DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+            DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, BLOCK=BLOCK, **PAC_LAUNCH)
 
 
 def pac_perturb_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
@@ -184,5 +188,5 @@ def pac_bound_grads_(params, grads, log_stds, log_std_grads, anchors, prior_log_
             sg_addr, tables.addresses(anchors, g.members, device), g.positions, prior_log_stds,
             tables.int64_table(tuple(bases[m] for m in g.members), device), g.chunk_tensor, g.chunk_start,
             g.chunk_index, g.numel, seed, step, float(max_noise), float(coef), partials, DT=tl_dtype(g.dtype),
-            WITH_GRADS=with_grads, SUMS=BOUND_SUMS, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+            WITH_GRADS=with_grads, SUMS=BOUND_SUMS, BLOCK=BLOCK, **PAC_LAUNCH)
     return tensor_sums(partials, params, BOUND_SUMS)
