@@ -186,7 +186,10 @@ def run_one(a):
     dev_set = Encoded(tokenizer, dev_texts, dev_targets, a.max_length)
     set_seed(a.seed)
     # fp32 master weights even from a half-precision copy of the weights (see `make gpu-carry`)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1 if labels is None else 2).float()
+    dropout = {} if a.dropout is None else {"hidden_dropout_prob": a.dropout, "attention_probs_dropout_prob": a.dropout,
+                                            "classifier_dropout": a.dropout}
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1 if labels is None else 2,
+                                                               **dropout).float()
     model.accepts_loss_kwargs = False  # BERT's loss ignores num_items_in_batch: average micro-batches
     device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
     method, kwargs_of, grad_clip = OPTIMIZERS[a.optimizer]
@@ -269,6 +272,8 @@ def parse_args(argv=None):
                    help="PAC-tuning's share of steps in stage 1 (official: 200 of 250 epochs)")
     p.add_argument("--pac-gamma", type=float, default=10.0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="the encoder's dropout probabilities (default: the model's own; PAC-tuning's setting: 0)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--work-dir", default="/tmp/fsam_glue")
     p.add_argument("--out", default=None, help="folder for glue_results.json and glue.md")

@@ -276,32 +276,28 @@ def pac_noise_mask(params, log_stds, *, seed, step, max_noise=2.0, bases=None, b
     return impl(params, log_stds, bases, seed, step, float(max_noise))
 
 
-def pac_perturb(params, log_stds, *, seed, step, mask_bits, save_offsets, saved, max_noise=2.0, bases=None,
-                backend=None):
-    """In place: w <- w + n (pac_noise_mask's noise), saving the originals of the entries that
-    `mask_bits` (from pac_noise_mask with the same arguments) marks."""
+def _pac_shift(op, params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, backend):
     params, log_stds, bases, device = _check_pac(params, log_stds, bases, seed, step, max_noise)
     if mask_bits is None:
         raise ValueError("mask_bits is required: pac_noise_mask gives it")
     _check_saving(params, mask_bits, save_offsets, saved, device)
-    if not params:
-        return
-    impl = backends.op("pac_perturb_", backends.resolve(backend, device))
-    impl(params, log_stds, bases, seed, step, float(max_noise), mask_bits, save_offsets, saved)
+    if params:
+        impl = backends.op(op, backends.resolve(backend, device))
+        impl(params, log_stds, bases, seed, step, float(max_noise), mask_bits, save_offsets, saved)
+
+
+def pac_perturb(params, log_stds, *, seed, step, mask_bits, save_offsets, saved, max_noise=2.0, bases=None,
+                backend=None):
+    """In place: w <- w + n (pac_noise_mask's noise), saving the originals of the entries that
+    `mask_bits` (from pac_noise_mask with the same arguments) marks."""
+    _pac_shift("pac_perturb_", params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, backend)
 
 
 def pac_restore(params, log_stds, *, seed, step, mask_bits, save_offsets, saved, max_noise=2.0, bases=None,
                 backend=None):
     """In place: w <- w - n, then the saved originals written back: bit-exactly the weights
     before pac_perturb with the same arguments (and backend)."""
-    params, log_stds, bases, device = _check_pac(params, log_stds, bases, seed, step, max_noise)
-    if mask_bits is None:
-        raise ValueError("mask_bits is required: pac_noise_mask gives it")
-    _check_saving(params, mask_bits, save_offsets, saved, device)
-    if not params:
-        return
-    impl = backends.op("pac_restore_", backends.resolve(backend, device))
-    impl(params, log_stds, bases, seed, step, float(max_noise), mask_bits, save_offsets, saved)
+    _pac_shift("pac_restore_", params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, backend)
 
 
 def pac_bound_grads(params, grads, log_stds, log_std_grads, anchors, prior_log_stds, coef, *, seed=0, step=0,

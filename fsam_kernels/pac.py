@@ -19,6 +19,7 @@ from ._layout import ChunkLayout
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, gradients_of
 from .training import noise_passes
+from .two_pass import init_composed
 
 __all__ = ["PACTuning", "KTable", "estimate_k", "DEFAULT_PRIOR_GRID"]
 
@@ -170,8 +171,6 @@ class PACTuning(torch.optim.Optimizer):
     def __init__(self, params, base_optimizer, *, num_examples, stage1_steps, gamma=10.0, seed=0, backend="auto",
                  k_table=None, prior_grid=DEFAULT_PRIOR_GRID, k_samples=10, noise_lr=0.1, log_std_power=2.0,
                  noise_betas=(0.9, 0.999), max_noise=2.0, freeze=("embed",), **base_kwargs):
-        if not callable(base_optimizer):
-            raise TypeError(f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}")
         check_int("num_examples", num_examples, 1)
         check_int("stage1_steps", stage1_steps, 0)
         check_number("gamma", gamma, 0.0, low_open=True)
@@ -200,21 +199,7 @@ class PACTuning(torch.optim.Optimizer):
             g.setdefault("log_std_power", log_std_power)
             check_number("noise_lr", g["noise_lr"], 0.0)
             check_number("log_std_power", g["log_std_power"], 0.0, low_open=True)
-        super().__init__(groups, {})
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        self._names = names
-        devices = {p.device for p in self._params}
-        if len(devices) != 1:
-            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
-        self._device = devices.pop()
-        for i, p in enumerate(self._params):
-            if p.dtype not in ops.FLOAT_DTYPES:
-                raise TypeError(f"parameter {self._name(i)} is {p.dtype}; float32, bfloat16 and float16 are supported")
-            if not p.is_contiguous():
-                raise ValueError(f"parameter {self._name(i)} is not contiguous; the kernels update it in place")
+        init_composed(self, groups, names, base_optimizer, base_kwargs)
         self.backend = backends.resolve(backend, self._device)
         self._op = {name: backends.op(name, self.backend)
                     for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_", "pac_bound_grads_", "grad_sumsq")}
@@ -269,9 +254,6 @@ class PACTuning(torch.optim.Optimizer):
             self.noise_optimizer = torch.optim.Adam(noise_groups, betas=tuple(betas), eps=1e-8)
         else:
             self.anchors = self._log_std_grads = self.noise_optimizer = None
-
-    def _name(self, i):
-        return self._names[i] if self._names[i] is not None else f"#{i}"
 
     def add_param_group(self, param_group):
         if hasattr(self, "log_stds"):

@@ -43,6 +43,30 @@ class Perturbation:
         pass
 
 
+def init_composed(optimizer, groups, names, base_optimizer, base_kwargs):
+    """Optimizer.__init__ over `groups`, then the base optimizer built on the same param_groups
+    (davda54/sam's shape) and the checks of every composed optimizer: one device, float dtypes,
+    contiguous parameters.  Sets base_optimizer, _params, _names and _device."""
+    if not callable(base_optimizer):
+        raise TypeError(f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}")
+    torch.optim.Optimizer.__init__(optimizer, groups, {})
+    optimizer.base_optimizer = base_optimizer(optimizer.param_groups, **base_kwargs)
+    optimizer.param_groups = optimizer.base_optimizer.param_groups
+    optimizer.defaults.update(optimizer.base_optimizer.defaults)
+    optimizer._params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer._names = names
+    devices = {p.device for p in optimizer._params}
+    if len(devices) != 1:
+        raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+    optimizer._device = devices.pop()
+    for i, p in enumerate(optimizer._params):
+        name = names[i] if names[i] is not None else f"#{i}"
+        if p.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"parameter {name} is {p.dtype}; float32, bfloat16 and float16 are supported")
+        if not p.is_contiguous():
+            raise ValueError(f"parameter {name} is not contiguous; the kernels update it in place")
+
+
 def base_step(optimizer, base_optimizer, scaler=None, skip=None):
     """The base optimizer's step of a composed optimizer (through `scaler` when given; not at all
     when the 0-dim bool tensor `skip` is True, read with one sync), then what LR schedulers check
@@ -62,24 +86,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     training_passes = staticmethod(sharpness_passes)  # what a training loop runs before the base step
 
     def __init__(self, params, base_optimizer, *, backend, base_kwargs):
-        if not callable(base_optimizer):
-            raise TypeError(f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}")
-        groups, names = param_groups_with_names(params)
-        super().__init__(groups, {})
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        self._names = names
-        devices = {p.device for p in self._params}
-        if len(devices) != 1:
-            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
-        self._device = devices.pop()
-        for i, p in enumerate(self._params):
-            if p.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"parameter {self._name(i)} is {p.dtype}; float32, bfloat16 and float16 are supported")
-            if not p.is_contiguous():
-                raise ValueError(f"parameter {self._name(i)} is not contiguous; the kernels update it in place")
+        init_composed(self, *param_groups_with_names(params), base_optimizer, base_kwargs)
         self.backend = backends.resolve(backend, self._device)
         self._first_finite = None  # first_step's finite flag while its second_step is pending
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
@@ -96,9 +103,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise RuntimeError("add_param_group() after construction is not supported: build a new optimizer "
                                "over all the parameters")
         super().add_param_group(param_group)
-
-    def _name(self, i):
-        return self._names[i] if self._names[i] is not None else f"#{i}"
 
     @property
     def rho(self):

@@ -51,7 +51,7 @@ def _bits(x, ITEMSIZE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed", "step"])
 def _pac_mask_kernel(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start, chunk_index, numel, seed, step,
-                 max_noise, bits, counts, DT: tl.constexpr, ITEMSIZE: tl.constexpr, BLOCK: tl.constexpr):
+                     max_noise, bits, counts, DT: tl.constexpr, ITEMSIZE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
     w = tl.load(member_ptr(p_addr, t, DT) + offs, mask=lanes, other=0.0)
@@ -76,38 +76,45 @@ def _runs(bits, save_offsets, capacity, chunk, lanes, ITEMSIZE: tl.constexpr, BL
     return lanes, lanes & marked, slot
 
 
-@triton.jit(do_not_specialize=["seed", "step", "capacity"])
-def _pac_perturb_kernel(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start, chunk_index, numel, seed, step,
-                    max_noise, bits, save_offsets, saved, capacity, DT: tl.constexpr, ITEMSIZE: tl.constexpr,
-                    BLOCK: tl.constexpr):
+@triton.jit
+def _shift_lanes(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start, chunk_index, numel, seed, step, max_noise,
+                 bits, save_offsets, capacity, DT: tl.constexpr, ITEMSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """What perturb and restore share: (weight pointers, weights, noise, lanes, marked lanes, slots)."""
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
     lanes, marked, slot = _runs(bits, save_offsets, capacity, chunk, lanes, ITEMSIZE, BLOCK)
     w_ptr = member_ptr(p_addr, t, DT) + offs
     w = tl.load(w_ptr, mask=lanes, other=0.0)
-    tl.store(saved + slot, w, mask=marked)
     _, n = _noise(s_addr, s_stride, bases, t, offs, lanes, seed, step, max_noise)
+    return w_ptr, w, n, lanes, marked, slot
+
+
+@triton.jit(do_not_specialize=["seed", "step", "capacity"])
+def _pac_perturb_kernel(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start, chunk_index, numel, seed, step,
+                        max_noise, bits, save_offsets, saved, capacity, DT: tl.constexpr, ITEMSIZE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    w_ptr, w, n, lanes, marked, slot = _shift_lanes(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start,
+                                                    chunk_index, numel, seed, step, max_noise, bits, save_offsets,
+                                                    capacity, DT, ITEMSIZE, BLOCK)
+    tl.store(saved + slot, w, mask=marked)
     tl.store(w_ptr, round_to(w.to(tl.float32) + n, DT), mask=lanes)
 
 
 @triton.jit(do_not_specialize=["seed", "step", "capacity"])
 def _pac_restore_kernel(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start, chunk_index, numel, seed, step,
-                    max_noise, bits, save_offsets, saved, capacity, DT: tl.constexpr, ITEMSIZE: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
-    chunk = tl.load(chunk_index + tl.program_id(0))
-    lanes, marked, slot = _runs(bits, save_offsets, capacity, chunk, lanes, ITEMSIZE, BLOCK)
-    w_ptr = member_ptr(p_addr, t, DT) + offs
-    w = tl.load(w_ptr, mask=lanes, other=0.0)
-    _, n = _noise(s_addr, s_stride, bases, t, offs, lanes, seed, step, max_noise)
+                        max_noise, bits, save_offsets, saved, capacity, DT: tl.constexpr, ITEMSIZE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    w_ptr, w, n, lanes, marked, slot = _shift_lanes(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start,
+                                                    chunk_index, numel, seed, step, max_noise, bits, save_offsets,
+                                                    capacity, DT, ITEMSIZE, BLOCK)
     back = round_to(w.to(tl.float32) - n, DT)
     tl.store(w_ptr, tl.where(marked, tl.load(saved + slot, mask=marked), back), mask=lanes)
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
 def _pac_bound_kernel(p_addr, g_addr, s_addr, sg_addr, a_addr, positions, prior, bases, chunk_tensor,
-                  chunk_start, chunk_index, numel, seed, step, max_noise, coef, partials, DT: tl.constexpr,
-                  WITH_GRADS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr):
+                      chunk_start, chunk_index, numel, seed, step, max_noise, coef, partials, DT: tl.constexpr,
+                      WITH_GRADS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
     w = tl.load(member_ptr(p_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
