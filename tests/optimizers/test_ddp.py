@@ -120,6 +120,8 @@ def trainer_worker(rank, port, out_dir, sync):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "integrations"))  # also when run on its own
     from test_trainer import trainer
     destroy = dist.destroy_process_group
 
