@@ -68,11 +68,11 @@ class ChunkLayout:
         self.mask_bytes = total * CHUNK_BYTES
         self.numel = sum(self.numels)
         counts = torch.tensor(self.chunks, dtype=torch.int64)
-        self._tensor_of_chunk = torch.repeat_interleave(torch.arange(len(tensors)), counts).to(self.device)
+        self.tensor_of_chunk = torch.repeat_interleave(torch.arange(len(tensors)), counts).to(self.device)
         self._itemsize_of_chunk = torch.tensor(self.itemsizes, dtype=torch.int64, device=self.device)[
-            self._tensor_of_chunk]
+            self.tensor_of_chunk]
         self._first_chunk_of_chunk = torch.tensor(self.first_chunk, dtype=torch.int64, device=self.device)[
-            self._tensor_of_chunk]
+            self.tensor_of_chunk]
 
     def full_counts(self):
         """Per-chunk element counts: the popcounts of an all-ones mask."""
@@ -82,15 +82,23 @@ class ChunkLayout:
                 counts[first + c - 1] = n - CHUNK * (c - 1)
         return counts.to(self.device)
 
+    def tensor_sums(self, per_chunk):
+        """Per tensor: the sum of an int64 per-chunk quantity over the tensor's chunks."""
+        sums = torch.zeros(len(self.numels), dtype=torch.int64, device=per_chunk.device)
+        return sums.index_add_(0, self.tensor_of_chunk, per_chunk.to(torch.int64))
+
+    def before_in_tensor(self, per_chunk):
+        """Per chunk: the sum of an int64 per-chunk quantity over the earlier chunks of its tensor."""
+        per_chunk = per_chunk.to(torch.int64)
+        before = torch.cumsum(per_chunk, 0) - per_chunk
+        return before - before[self._first_chunk_of_chunk]
+
     def save_offsets(self, chunk_counts):
         """Byte offset of each chunk's saved values, and the buffer size as a 0-dim tensor."""
         nbytes = chunk_counts.to(torch.int64) * self._itemsize_of_chunk
-        before = torch.cumsum(nbytes, 0) - nbytes
-        per_tensor = torch.zeros(len(self.numels), dtype=torch.int64, device=self.device)
-        per_tensor.index_add_(0, self._tensor_of_chunk, nbytes)
-        padded = (per_tensor + SAVE_ALIGN - 1) // SAVE_ALIGN * SAVE_ALIGN
+        padded = (self.tensor_sums(nbytes) + SAVE_ALIGN - 1) // SAVE_ALIGN * SAVE_ALIGN
         base = torch.cumsum(padded, 0) - padded
-        offsets = base[self._tensor_of_chunk] + before - before[self._first_chunk_of_chunk]
+        offsets = base[self.tensor_of_chunk] + self.before_in_tensor(nbytes)
         return offsets, padded.sum()
 
     def chunk_counts(self, bits):
@@ -106,11 +114,6 @@ class ChunkLayout:
         ends = save_offsets + chunk_counts.to(save_offsets.device, torch.int64) * itemsize
         bad = (save_offsets < 0) | (save_offsets % itemsize != 0)
         return torch.where(bad.any(), -1, ends.max())
-
-    def saved_bytes_bound(self, k):
-        """Bytes that the originals of any k entries need, padding included (known without
-        looking at the mask, so without a device sync)."""
-        return k * max(self.itemsizes, default=1) + SAVE_ALIGN * len(self.numels)
 
     def unpack(self, bits, index):
         """The mask of tensor `index` as a bool tensor of its shape."""

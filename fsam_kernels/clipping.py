@@ -12,13 +12,15 @@ import torch
 from . import backends
 from ._checks import check_number
 from .ops import FLOAT_DTYPES
+from .sharding import local, sharding_of
 
 CLIP_MODES = ("global", "componentwise")
 
 
 def _gradients(parameters):
+    """(the local gradients of the parameters that have one, their device, their Sharding)."""
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    grads, device = [], None
+    grads, device, with_grad = [], None, []
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameters[{i}] must be a tensor, got {type(p).__name__}")
@@ -36,8 +38,9 @@ def _gradients(parameters):
         elif g.device != device:
             raise ValueError(f"parameters[{i}].grad is on {g.device}, other gradients on {device}: "
                              "clip each device's parameters in their own call")
-        grads.append(g)
-    return grads, device
+        grads.append(local(g))
+        with_grad.append(p)
+    return grads, device, sharding_of(with_grad)
 
 
 @torch.no_grad()
@@ -49,14 +52,17 @@ def clip_grad_norm_componentwise_(parameters, max_norm, *, eps=1e-6, error_if_no
     Returns the norms before clipping, one fp32 entry per parameter that has a gradient, in order,
     on the gradients' device.  A non-finite norm clips its tensor as torch's formula does (to 0 for
     an infinite norm, to NaN for a NaN one); error_if_nonfinite=True raises instead, before any
-    gradient changes (that check reads the norms back: one sync)."""
+    gradient changes (that check reads the norms back: one sync).
+
+    FSDP2's DTensor parameters: each norm is the whole tensor's (the shards' sums of squares
+    all-reduced), every process gets all the norms and scales its own shards."""
     check_number("max_norm", max_norm, 0.0)
     check_number("eps", eps, 0.0)
-    grads, device = _gradients(parameters)
+    grads, device, sharding = _gradients(parameters)
     if not grads:
         return torch.zeros(0, dtype=torch.float32)
     backend = backends.resolve(backend, device)
-    norms = backends.op("tensor_sumsq", backend)(grads).sqrt().float()
+    norms = sharding.all_reduce_(backends.op("tensor_sumsq", backend)(grads)).sqrt().float()
     if error_if_nonfinite and not bool(torch.isfinite(norms).all()):
         bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
         raise RuntimeError(f"clip_grad_norm_componentwise_: the gradients at positions {bad} (among those with a "

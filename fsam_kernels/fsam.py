@@ -34,13 +34,18 @@ class FisherMask(SharpnessScale):
         self.samples = 0
         self.steps_since_mask = 0
 
-    def rebuild(self, roles, scores, absolute, check_nan=True, first_hist=None):
+    def rebuild(self, roles, scores, absolute, check_nan=True, first_hist=None, finite=None):
+        """The mask of the top k of `scores` (None: a tensor without gradient scores 0), taken
+        unless the device flag `finite` is False; returns whether it was."""
         pool = roles.tensors["masked"]
         scores = [torch.zeros_like(p) if s is None else s for p, s in zip(pool, scores)]
         bits, counts = radix_topk.topk_mask(scores, self.k, backend=self.backend, absolute=absolute,
-                                            check_nan=check_nan, first_hist=first_hist)
-        roles.set_mask(bits, counts, self.k)
-        self.steps_since_mask = 0
+                                            check_nan=check_nan, first_hist=first_hist,
+                                            exchange=roles.sharding.exchange(roles.mask_layout))
+        taken = roles.set_mask(bits, counts, finite)
+        if taken:
+            self.steps_since_mask = 0
+        return taken
 
     def _due(self, roles):
         if roles.mask_bits is None:
@@ -57,20 +62,20 @@ class FisherMask(SharpnessScale):
                 first_hist = ops.new_first_hist(roles.device)
             self._fisher_op(self.estimate, pool_grads, self.fisher_decay, 1.0 - self.fisher_decay, ~finite, first_hist)
         rebuilt = False
-        # A mask step may sync once: non-finite gradients postpone it to the next step.
-        if due and bool(finite):
-            # Finite gradients (and so a finite F): the top-k needs no NaN check and no second sync.
-            if self.fisher == "ema":
-                self.rebuild(roles, self.estimate, absolute=False, check_nan=False, first_hist=first_hist)
-            else:
-                self.rebuild(roles, pool_grads, absolute=True, check_nan=False)
-            rebuilt = True
+        # A mask step syncs once, after the top-k: non-finite gradients drop the new mask and postpone
+        # it to the next step (their scores may be NaN: the ranking then means nothing, but the
+        # kernels stay inside their buffers, and no NaN check is needed).
+        if due:
+            scores, absolute = (self.estimate, False) if self.fisher == "ema" else (pool_grads, True)
+            rebuilt = self.rebuild(roles, scores, absolute=absolute, check_nan=False, first_hist=first_hist,
+                                   finite=finite)
         self.steps_since_mask += 1
         return rebuilt and self.renormalize
 
-    def accumulate(self, pool, grads):
+    def accumulate(self, roles, grads):
         """Add the squares of `grads` (the pool's) to F; non-finite gradients are left out."""
-        found_inf = ~torch.isfinite(self._sumsq_op(pool, grads, None, False, 0.0)[SUMSQ_ALL])
+        sumsq = self._sumsq_op(roles.tensors["masked"], grads, None, False, 0.0)
+        found_inf = ~torch.isfinite(roles.sharding.all_reduce_(sumsq)[SUMSQ_ALL])
         self._fisher_op(self.estimate, grads, 1.0, 1.0, found_inf)
         self.samples += 1
 
@@ -98,8 +103,7 @@ class FisherMask(SharpnessScale):
         if state["mask_bits"] is None:
             roles.clear_mask()
         else:
-            roles.set_mask(state["mask_bits"].to(roles.device).clone(),
-                           state["chunk_counts"].to(roles.device).clone(), self.k)
+            roles.set_mask(state["mask_bits"].to(roles.device).clone(), state["chunk_counts"].to(roles.device).clone())
 
 
 class FSAM(SharpnessAwareOptimizer):
@@ -151,7 +155,8 @@ class FSAM(SharpnessAwareOptimizer):
         k = math.floor((1 - Fraction(sparsity).limit_denominator(10**9)) * n)
         self._compose(["masked" if keep else outside for keep in in_pool],
                       FisherMask(k=k, mask_interval=mask_interval, fisher=fisher, fisher_decay=float(fisher_decay),
-                                 backend=self.backend, pool=pool_params, **scale))
+                                 backend=self.backend, pool=[t for t, keep in zip(self._locals, in_pool) if keep],
+                                 **scale))
         self.sparsity, self.outside_pool = float(sparsity), outside_pool
 
     @property
@@ -174,7 +179,7 @@ class FSAM(SharpnessAwareOptimizer):
             raise RuntimeError("update_mask() between first_step() and second_step()")
         policy = self.perturbation
         if policy.fisher == "batch":
-            grads = gradients_of(self.roles.tensors["masked"])
+            grads = gradients_of(self.roles.params["masked"])
             if all(g is None for g in grads):
                 raise RuntimeError("update_mask() with fisher='batch' needs gradients in .grad")
             policy.rebuild(self.roles, grads, absolute=True)
@@ -195,15 +200,15 @@ class FSAM(SharpnessAwareOptimizer):
         if self.perturbation.fisher != "samples":
             raise RuntimeError(f"accumulate_fisher() is for fisher='samples', this optimizer uses "
                                f"{self.perturbation.fisher!r}")
-        pool = self.roles.tensors["masked"]
-        grads = gradients_of(pool)
+        grads = gradients_of(self.roles.params["masked"])
         if all(g is None for g in grads):
             raise RuntimeError("accumulate_fisher() needs gradients in .grad")
-        self.perturbation.accumulate(pool, grads)
+        self.perturbation.accumulate(self.roles, grads)
 
     def mask_of(self, p):
-        """The mask of parameter p as a bool tensor shaped like p; None outside the pool."""
-        for i, q in enumerate(self.roles.tensors["masked"]):
+        """The mask of parameter p as a bool tensor shaped like p (like its local shard
+        `p.to_local()` under FSDP2: gather_mask gives the whole); None outside the pool."""
+        for i, q in enumerate(self.roles.params["masked"]):
             if q is p:
                 if self.roles.mask_bits is None:
                     raise RuntimeError("no mask has been built yet (the first step builds it)")
@@ -211,6 +216,12 @@ class FSAM(SharpnessAwareOptimizer):
         if any(q is p for q in self._params):
             return None
         raise ValueError("p is not a parameter of this optimizer")
+
+    def gather_mask(self, p):
+        """The mask of parameter p over the whole tensor (shaped like p), gathered from every
+        process under FSDP2 (a collective: every process calls it); None outside the pool."""
+        mask = self.mask_of(p)
+        return None if mask is None else self._sharding.gather(mask, p)
 
     def mask_density(self):
         """Fraction of the pool in the mask (k / |pool|), or None before the first mask."""

@@ -13,11 +13,12 @@ import math
 
 import torch
 
-from . import backends, ops
+from . import backends
 from ._checks import check_int, check_number
 from ._layout import ChunkLayout
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, gradients_of
+from .sharding import local, sharding_of
 from .training import noise_passes
 from .two_pass import init_composed
 
@@ -76,7 +77,9 @@ def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GR
     then made increasing.  loss_fn(model, batch) returns the batch's per-example losses (or
     one mean, counted as one example).  params: the tensors to perturb (default: the model's
     parameters that require grad); they are restored bit-exactly after each sample.  The model
-    runs as it is (train or eval mode), under no_grad."""
+    runs as it is (train or eval mode), under no_grad.  Under FSDP2 every process runs this with
+    its own share of the examples (the same number of batches: each forward is collective); the
+    noise is the single-process one and the losses of all processes make K."""
     grid = [float(g) for g in prior_grid]
     if not grid:
         raise ValueError("prior_grid is empty: K needs at least one prior std")
@@ -90,7 +93,9 @@ def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GR
     device = params[0].device
     backend = backends.resolve(backend, device)
     ops_ = {name: backends.op(name, backend) for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_")}
-    bases = ops.counter_bases(params)
+    sharding = sharding_of(params)
+    bases = sharding.offsets(params)
+    params = [local(p) for p in params]
     layout = ChunkLayout(params)
     bar = _progress(len(grid) * samples, "estimating K", progress)
     values = []
@@ -109,15 +114,25 @@ def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GR
                 finally:
                     ops_["pac_restore_"](params, *noise, bits, offsets, saved)
                 bar.update(1)
-            err = torch.stack(losses)
-            if err.numel() == 0:
-                raise ValueError("estimate_k: data gave no losses")
             # log mean exp(gamma (mu - err)) >= 0 (Jensen), so K is real
-            log_m = torch.logsumexp(gamma * (err.mean() - err).reshape(-1), 0) - math.log(err.numel())
-            values.append(math.sqrt(max(float(log_m), 0.0) * 2.0 / (3.0 * gamma * gamma)))
+            log_m = _log_mean_exp_gap(torch.cat(losses), gamma, sharding)
+            values.append(math.sqrt(max(log_m, 0.0) * 2.0 / (3.0 * gamma * gamma)))
     bar.close()
     increasing = [max(values[: i + 1]) for i in range(len(values))]
     return KTable(grid, increasing)
+
+
+def _log_mean_exp_gap(err, gamma, sharding):
+    """log mean exp(gamma (mean err - err)) over the losses of every process, in float64."""
+    moments = sharding.all_reduce_(torch.stack([err.sum(), torch.tensor(float(err.numel()), dtype=torch.float64,
+                                                                          device=err.device)]))
+    if moments[1] == 0:
+        raise ValueError("estimate_k: data gave no losses")
+    z = gamma * (moments[0] / moments[1] - err)
+    top = sharding.all_reduce_(z.max() if z.numel() else torch.tensor(-math.inf, dtype=torch.float64,
+                                                                     device=err.device), op="max")
+    total = sharding.all_reduce_(torch.exp(z - top).sum())
+    return float(top + torch.log(total) - torch.log(moments[1]))
 
 
 class _NoBar:
@@ -206,8 +221,8 @@ class PACTuning(torch.optim.Optimizer):
         self.num_examples, self.stage1_steps, self.gamma = int(num_examples), int(stage1_steps), float(gamma)
         self.seed, self.max_noise, self.k_table = int(seed), float(max_noise), k_table
         self.prior_grid, self.k_samples = prior_grid, int(k_samples)
-        self._bases = ops.counter_bases(self._params)
-        self._layout = ChunkLayout(self._params)
+        self._bases = self._sharding.offsets(self._params)  # global element indices under FSDP2 too
+        self._layout = ChunkLayout(self._locals)
         self._numels = torch.tensor([p.numel() for p in self._params], dtype=torch.float64, device=self._device)
         self._init_noise(noise_betas)
         self._step = 0
@@ -240,16 +255,18 @@ class PACTuning(torch.optim.Optimizer):
         """p and b at c log(mean |w|) per group; the anchors w0 and the Adam of p and b for stage 1."""
         self.log_stds, self.prior_log_stds, noise_groups = [], [], []
         for g in self.param_groups:
-            total = sum(p.detach().double().abs().sum() for p in g["params"])
+            total = sum(local(p).detach().double().abs().sum() for p in g["params"])
+            total = self._sharding.all_reduce_(torch.as_tensor(total, dtype=torch.float64, device=self._device))
             count = sum(p.numel() for p in g["params"])
             start = float(g["log_std_power"] * torch.log(total / max(count, 1)).clamp(min=-80.0))
-            p_group = [torch.full(p.shape, start, dtype=torch.float32, device=self._device) for p in g["params"]]
+            p_group = [torch.full(local(p).shape, start, dtype=torch.float32, device=self._device)
+                       for p in g["params"]]
             b_group = torch.full((len(g["params"]),), start, dtype=torch.float32, device=self._device)
             self.log_stds += p_group
             self.prior_log_stds.append(b_group)
             noise_groups.append({"params": p_group + [b_group], "lr": g["noise_lr"]})
         if self.stage1_steps > 0:
-            self.anchors = [p.detach().clone() for p in self._params]
+            self.anchors = [p.detach().clone() for p in self._locals]
             self._log_std_grads = [torch.empty_like(s) for s in self.log_stds]
             self.noise_optimizer = torch.optim.Adam(noise_groups, betas=tuple(betas), eps=1e-8)
         else:
@@ -294,10 +311,10 @@ class PACTuning(torch.optim.Optimizer):
         if self.stage == 1 and self.k_table is None:
             raise RuntimeError("stage 1 needs the K table: call opt.estimate_k(model, loss_fn, data) or pass "
                                "k_table= (fsam_kernels.pac.estimate_k)")
-        bits, counts = self._op["pac_noise_mask"](self._params, *self._noise())
+        bits, counts = self._op["pac_noise_mask"](self._locals, *self._noise())
         offsets, total = self._layout.save_offsets(counts)
         saved = torch.empty(int(total), dtype=torch.uint8, device=self._device)  # the one sync of perturb
-        self._op["pac_perturb_"](self._params, *self._noise(), bits, offsets, saved)
+        self._op["pac_perturb_"](self._locals, *self._noise(), bits, offsets, saved)
         self._perturbed = (bits, offsets, saved)
 
     def held_bytes(self):
@@ -314,7 +331,7 @@ class PACTuning(torch.optim.Optimizer):
         if self._perturbed is None:
             raise RuntimeError("cancel() without perturb()")
         bits, offsets, saved = self._perturbed
-        self._op["pac_restore_"](self._params, *self._noise(), bits, offsets, saved)
+        self._op["pac_restore_"](self._locals, *self._noise(), bits, offsets, saved)
         self._perturbed = None
 
     @torch.no_grad()
@@ -324,27 +341,29 @@ class PACTuning(torch.optim.Optimizer):
         if self._perturbed is None:
             raise RuntimeError("restore() without perturb(), or twice")
         bits, offsets, saved = self._perturbed
-        self._op["pac_restore_"](self._params, *self._noise(), bits, offsets, saved)
+        self._op["pac_restore_"](self._locals, *self._noise(), bits, offsets, saved)
         self._perturbed = None
-        grads = gradients_of(self._params)
         if self.stage == 1:
-            self._restored = self._stage1_gradients(grads)
+            self._restored = self._stage1_gradients()
         else:
-            present = [(p, g) for p, g in zip(self._params, grads) if g is not None]
-            sumsq = self._op["grad_sumsq"]([p for p, _ in present], [g for _, g in present], None, False, 0.0)
-            self._restored = torch.isfinite(sumsq[SUMSQ_ALL])
+            grads = gradients_of(self._params)
+            sumsq = self._op["grad_sumsq"](self._locals, grads, None, False, 0.0)
+            self._restored = torch.isfinite(self._sharding.all_reduce_(sumsq)[SUMSQ_ALL])
 
-    def _stage1_gradients(self, grads):
+    def _stage1_gradients(self):
         """The fused pass, then the bound and b's gradient from its per-tensor sums (on the device).
         Returns the finite flag of the loss gradient."""
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self._params, grads)]
-        for p, g in zip(self._params, grads):
-            if p.grad is not g:  # None (the regulariser reaches it all the same) or not contiguous
-                p.grad = g
+        for p in self._params:  # the pass adds the regulariser into .grad: it must be there, contiguous
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+        grads = gradients_of(self._params)
         prior = torch.cat(self.prior_log_stds)
         coef = 1.0 / (self.num_examples * self.gamma)
-        sums = self._op["pac_bound_grads_"](self._params, grads, self.log_stds, self._log_std_grads, self.anchors,
+        sums = self._op["pac_bound_grads_"](self._locals, grads, self.log_stds, self._log_std_grads, self.anchors,
                                             prior, self._bases, self.seed, self._step, self.max_noise, coef)
+        self._sharding.all_reduce_(sums)
         bound, grad_b = self._bound_and_grad(sums, prior)
         self._bound = bound
         for s, grad in zip(self.log_stds, self._log_std_grads):
@@ -378,9 +397,9 @@ class PACTuning(torch.optim.Optimizer):
         if self.k_table is None:
             raise RuntimeError("bound() needs the K table (estimate_k)")
         prior = torch.cat(self.prior_log_stds)
-        sums = self._op["pac_bound_grads_"](self._params, [], self.log_stds, [], self.anchors, prior, self._bases,
+        sums = self._op["pac_bound_grads_"](self._locals, [], self.log_stds, [], self.anchors, prior, self._bases,
                                             self.seed, self._step, self.max_noise, 0.0)
-        return self._bound_and_grad(sums, prior)[0]
+        return self._bound_and_grad(self._sharding.all_reduce_(sums), prior)[0]
 
     def step(self, closure=None):
         """The updates of one step: restore (unless restore() came first), then, with finite

@@ -11,38 +11,49 @@ import torch
 from . import backends
 from ._layout import ChunkLayout
 from .ops import save_layout
+from .sharding import LOCAL, is_sharded, local
 
 ROLES = ("masked", "dense", "norm_only")
 _FORMER_NAMES = {"pool": "masked", "rest": "norm_only"}  # in states saved by fsam_kernels 0.1
 SUMSQ_ALL, SUMSQ_PERTURBED = 0, 1  # grad_sumsq's entries: over every gradient, over the perturbed entries
 
 
-def gradients_of(tensors):
-    """The gradients of `tensors`, checked before anything is written (every backend reads them
-    as contiguous arrays of the parameter's dtype)."""
-    grads = [p.grad for p in tensors]
-    for i, (p, g) in enumerate(zip(tensors, grads)):
+def gradients_of(params):
+    """The gradients of `params` as the kernels read them (local shards of sharded ones), checked
+    before anything is written (every backend reads them as contiguous arrays of the parameter's
+    dtype)."""
+    grads = []
+    for p in params:
+        g = p.grad
         if g is None:
+            grads.append(None)
             continue
         if g.is_sparse:
             raise RuntimeError("sparse gradients are not supported by SAM/FSAM")
         if g.dtype != p.dtype or g.shape != p.shape:
             raise RuntimeError(f"a gradient is {g.dtype} {tuple(g.shape)} but its parameter is "
                                f"{p.dtype} {tuple(p.shape)}")
-        if not g.is_contiguous():
-            grads[i] = g.contiguous()
+        if is_sharded(g) and tuple(g.placements) != tuple(p.placements):
+            raise RuntimeError(f"a gradient is placed as {tuple(g.placements)} but its parameter as "
+                               f"{tuple(p.placements)}")
+        g = local(g)
+        grads.append(g if g.is_contiguous() else g.contiguous())
     return grads
 
 
 class ParamRoles:
     """The parameters of one optimizer split into ROLES (`role_of[i]` for parameter i), with the
-    buffers that save and restore what a perturbation changes."""
+    buffers that save and restore what a perturbation changes.  `params[role]` holds the
+    parameters as the optimizer got them, `tensors[role]` what the kernels write: the same, or
+    their local shards under FSDP2 (`sharding`), whose sums are then combined over the shards."""
 
-    def __init__(self, params, role_of, backend, device):
+    def __init__(self, params, role_of, backend, device, sharding=LOCAL):
         if len(role_of) != len(params) or not set(role_of) <= set(ROLES):
             raise ValueError(f"every parameter needs one role of {ROLES}")
         self.role_of = list(role_of)
-        self.tensors = {r: [p for p, x in zip(params, role_of) if x == r] for r in ROLES}
+        self.params = {r: [p for p, x in zip(params, role_of) if x == r] for r in ROLES}
+        self.tensors = {r: [local(p) for p in ps] for r, ps in self.params.items()}
+        self.sharding = sharding
         self.device = device
         self._op = {name: backends.op(name, backend) for name in ("grad_sumsq", "perturb_", "restore_")}
         self.mask_layout = ChunkLayout(self.tensors["masked"])
@@ -52,11 +63,12 @@ class ParamRoles:
 
     def gradients(self):
         """{role: the gradients of its tensors}, checked."""
-        return {r: gradients_of(ts) for r, ts in self.tensors.items()}
+        return {r: gradients_of(ps) for r, ps in self.params.items()}
 
     def sumsq(self, grads, adaptive, eta):
         """Device tensor [sum of (T g)^2 over every gradient, the same over what is perturbed]
-        (SUMSQ_ALL, SUMSQ_PERTURBED); the masked role counts as perturbed only under a mask."""
+        (SUMSQ_ALL, SUMSQ_PERTURBED) over the whole model; the masked role counts as perturbed
+        only under a mask."""
         op = self._op["grad_sumsq"]
         stats = torch.zeros(2, dtype=torch.float32, device=self.device)
         for role, tensors in self.tensors.items():
@@ -66,18 +78,24 @@ class ParamRoles:
                 stats += op(tensors, grads[role], self.mask_bits if role == "masked" else None, adaptive, eta)
             else:
                 stats[SUMSQ_ALL] += op(tensors, grads[role], None, adaptive, eta)[SUMSQ_ALL]
-        return stats
+        return self.sharding.all_reduce_(stats)
 
-    def set_mask(self, bits, counts, max_entries):
-        """Use a new mask of the masked role (its per-chunk popcounts `counts`, at most
-        `max_entries` set): the saved buffer is sized for any such mask, with no sync."""
+    def set_mask(self, bits, counts, finite=None):
+        """Use a new mask of the masked role (its per-chunk popcounts `counts`), unless the 0-dim
+        bool device tensor `finite` is False (then nothing changes).  Reads the saved buffer's size
+        (under FSDP2 only this process's share of the mask is known) and `finite` in one sync;
+        returns whether the mask changed."""
         if self.perturbed:
             raise RuntimeError("the mask cannot change while the weights are perturbed")
-        offsets, _ = self.mask_layout.save_offsets(counts)
-        needed = self.mask_layout.saved_bytes_bound(max_entries)
+        offsets, needed = self.mask_layout.save_offsets(counts)
+        ok = torch.ones((), dtype=torch.int64, device=needed.device) if finite is None else finite.to(torch.int64)
+        ok, needed = torch.stack([ok, needed]).tolist()  # the one sync of a mask step
+        if not ok:
+            return False
         if self.masked_saved is None or self.masked_saved.numel() < needed:
             self.masked_saved = torch.empty(needed, dtype=torch.uint8, device=self.device)
         self.mask_bits, self.chunk_counts, self.masked_offsets = bits, counts, offsets
+        return True
 
     def clear_mask(self):
         self.mask_bits = self.chunk_counts = self.masked_offsets = self.masked_saved = None

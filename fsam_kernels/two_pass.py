@@ -16,6 +16,7 @@ from . import backends
 from .ops import FLOAT_DTYPES
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, ParamRoles
+from .sharding import local, sharding_of
 from .training import sharpness_passes
 
 
@@ -46,7 +47,9 @@ class Perturbation:
 def init_composed(optimizer, groups, names, base_optimizer, base_kwargs):
     """Optimizer.__init__ over `groups`, then the base optimizer built on the same param_groups
     (davda54/sam's shape) and the checks of every composed optimizer: one device, float dtypes,
-    contiguous parameters.  Sets base_optimizer, _params, _names and _device."""
+    contiguous parameters, and FSDP2's sharding when the parameters are DTensors (the base
+    optimizer takes them as they are; the kernels take their local shards).  Sets base_optimizer,
+    _params, _locals, _sharding, _names and _device."""
     if not callable(base_optimizer):
         raise TypeError(f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}")
     torch.optim.Optimizer.__init__(optimizer, groups, {})
@@ -65,6 +68,8 @@ def init_composed(optimizer, groups, names, base_optimizer, base_kwargs):
             raise TypeError(f"parameter {name} is {p.dtype}; float32, bfloat16 and float16 are supported")
         if not p.is_contiguous():
             raise ValueError(f"parameter {name} is not contiguous; the kernels update it in place")
+    optimizer._sharding = sharding_of(optimizer._params, names)
+    optimizer._locals = [local(p) for p in optimizer._params]
 
 
 def base_step(optimizer, base_optimizer, scaler=None, skip=None):
@@ -95,7 +100,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _compose(self, role_of, perturbation):
         """Fix the roles (one per parameter, fsam_kernels/roles.py) and the perturbation policy,
         once: the dense role costs a full copy, so no provisional split."""
-        self.roles = ParamRoles(self._params, role_of, self.backend, self._device)
+        self.roles = ParamRoles(self._params, role_of, self.backend, self._device, self._sharding)
         self.perturbation = perturbation
 
     def add_param_group(self, param_group):

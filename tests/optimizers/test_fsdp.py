@@ -1,0 +1,178 @@
+"""FSDP2 (fully_shard) on CPU with gloo, 2 and 3 processes (3 makes the shards uneven, some
+empty): every optimizer computes what it computes on one process over the whole model.
+
+One spawn per world size runs every case (fsdp_results) and saves what the processes hold; the
+tests compare it with the single-process runs here.  Each process trains on its share of every
+batch, so FSDP's averaged gradient is the whole batch's (to rounding)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fsam_kernels import FSAM, SAM, PACTuning, clip_grad_norm_componentwise_
+from fsam_kernels.pac import KTable
+from models import tiny_bert
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+
+BATCH, STEPS = 12, 3  # 12 splits evenly over 2 and 3 processes
+# x = exp(mean b) = (mean |w|)^2 starts near 3e-4: on a slope of K, so that b's first gradient is not
+# all rounding (at step 0 its KL part is 0, which Adam would turn into steps of +-lr either way)
+K_TABLE = KTable([1e-5, 0.01, 0.1], [0.01, 0.03, 0.2])
+OPTIMIZERS = {
+    "sam": lambda params: SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
+    "asam": lambda params: SAM(params, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1, momentum=0.9),
+    "fsam-batch": lambda params: FSAM(params, torch.optim.SGD, rho=0.1, sparsity=0.8, mask_interval=2, lr=0.1, momentum=0.9),
+    "fsam-ema": lambda params: FSAM(params, torch.optim.SGD, rho=0.1, sparsity=0.8, mask_interval=2, lr=0.1,
+                                    momentum=0.9, fisher="ema", pool="fsam4plm"),
+    "fsam-samples": lambda params: FSAM(params, torch.optim.SGD, rho=0.1, sparsity=0.8, fisher="samples",
+                                        lr=0.1, momentum=0.9, renormalize=True),
+    # n large: the bound's w-gradient e^(-2b) (w - w0) / (n gamma), with e^(-2b) ~ 1e7 here, would
+    # scale the rounding of the shards' sums to beyond any tolerance
+    "pac": lambda params: PACTuning(params, torch.optim.SGD, num_examples=100_000, stage1_steps=2, seed=5,
+                                    k_table=K_TABLE, lr=0.1, momentum=0.9, freeze=()),
+}
+
+
+def batch(step, rank=0, world=1):
+    """Step `step`'s examples: rank `rank`'s share of the whole batch."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids, labels = torch.randint(0, 97, (BATCH, 10), generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+    share = BATCH // world
+    return {"input_ids": ids[rank * share:(rank + 1) * share], "labels": labels[rank * share:(rank + 1) * share]}
+
+
+def backward(model, step, rank=0, world=1):
+    model(**batch(step, rank, world)).loss.backward()
+
+
+def train(model, opt, steps, rank=0, world=1, start=0):
+    for step in range(start, start + steps):
+        if isinstance(opt, PACTuning):
+            opt.perturb()
+            backward(model, step, rank, world)
+            opt.step()
+        else:
+            if isinstance(opt, FSAM) and opt.perturbation.fisher == "samples":
+                for half in range(2):  # two Fisher samples, then the mask
+                    backward(model, 100 * step + half, rank, world)
+                    opt.accumulate_fisher()
+                    opt.zero_grad()
+                opt.update_mask()
+            backward(model, step, rank, world)
+            opt.first_step(zero_grad=True)
+            backward(model, step, rank, world)
+            opt.second_step()
+        opt.zero_grad()
+
+
+def tie_gradients(model, seed=3):
+    """Whole-model gradients of few distinct values (|g| in {0, 1, 2, 3}): the k-th largest is tied
+    across many shard boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(-3, 4, p.shape, generator=g).float() for p in model.parameters()]
+
+
+# ---- the processes --------------------------------------------------------------------------
+
+def sharded_model(mesh, seed=0):
+    from torch.distributed.fsdp import fully_shard
+    model = tiny_bert(seed)
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full(tensors):
+    return [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
+
+
+def worker(rank, world, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    # the exact global mask, ties included: from |g| (update_mask) and from F (first_step, "ema")
+    for fisher in ("batch", "ema"):
+        model = sharded_model(mesh)
+        opt = FSAM(model.named_parameters(), torch.optim.SGD, sparsity=0.7, fisher=fisher, lr=0.0)
+        for p, g in zip(model.parameters(), tie_gradients(tiny_bert())):
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        if fisher == "batch":
+            opt.update_mask()
+        else:
+            opt.first_step()
+            opt.second_step()
+        out[f"mask-{fisher}"] = [opt.gather_mask(p) for p in model.parameters()]
+        out[f"local-{fisher}"] = [opt.mask_of(p).shape == p.to_local().shape for p in model.parameters()]
+    # training: the parameters after a few steps
+    for name, make in OPTIMIZERS.items():
+        model = sharded_model(mesh)
+        opt = make(model.named_parameters())
+        train(model, opt, STEPS, rank, world)
+        out[name] = full(model.parameters())
+    # component-wise clipping of the sharded gradient
+    model = sharded_model(mesh)
+    backward(model, 0, rank, world)
+    out["clip-norms"] = clip_grad_norm_componentwise_(model.parameters(), 0.05)
+    out["clip-grads"] = full([p.grad for p in model.parameters()])
+    if rank == 0:
+        torch.save(out, os.path.join(out_dir, "out.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def fsdp_results(request, tmp_path_factory):
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"fsdp{world}")
+    mp.spawn(worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=True)
+    return torch.load(tmp / "out.pt", weights_only=False)
+
+
+# ---- the comparisons ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fisher", ["batch", "ema"])
+def test_gathered_mask_is_the_single_process_mask(fsdp_results, fisher):
+    model = tiny_bert()
+    opt = FSAM(model.named_parameters(), torch.optim.SGD, sparsity=0.7, fisher=fisher, lr=0.0)
+    for p, g in zip(model.parameters(), tie_gradients(model)):
+        p.grad = g
+    if fisher == "batch":
+        opt.update_mask()
+    else:
+        opt.first_step()
+        opt.second_step()
+    masks = [opt.mask_of(p) for p in model.parameters()]
+    scores = [g.abs() for g in tie_gradients(model)]
+    kth = torch.cat([s.reshape(-1) for s in scores]).sort(descending=True).values[opt.k - 1]
+    ties = sum(int((s == kth).sum()) for s in scores)
+    assert 0 < sum(int(m[s == kth].sum()) for m, s in zip(masks, scores)) < ties  # some of the ties taken
+    assert all(fsdp_results[f"local-{fisher}"])  # mask_of gives the local shard's
+    for got, expected in zip(fsdp_results[f"mask-{fisher}"], masks):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_training_equals_the_single_process_run(fsdp_results, name):
+    model = tiny_bert()
+    opt = OPTIMIZERS[name](model.named_parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, STEPS)
+    for got, expected, start in zip(fsdp_results[name], model.parameters(), before):
+        torch.testing.assert_close(got, expected.detach(), rtol=2e-5, atol=2e-6)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_componentwise_clipping_of_shards(fsdp_results):
+    model = tiny_bert()
+    backward(model, 0)
+    norms = clip_grad_norm_componentwise_(model.parameters(), 0.05)
+    torch.testing.assert_close(fsdp_results["clip-norms"], norms, rtol=1e-6, atol=1e-10)
+    assert (norms > 0.05).any()
+    for got, p in zip(fsdp_results["clip-grads"], model.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-8)
