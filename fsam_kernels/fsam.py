@@ -13,6 +13,7 @@ from ._checks import check_number
 from .params import pool_predicate
 from .roles import SUMSQ_ALL, gradients_of
 from .sam import SharpnessScale
+from .sharding import local, shard_like
 from .two_pass import SharpnessAwareOptimizer
 
 FISHER_ESTIMATES = ("batch", "ema", "samples")
@@ -87,6 +88,31 @@ class FisherMask(SharpnessScale):
         return dict(steps_since_mask=self.steps_since_mask, samples=self.samples, k=self.k,
                     mask_bits=copy(roles.mask_bits), chunk_counts=copy(roles.chunk_counts),
                     fisher=None if self.estimate is None else [f.clone() for f in self.estimate])
+
+    def to_checkpoint(self, state, roles):
+        """The mask as one uint8 tensor per pool tensor (all zeros before the first mask: a fresh
+        optimizer's state is then a template for any checkpoint) and F, sharded like the pool."""
+        pool = roles.params["masked"]
+        bits = state.pop("mask_bits")
+        state.pop("chunk_counts")
+        masks = [torch.zeros(t.shape, dtype=torch.bool, device=t.device) if bits is None else
+                 roles.mask_layout.unpack(bits, i) for i, t in enumerate(roles.tensors["masked"])]
+        state["has_mask"] = bits is not None
+        state["mask"] = {str(i): shard_like(m.to(torch.uint8), p) for i, (m, p) in enumerate(zip(masks, pool))}
+        if state["fisher"] is not None:
+            state["fisher"] = {str(i): shard_like(f, p) for i, (f, p) in enumerate(zip(state["fisher"], pool))}
+        return state
+
+    def from_checkpoint(self, state, roles):
+        state = dict(state)
+        count = len(roles.tensors["masked"])
+        masks = [local(state["mask"][str(i)]).bool() for i in range(count)]
+        del state["mask"]
+        state["mask_bits"], state["chunk_counts"] = roles.mask_layout.pack(masks) if state.pop("has_mask") else (
+            None, None)
+        if state["fisher"] is not None:
+            state["fisher"] = [local(state["fisher"][str(i)]) for i in range(count)]
+        return state
 
     def check_state(self, state, roles):
         if (state["fisher"] is None) != (self.estimate is None):

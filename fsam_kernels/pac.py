@@ -18,7 +18,7 @@ from ._checks import check_int, check_number
 from ._layout import ChunkLayout
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, gradients_of
-from .sharding import local, sharding_of
+from .sharding import local, shard_like, sharding_of
 from .training import noise_passes
 from .two_pass import init_composed
 
@@ -451,23 +451,28 @@ class PACTuning(torch.optim.Optimizer):
     def _signature(self):
         return [(tuple(p.shape), str(p.dtype)) for p in self._params]
 
-    def state_dict(self):
+    def _own_state(self):
         if self._perturbed is not None or self._restored is not None:
             raise RuntimeError("state_dict() in the middle of a step (after perturb() or restore())")
         clone = lambda ts: None if ts is None else [t.detach().clone() for t in ts]  # noqa: E731
-        pac = {"type": type(self).__name__, "step": self._step, "seed": self.seed, "skipped": self._skipped.clone(),
-               "layout": self._signature(), "log_stds": clone(self.log_stds),
-               "prior_log_stds": clone(self.prior_log_stds), "anchors": clone(self.anchors),
-               "noise_optimizer": None if self.noise_optimizer is None else self.noise_optimizer.state_dict(),
-               "k_table": None if self.k_table is None else self.k_table.state()}
-        return {"base": self.base_optimizer.state_dict(), "pac": pac}
+        return {"type": type(self).__name__, "step": self._step, "seed": self.seed, "skipped": self._skipped.clone(),
+                "layout": self._signature(), "log_stds": clone(self.log_stds),
+                "prior_log_stds": clone(self.prior_log_stds), "anchors": clone(self.anchors),
+                "noise_optimizer": None if self.noise_optimizer is None else self.noise_optimizer.state_dict(),
+                "k_table": None if self.k_table is None else self.k_table.state()}
+
+    def state_dict(self):
+        return {"base": self.base_optimizer.state_dict(), "pac": self._own_state()}
 
     def load_state_dict(self, state_dict):
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "pac"}:
             raise ValueError("load_state_dict expects a dict made by PACTuning.state_dict() (keys 'base', 'pac')")
+        self._load_parts(state_dict["pac"], lambda: self.base_optimizer.load_state_dict(state_dict["base"]))
+
+    def _load_parts(self, pac, load_base):
+        """Check `pac` (the own state), then load_base() and load `pac`: nothing changes on an error."""
         if self._perturbed is not None or self._restored is not None:
             raise RuntimeError("load_state_dict() in the middle of a step (after perturb() or restore())")
-        pac = state_dict["pac"]
         if pac.get("type") != type(self).__name__:
             raise ValueError(f"this state comes from {pac.get('type')}, not {type(self).__name__}")
         if [tuple(x) for x in pac["layout"]] != self._signature():
@@ -479,7 +484,10 @@ class PACTuning(torch.optim.Optimizer):
         in_stage1 = pac["step"] < self.stage1_steps
         if in_stage1 and (pac["anchors"] is None or pac["noise_optimizer"] is None):
             raise ValueError("this state left stage 1 but this optimizer's stage1_steps puts it in stage 1")
-        self.base_optimizer.load_state_dict(state_dict["base"])
+        if in_stage1 and self.anchors is None:
+            raise ValueError("this optimizer has left stage 1 and dropped its anchors: load a stage-1 state into a "
+                             "new optimizer")
+        load_base()
         self.param_groups = self.base_optimizer.param_groups
         with torch.no_grad():
             for dst, src in zip(self.log_stds + self.prior_log_stds, pac["log_stds"] + pac["prior_log_stds"]):
@@ -493,3 +501,49 @@ class PACTuning(torch.optim.Optimizer):
         self.k_table = None if pac["k_table"] is None else KTable(**pac["k_table"])
         if not in_stage1:
             self._enter_stage2()
+
+    # ---- torch.distributed.checkpoint (fsam_kernels/checkpoint.py) --------------------------
+
+    def _sharded(self, tensors):
+        """{index: the per-element tensor of parameter i as sharded as the parameter}."""
+        return {str(i): shard_like(t, p) for i, (t, p) in enumerate(zip(tensors, self._params))}
+
+    def checkpoint_state(self):
+        """The own state in the form torch.distributed.checkpoint saves: p, the anchors and the Adam
+        moments of p sharded like their parameters (DTensors under FSDP2), every Adam entry present
+        (zeros before the first step, which Adam's own start equals)."""
+        pac = self._own_state()
+        pac["log_stds"] = self._sharded(pac["log_stds"])
+        pac["prior_log_stds"] = {str(i): b for i, b in enumerate(pac["prior_log_stds"])}
+        if pac["anchors"] is not None:
+            pac["anchors"] = self._sharded(pac["anchors"])
+            saved = pac["noise_optimizer"]
+            owner = {id(s): p for s, p in zip(self.log_stds, self._params)}
+            flat = [t for g in self.noise_optimizer.param_groups for t in g["params"]]
+            entries = {}
+            for i, t in enumerate(flat):
+                entry = saved["state"].get(i) or {"step": torch.zeros(()), "exp_avg": torch.zeros_like(t),
+                                                  "exp_avg_sq": torch.zeros_like(t)}
+                p = owner.get(id(t))
+                entries[str(i)] = {k: v if p is None or k == "step" else shard_like(v, p) for k, v in entry.items()}
+            pac["noise_optimizer"] = {"state": entries, "param_groups": saved["param_groups"]}
+        return pac
+
+    def checkpoint_template(self, step):
+        """What dcp.load fills with a checkpoint saved at `step`: without stage 1's entries past it."""
+        pac = self.checkpoint_state()
+        if step >= self.stage1_steps:
+            pac["anchors"] = pac["noise_optimizer"] = None
+        return pac
+
+    def load_checkpoint_state(self, pac, load_base):
+        pac = dict(pac)
+        pac["log_stds"] = [local(pac["log_stds"][str(i)]) for i in range(len(self._params))]
+        pac["prior_log_stds"] = [pac["prior_log_stds"][str(i)] for i in range(len(self.prior_log_stds))]
+        if pac["anchors"] is not None:
+            pac["anchors"] = [local(pac["anchors"][str(i)]) for i in range(len(self._params))]
+            saved = pac["noise_optimizer"]
+            pac["noise_optimizer"] = {"state": {int(i): {k: local(v) for k, v in e.items()}
+                                                for i, e in saved["state"].items()},
+                                      "param_groups": saved["param_groups"]}
+        self._load_parts(pac, load_base)

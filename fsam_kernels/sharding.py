@@ -31,6 +31,14 @@ def local(t):
     return t.to_local() if is_sharded(t) else t
 
 
+def shard_like(t, p):
+    """`t`, shaped like the local shard of `p`, as the DTensor sharded like `p` (`t` itself when
+    `p` is not sharded)."""
+    if not is_sharded(p):
+        return t
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
 def _split(rows, world, rank):
     """(first row, rows) of `rank`'s piece of dim 0 split as torch.chunk splits it (DTensor's Shard)."""
     size = -(-rows // world)

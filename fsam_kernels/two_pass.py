@@ -43,6 +43,13 @@ class Perturbation:
     def load_state(self, state, roles):
         pass
 
+    def to_checkpoint(self, state, roles):
+        """state() as torch.distributed.checkpoint saves it (see SharpnessAwareOptimizer.checkpoint_state)."""
+        return state
+
+    def from_checkpoint(self, state, roles):
+        return state
+
 
 def init_composed(optimizer, groups, names, base_optimizer, base_kwargs):
     """Optimizer.__init__ over `groups`, then the base optimizer built on the same param_groups
@@ -202,28 +209,49 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # ---- state -----------------------------------------------------------------------------
 
-    def state_dict(self):
+    def _own_state(self):
+        """What state_dict() keeps besides the base optimizer's."""
         if self.roles.perturbed:
             raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed")
         extra = {"step": self._step_count, "skipped": self._skipped.clone(), **self.perturbation.state(self.roles)}
         extra["layout"] = self.roles.signature(self._params)
         extra["type"] = type(self).__name__
-        return {"base": self.base_optimizer.state_dict(), "sharpness": extra}
+        return extra
+
+    def state_dict(self):
+        return {"base": self.base_optimizer.state_dict(), "sharpness": self._own_state()}
 
     def load_state_dict(self, state_dict):
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "sharpness"}:
             raise ValueError("load_state_dict expects a dict made by SAM/FSAM.state_dict() (keys 'base', 'sharpness')")
+        self._load_parts(state_dict["sharpness"], lambda: self.base_optimizer.load_state_dict(state_dict["base"]))
+
+    def _load_parts(self, extra, load_base):
+        """Check `extra` (the own state), then load_base() and load `extra`: nothing changes on an error."""
         if self.roles.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
-        extra = state_dict["sharpness"]
         if extra.get("type") != type(self).__name__:
             raise ValueError(f"this state comes from {extra.get('type')}, not {type(self).__name__}")
         if ParamRoles.current_names(extra.get("layout", [])) != self.roles.signature(self._params):
             raise ValueError("this state was saved for a different parameter layout (roles, shapes or dtypes differ)")
         self.perturbation.check_state(extra, self.roles)
-        self.base_optimizer.load_state_dict(state_dict["base"])
+        load_base()
         self.param_groups = self.base_optimizer.param_groups  # the base replaced its group dicts
         self._step_count = int(extra["step"])
         self._skipped = extra["skipped"].to(self._device, torch.int64).clone()
         self.perturbation.load_state(extra, self.roles)
         self._first_finite = None  # a loaded state starts a new step
+
+    # ---- torch.distributed.checkpoint (fsam_kernels/checkpoint.py) --------------------------
+
+    def checkpoint_state(self):
+        """The own state in the form torch.distributed.checkpoint saves: tensors with one value
+        per parameter element sharded like their parameters (DTensors under FSDP2)."""
+        return self.perturbation.to_checkpoint(self._own_state(), self.roles)
+
+    def checkpoint_template(self, step):
+        """What dcp.load fills with a checkpoint saved at `step`."""
+        return self.checkpoint_state()
+
+    def load_checkpoint_state(self, state, load_base):
+        self._load_parts(self.perturbation.from_checkpoint(state, self.roles), load_base)

@@ -11,13 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fsam_kernels import FSAM, SAM, PACTuning, clip_grad_norm_componentwise_
+from fsam_kernels import FSAM, SAM, PACTuning, checkpoint, clip_grad_norm_componentwise_
 from fsam_kernels.pac import KTable
 from models import tiny_bert
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
 BATCH, STEPS = 12, 3  # 12 splits evenly over 2 and 3 processes
+SAVED_AT, RESUMED = 1, 3  # checkpoints: after step 1 (PAC in stage 1, FSAM between masks), then 3 more steps
+CHECKPOINTED = ("sam", "fsam-ema", "fsam-samples", "pac")
 # x = exp(mean b) = (mean |w|)^2 starts near 3e-4: on a slope of K, so that b's first gradient is not
 # all rounding (at step 0 its KL part is 0, which Adam would turn into steps of +-lr either way)
 K_TABLE = KTable([1e-5, 0.01, 0.1], [0.01, 0.03, 0.2])
@@ -90,6 +92,14 @@ def full(tensors):
     return [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
 
 
+def resume(path, model, make, rank=0, world=1):
+    """Load the checkpoint at `path` into `model` and a new optimizer, train on; the parameters."""
+    opt = make(model.named_parameters())
+    checkpoint.load(path, model, opt)
+    train(model, opt, RESUMED, rank, world, start=SAVED_AT)
+    return full(model.parameters())
+
+
 def worker(rank, world, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -116,6 +126,19 @@ def worker(rank, world, init_file, out_dir):
         opt = make(model.named_parameters())
         train(model, opt, STEPS, rank, world)
         out[name] = full(model.parameters())
+    # checkpoints: resumed here, and from the single-process ones (another world size)
+    for name in CHECKPOINTED:
+        make = OPTIMIZERS[name]
+        model = sharded_model(mesh)
+        opt = make(model.named_parameters())
+        train(model, opt, SAVED_AT, rank, world)
+        checkpoint.save(os.path.join(out_dir, f"{name}-world"), model, opt)
+        train(model, opt, RESUMED, rank, world, start=SAVED_AT)
+        out[f"uninterrupted-{name}"] = full(model.parameters())
+        out[f"resumed-{name}"] = resume(os.path.join(out_dir, f"{name}-world"), sharded_model(mesh, seed=1), make,
+                                        rank, world)
+        out[f"from-single-{name}"] = resume(os.path.join(out_dir, f"{name}-single"), sharded_model(mesh, seed=1),
+                                            make, rank, world)
     # component-wise clipping of the sharded gradient
     model = sharded_model(mesh)
     backward(model, 0, rank, world)
@@ -130,8 +153,15 @@ def worker(rank, world, init_file, out_dir):
 def fsdp_results(request, tmp_path_factory):
     world = request.param
     tmp = tmp_path_factory.mktemp(f"fsdp{world}")
+    for name in CHECKPOINTED:  # what the processes resume from on another world size
+        model = tiny_bert()
+        opt = OPTIMIZERS[name](model.named_parameters())
+        train(model, opt, SAVED_AT)
+        checkpoint.save(str(tmp / f"{name}-single"), model, opt)
     mp.spawn(worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=True)
-    return torch.load(tmp / "out.pt", weights_only=False)
+    out = torch.load(tmp / "out.pt", weights_only=False)
+    out["dir"] = tmp
+    return out
 
 
 # ---- the comparisons ------------------------------------------------------------------------
@@ -176,3 +206,17 @@ def test_componentwise_clipping_of_shards(fsdp_results):
     assert (norms > 0.05).any()
     for got, p in zip(fsdp_results["clip-grads"], model.parameters()):
         torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_checkpoint_resumes(fsdp_results, name):
+    """Bit-exactly on the same world size; from and to one process, as the single-process run does
+    (to rounding)."""
+    assert all(torch.equal(a, b) for a, b in zip(fsdp_results[f"resumed-{name}"],
+                                                  fsdp_results[f"uninterrupted-{name}"]))
+    model = tiny_bert()
+    train(model, OPTIMIZERS[name](model.named_parameters()), SAVED_AT + RESUMED)
+    from_sharded = resume(str(fsdp_results["dir"] / f"{name}-world"), tiny_bert(seed=1), OPTIMIZERS[name])
+    for got, resumed, expected in zip(fsdp_results[f"from-single-{name}"], from_sharded, model.parameters()):
+        torch.testing.assert_close(got, expected.detach(), rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(resumed, expected.detach(), rtol=2e-5, atol=2e-6)
