@@ -6,11 +6,14 @@ are perturbed once from it, and the second pass accumulates over the same micro-
 that one perturbation.  Under DDP the perturbation is per replica by default (the SAM
 paper's: each replica perturbs with its own gradient, the first pass never all-reduces);
 sync_perturbation=True all-reduces the first pass, so every replica takes the same one.
+Under FSDP2 (sharded parameters) it is always synchronized: a process holds one shard of the
+weights, so all of them perturb one model, from the reduce-scattered (whole-batch) gradient.
 The second-pass gradient, the one the base optimizer uses, is always all-reduced.
 """
 import contextlib
 
 from .clipping import CLIP_MODES, clip_gradients_
+from .sharding import LOCAL
 
 
 def _accumulate(micro_batches, backward, no_sync, sync_last):
@@ -23,7 +26,18 @@ def _accumulate(micro_batches, backward, no_sync, sync_last):
     return loss
 
 
-def sharpness_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_perturbation=False, scaler=None):
+def synchronized(optimizer, sync_perturbation):
+    """Whether the first pass is all-reduced: sync_perturbation, None meaning per replica under
+    DDP and synchronized under FSDP2, where per replica does not exist."""
+    if optimizer._sharding is LOCAL:
+        return bool(sync_perturbation)
+    if sync_perturbation is not None and not sync_perturbation:
+        raise ValueError("sync_perturbation=False (per replica) needs every replica to hold the whole model; under "
+                         "FSDP2 each process holds a shard and all perturb one model: pass None or True")
+    return True
+
+
+def sharpness_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_perturbation=None, scaler=None):
     """Both passes of one step; the caller then clips and takes the base step.
 
     backward(batch) runs the forward and backward of one micro-batch (its loss already divided
@@ -37,7 +51,7 @@ def sharpness_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_p
     stays in .grad, so the scaler's unscale_ finds it, skips the base step and backs off."""
     if not micro_batches:
         raise ValueError("micro_batches is empty: a step needs at least one micro-batch")
-    loss = _accumulate(micro_batches, backward, no_sync, sync_last=sync_perturbation)
+    loss = _accumulate(micro_batches, backward, no_sync, sync_last=synchronized(optimizer, sync_perturbation))
     finite = optimizer.first_step(scaler=scaler)
     if scaler is not None and not bool(finite):  # one sync per step, as GradScaler.step's own
         optimizer.restore()
@@ -48,7 +62,7 @@ def sharpness_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_p
     return loss, True
 
 
-def noise_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_perturbation=False, scaler=None):
+def noise_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_perturbation=None, scaler=None):
     """PAC-tuning's one pass of a step (fsam_kernels.PACTuning): perturb, the forward and backward
     of every micro-batch at the noisy weights (the gradient all-reduced at the last), restore, which
     in stage 1 also adds the bound's gradients.  The caller then clips and takes the updates.
@@ -71,7 +85,7 @@ def noise_passes(optimizer, micro_batches, backward, *, no_sync=None, sync_pertu
 
 
 def sharpness_step(optimizer, micro_batches, loss_fn, *, model=None, scaler=None, max_grad_norm=None,
-                   clip="global", sync_perturbation=False):
+                   clip="global", sync_perturbation=None):
     """One whole SAM/FSAM step for a plain training loop.
 
     loss_fn(batch) returns the mean loss of one micro-batch (the forward included); the
@@ -79,7 +93,8 @@ def sharpness_step(optimizer, micro_batches, loss_fn, *, model=None, scaler=None
     module with `no_sync`) when training distributed.  max_grad_norm clips the second-pass
     gradient (the one the base optimizer uses) after unscaling and after the all-reduce: as a
     whole with clip="global" (torch.nn.utils.clip_grad_norm_), each tensor on its own with
-    clip="componentwise" (fsam_kernels.clip_grad_norm_componentwise_).  With a scaler,
+    clip="componentwise" (fsam_kernels.clip_grad_norm_componentwise_).  sync_perturbation: see
+    the module's docstring (None: per replica under DDP, synchronized under FSDP2).  With a scaler,
     scaler.update() is called here.  Returns the mean first-pass loss (detached)."""
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")

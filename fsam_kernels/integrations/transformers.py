@@ -111,8 +111,9 @@ class FineTuningTrainer(Trainer):
     instead come in `optimizers=(opt, scheduler)`.  `sharpness=` and `sharpness_kwargs=` are the
     older names of `method=` and `method_kwargs=`.
 
-    sync_perturbation: under DDP, False (default) perturbs each replica with its own first-pass
-    gradient (the SAM paper's); True all-reduces the first pass so all replicas share one.
+    sync_perturbation: under DDP, None or False (default) perturbs each replica with its own
+    first-pass gradient (the SAM paper's); True all-reduces the first pass so all replicas share
+    one.  Under FSDP2 the perturbation is always shared (None or True).
 
     Gradient accumulation: the first-pass gradient is accumulated over the window's
     micro-batches, the weights are perturbed once, and the second pass accumulates over the same
@@ -124,7 +125,7 @@ class FineTuningTrainer(Trainer):
     pass and the base step (the scaler backs off).  The logged loss is the first pass's.
     """
 
-    def __init__(self, *args, method=_UNSET, method_kwargs=_UNSET, sync_perturbation=False, grad_clip="global",
+    def __init__(self, *args, method=_UNSET, method_kwargs=_UNSET, sync_perturbation=None, grad_clip="global",
                  sharpness=_UNSET, sharpness_kwargs=_UNSET, **kwargs):
         names = ("method", "method_kwargs")
         if sharpness is not _UNSET or sharpness_kwargs is not _UNSET:  # the older names
@@ -153,7 +154,7 @@ class FineTuningTrainer(Trainer):
         self.grad_clip = grad_clip
         self.method = method
         self.method_kwargs = dict(method_kwargs or {})
-        self.sync_perturbation = bool(sync_perturbation)
+        self.sync_perturbation = sync_perturbation
         self.method_optimizer = given if isinstance(given, registered) else None
         self._window = []
         super().__init__(*args, **kwargs)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from fsam_kernels import FSAM, SAM, PACTuning, checkpoint, clip_grad_norm_componentwise_
 from fsam_kernels.pac import KTable
+from fsam_kernels.training import sharpness_step
 from models import tiny_bert
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
@@ -68,6 +69,16 @@ def train(model, opt, steps, rank=0, world=1, start=0):
             backward(model, step, rank, world)
             opt.second_step()
         opt.zero_grad()
+
+
+MAX_NORM = {"global": 0.1, "componentwise": 0.05}  # the whole gradient has norm 0.3, tensors up to 0.23
+
+
+def step_loop(model, opt, clip, rank=0, world=1):
+    """sharpness_step over two micro-batches a step, clipping the second-pass gradient."""
+    for step in range(STEPS):
+        micro = [batch(10 * step + i, rank, world) for i in range(2)]
+        sharpness_step(opt, micro, lambda b: model(**b).loss, model=model, max_grad_norm=MAX_NORM[clip], clip=clip)
 
 
 def tie_gradients(model, seed=3):
@@ -139,6 +150,16 @@ def worker(rank, world, init_file, out_dir):
                                         rank, world)
         out[f"from-single-{name}"] = resume(os.path.join(out_dir, f"{name}-single"), sharded_model(mesh, seed=1),
                                             make, rank, world)
+    # sharpness_step: accumulation, both clips; per-replica perturbation does not exist here
+    for clip in MAX_NORM:
+        model = sharded_model(mesh)
+        opt = OPTIMIZERS["fsam-batch"](model.named_parameters())
+        step_loop(model, opt, clip, rank, world)
+        out[f"step-{clip}"] = full(model.parameters())
+    try:
+        sharpness_step(opt, [batch(0, rank, world)], lambda b: model(**b).loss, sync_perturbation=False)
+    except ValueError as e:
+        out["per-replica"] = str(e)
     # component-wise clipping of the sharded gradient
     model = sharded_model(mesh)
     backward(model, 0, rank, world)
@@ -220,3 +241,12 @@ def test_checkpoint_resumes(fsdp_results, name):
     for got, resumed, expected in zip(fsdp_results[f"from-single-{name}"], from_sharded, model.parameters()):
         torch.testing.assert_close(got, expected.detach(), rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(resumed, expected.detach(), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("clip", list(MAX_NORM))
+def test_sharpness_step_equals_the_single_process_step(fsdp_results, clip):
+    model = tiny_bert()
+    step_loop(model, OPTIMIZERS["fsam-batch"](model.named_parameters()), clip)
+    for got, expected in zip(fsdp_results[f"step-{clip}"], model.parameters()):
+        torch.testing.assert_close(got, expected.detach(), rtol=2e-5, atol=2e-6)
+    assert "per replica" in fsdp_results["per-replica"]
