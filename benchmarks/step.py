@@ -3,6 +3,7 @@ included) and the memory each optimizer holds beyond AdamW, on real parameter li
 import torch
 
 from fsam_kernels import FSAM, SAM
+from fsam_kernels.sharding import is_sharded, local
 
 from . import anchors
 from .param_lists import random_tensors, shapes_for
@@ -49,7 +50,9 @@ def optimizers(ours):
 def held_bytes(opt, params):
     """Bytes of every tensor the optimizer holds, less the parameters, their gradients and the
     base optimizer's own state (what it costs beyond AdamW)."""
-    skip = {p.data_ptr() for p in params} | {p.grad.data_ptr() for p in params if p.grad is not None}
+    # FSDP2's DTensor parameters: the optimizer holds their local shards (and their gradients')
+    params = [local(p) for p in params] + [local(p.grad) for p in params if p.grad is not None]
+    skip = {p.data_ptr() for p in params}
     base = getattr(opt, "base_optimizer", None)
     if base is None:
         return 0
@@ -61,7 +64,9 @@ def held_bytes(opt, params):
             continue
         seen.add(id(v))
         if isinstance(v, torch.Tensor):
-            if v.data_ptr() not in skip and v.device.type != "meta":
+            if is_sharded(v):
+                stack.append(local(v))
+            elif v.data_ptr() not in skip and v.device.type != "meta":
                 total += v.numel() * v.element_size()
         elif isinstance(v, dict):
             stack.extend(v.values())

@@ -24,3 +24,25 @@ def test_tiny_benchmark_run(tmp_path):
     assert steps["published-sam (davda54)"]["held_bytes_per_param"] >= 4
     fsam = [r for name, r in steps.items() if name.startswith("fsam-") and "mask" not in name]
     assert fsam and all(r["held_bytes_per_param"] < 1.5 for r in fsam)
+
+
+def test_fsdp_step_benchmark(tmp_path):
+    """Per process, a mask step adds the three radix histograms and one gather of the tie counts to
+    the norm's all-reduce, and sharding divides what each process holds."""
+    from benchmarks import fsdp_step
+    from benchmarks.param_lists import shapes_for
+    from fsam_kernels._layout import RADIX_HIST_SIZES
+    fsdp_step.main(["--list", "300K", "--worlds", "1", "2", "--reps", "1", "--out", str(tmp_path)])
+    assert os.path.getsize(tmp_path / "fsdp_step.md") > 0
+    rows = {(r["world"], r["optimizer"]): r for r in json.loads((tmp_path / "fsdp_step.json").read_text())["rows"]}
+    tensors = len(shapes_for("300K"))
+    for world in (1, 2):
+        mask = rows[world, "fsam mask step"]
+        assert mask["collectives"] == 5
+        assert mask["payload_bytes"] == 8 * (sum(RADIX_HIST_SIZES) + tensors) + 4 * 2
+        assert rows[world, "fsam"]["collectives"] == rows[world, "sam"]["collectives"] == 1
+    for name in fsdp_step.OPTIMIZERS:
+        assert rows["plain", name]["collectives"] == 0
+        assert rows[2, name]["held_bytes"] < 0.6 * rows["plain", name]["held_bytes"]
+    assert rows[2, "sam"]["held_bytes"] / rows[2, "sam"]["local_params"] >= 4
+    assert rows[2, "fsam"]["held_bytes"] / rows[2, "fsam"]["local_params"] < 0.6
