@@ -201,8 +201,9 @@ class FineTuningTrainer(Trainer):
         on request.  Returns the norm of the whole gradient before clipping, for the logs."""
         if self.grad_clip == "global":
             return super()._clip_grad_norm(model)
-        if self.is_deepspeed_enabled:
-            raise NotImplementedError("grad_clip='componentwise' under DeepSpeed")
+        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False)):
+            # their flat parameters each hold many tensors; FSDP2's DTensors are the tensors themselves
+            raise NotImplementedError("grad_clip='componentwise' under DeepSpeed or FSDP1 (FSDP2 is supported)")
         self.accelerator.unscale_gradients()  # what accelerator.clip_grad_norm_ does first
         backend = None if self.method_optimizer is None else self.method_optimizer.backend
         return clip_gradients_(model.parameters(), self.args.max_grad_norm, self.grad_clip, backend=backend)
