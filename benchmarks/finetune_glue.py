@@ -201,7 +201,7 @@ def run_one(a):
         learning_rate=a.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6,
         optim="adamw_torch", warmup_steps=int(0.06 * total_steps), lr_scheduler_type="linear",
         max_grad_norm=a.max_grad_norm if clip_norm is None else clip_norm,
-        bf16=a.bf16, use_cpu=device == "cpu", save_strategy="no", eval_strategy="no", logging_steps=50,
+        bf16=a.bf16, use_cpu=device == "cpu", save_strategy="no", eval_strategy="no", logging_steps=a.logging_steps,
         report_to=[], disable_tqdm=True, dataloader_num_workers=0)
 
     def compute_metrics(pred):
@@ -241,6 +241,7 @@ def run_one(a):
         "skipped_perturbations": None if opt is None else getattr(opt, "skipped_perturbations", None),
         "skipped_steps": getattr(opt, "skipped_steps", None),
         "backend": None if opt is None else opt.backend, "device": device,
+        "train_log": [h for h in trainer.state.log_history if "loss" in h],
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -271,6 +272,7 @@ def parse_args(argv=None):
     p.add_argument("--pac-stage1", type=float, default=0.8,
                    help="PAC-tuning's share of steps in stage 1 (official: 200 of 250 epochs)")
     p.add_argument("--pac-gamma", type=float, default=10.0)
+    p.add_argument("--logging-steps", type=int, default=50, help="the Trainer's logging interval (train_log)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--dropout", type=float, default=None,
                    help="the encoder's dropout probabilities (default: the model's own; PAC-tuning's setting: 0)")

@@ -288,6 +288,13 @@ class PACTuning(torch.optim.Optimizer):
         """Steps whose update non-finite gradients skipped (syncs)."""
         return int(self._skipped)
 
+    @torch.no_grad()
+    def noise_std(self):
+        """The mean of the noise's std exp(p) over every element (for logging; one sync)."""
+        total = sum(torch.exp(s).sum(dtype=torch.float64) for s in self.log_stds)
+        total = self._sharding.all_reduce_(torch.as_tensor(total, dtype=torch.float64, device=self._device))
+        return float(total) / sum(p.numel() for p in self._params)
+
     def estimate_k(self, model, loss_fn, data, progress=True):
         """Estimate the K table over this optimizer's parameters, its prior_grid and k_samples (see
         estimate_k), and keep it."""

@@ -249,9 +249,12 @@ class FineTuningTrainer(Trainer):
             for name in ("skipped_perturbations", "skipped_steps"):
                 if hasattr(opt, name):
                     logs[name] = getattr(opt, name)
-            density = opt.mask_density() if hasattr(opt, "mask_density") else 1.0
-            if density is not None:
-                logs["mask_density"] = density
+            if hasattr(opt, "noise_std"):  # PAC-tuning
+                logs["noise_std"], logs["pac_stage"] = opt.noise_std(), opt.stage
+            else:
+                density = opt.mask_density() if hasattr(opt, "mask_density") else 1.0
+                if density is not None:
+                    logs["mask_density"] = density
         super().log(logs, *args, **kwargs)
 
 

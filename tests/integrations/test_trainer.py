@@ -279,7 +279,10 @@ def test_pac_tuning_is_by_hand(tmp_path):
     t.train()
     opt = t.method_optimizer
     assert isinstance(opt, PACTuning) and opt.num_examples == 32 and opt.stage == 2 and opt._step == 3
-    assert all(h["skipped_steps"] == 0 for h in t.state.log_history if "loss" in h)
+    logs = [h for h in t.state.log_history if "loss" in h]
+    assert all(h["skipped_steps"] == 0 and "mask_density" not in h for h in logs)
+    assert [h["pac_stage"] for h in logs] == [1, 2, 2]  # logged after each step
+    assert logs[-1]["noise_std"] == pytest.approx(float(torch.cat([s.exp().reshape(-1) for s in opt.log_stds]).mean()))
     model = tiny_bert(0)
     by_hand = PACTuning(decay_groups(t, model), torch.optim.AdamW, lr=1e-3, num_examples=32, **pac_kw)
     items = Examples().items
