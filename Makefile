@@ -14,7 +14,7 @@ GLUE_ARGS ?= --tasks rte mrpc --epochs 2 --out benchmarks/results/glue_cpu
 GPU_PY ?= python3
 GPU_ARGS ?=
 
-.PHONY: test bench glue build clean gpu-build gpu-test gpu-sanitize gpu-bench gpu-glue gpu-carry
+.PHONY: test bench glue build clean gpu-build gpu-test gpu-sanitize gpu-bench gpu-glue gpu-fsdp gpu-carry
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ gpu-bench: gpu-build
 
 gpu-glue: gpu-build
 	GLUE_DIR="$${GLUE_DIR:-.gpu/glue}" $(GPU_PY) -m benchmarks.gpu glue --model-dir .gpu/minilm-fp16 $(GPU_ARGS)
+
+gpu-fsdp: gpu-build
+	$(GPU_PY) -m benchmarks.gpu fsdp $(GPU_ARGS)
 
 clean:
 	rm -rf build *.egg-info fsam_kernels/_C*.so .gpu

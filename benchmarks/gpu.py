@@ -4,6 +4,7 @@
     python -m benchmarks.gpu sanitize   # compute-sanitizer memcheck/racecheck/synccheck/initcheck over every op
     python -m benchmarks.gpu bench      # python -m benchmarks.run --device cuda, within the time budget
     python -m benchmarks.gpu glue       # GLUE fine-tuning, resumable: call it again to go on
+    python -m benchmarks.gpu fsdp       # the optimizers over FSDP2 at world size 1 against plain ones
 
 Each step writes its log and a Markdown summary (with device, driver, versions and commit)
 under benchmarks/results/<gpu name>/ and prints the summary last.  Each stays within
@@ -172,12 +173,27 @@ def step_glue(a, env, out):
     return 0 if code == 0 else 1
 
 
+def step_fsdp(a, env, out):
+    """benchmarks.fsdp_step at world size 1 (nccl, the machine's one GPU; gloo for the dry run): the
+    step time and held memory of FSAM, SAM and PAC-tuning over FSDP2 shards against the plain ones."""
+    cmd = [sys.executable, "-m", "benchmarks.fsdp_step", "--device", a.device, "--worlds", "1", "--list",
+           a.fsdp_list or ("bert-base" if a.device == "cuda" else "300K"), "--out", out]
+    code, seconds, _ = _run_logged(cmd, os.path.join(out, "fsdp.log"), timeout=a.budget_s)
+    md = os.path.join(out, "fsdp_step.md")
+    table = "(no result)"
+    if code == 0 and os.path.exists(md):
+        with open(md) as f:
+            table = f.read().split("\n", 1)[-1]
+    _write_summary(out, "fsdp", env, f"`{' '.join(cmd[1:])}`: exit {code}, {seconds:.0f} s\n{table}")
+    return 0 if code == 0 else 1
+
+
 # The few-shot study's plan on a GPU: every task of GLUE_TASKS, n = 100 and 1000, the papers' clip sweep.
 FEWSHOT_SIZES, FEWSHOT_EPOCHS = (100, 1000), (20, 5)
-FEWSHOT_OPTIMIZERS = ("adamw", "sam", "fsam", "adamw-clip")
+FEWSHOT_OPTIMIZERS = ("adamw", "sam", "fsam", "adamw-clip", "pac")
 CLIP_NORMS = (0.01, 0.05, 0.1, 0.5, 1.0)
 
-STEPS = {"test": step_test, "sanitize": step_sanitize, "bench": step_bench, "glue": step_glue}
+STEPS = {"test": step_test, "sanitize": step_sanitize, "bench": step_bench, "glue": step_glue, "fsdp": step_fsdp}
 
 
 def parse_args(argv=None):
@@ -195,6 +211,7 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--pytest-args", nargs=argparse.REMAINDER, help="test: what pytest runs (default: tests)")
     ap.add_argument("--bench-args", nargs=argparse.REMAINDER, help="bench: more flags for benchmarks.run")
+    ap.add_argument("--fsdp-list", help="fsdp: the parameter list (default bert-base; the dry run 300K)")
     ap.add_argument("--glue-args", nargs=argparse.REMAINDER, help="glue: more flags for benchmarks.finetune_glue")
     return ap.parse_args(argv)
 

@@ -57,3 +57,10 @@ def seed_of(*parts):
     """A seed that differs per test case and is stable across runs."""
     import zlib
     return zlib.crc32(repr(parts).encode()) % 100_000
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A miniature GLUE folder (tests/glue_data.py)."""
+    from glue_data import write_glue
+    return write_glue(tmp_path)

@@ -3,7 +3,6 @@ file formats, the official metrics and baselines, the few-shot draws, the clear 
 data, and whole runs on a tiny random BERT."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -11,30 +10,7 @@ import torch
 
 from benchmarks import fewshot_glue
 from benchmarks import finetune_glue as fg
-from models import tiny_bert
-
-FILES = {  # train and dev share each task's layout
-    "CoLA": "gj04\t1\t\tthe cat sat .\ngj04\t0\t*\tsat cat the .\n",
-    "SST-2": "sentence\tlabel\na fine film \t1\na dull film \t0\n",
-    "MRPC": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tthe cat sat .\ta cat sat .\n"
-            "0\t3\t4\tthe dog ran .\tthe cat sat .\n",
-    "STS-B": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-             "0\tg\tf\ty\t0\tn\tn\ta cat .\tthe cat .\t4.200\n1\tg\tf\ty\t1\tn\tn\ta dog .\tthe cat .\t0.500\n",
-    "RTE": "index\tsentence1\tsentence2\tlabel\n0\tthe cat sat .\ta cat sat .\tentailment\n"
-           "1\tthe dog ran .\tthe cat sat .\tnot_entailment\n",
-}
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    for folder, text in FILES.items():
-        os.makedirs(tmp_path / folder)
-        for split in ("train", "dev"):
-            header, rows = ("", text) if folder == "CoLA" else text.split("\n", 1)
-            (tmp_path / folder / f"{split}.tsv").write_text(
-                (header + "\n" if header else "") + (rows * 4 if split == "train" else rows))
-    return tmp_path
-
+from glue_data import tiny_model_dir
 
 def test_read_split(data_dir):
     assert fg.read_split(data_dir, "cola", "dev") == ([("the cat sat .",), ("sat cat the .",)], [1, 0])
@@ -65,26 +41,9 @@ def test_missing_data_says_so(tmp_path):
         fg.main(["--data-dir", str(tmp_path / "nowhere"), "--tasks", "rte"])
 
 
-def tiny_model_dir(path, data_dir):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    words = sorted({w for text in FILES.values() for w in text.lower().split()})
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words[:93])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]").save_pretrained(path)
-    model = tiny_bert(0)
-    model.config.num_labels = 2
-    model.bert.save_pretrained(path)  # the encoder only, as the MiniLM package ships it
-    return str(path)
-
-
 @pytest.mark.parametrize("task,optimizer", [("rte", "fsam"), ("stsb", "adamw"), ("rte", "pac")])
 def test_one_run_end_to_end(tmp_path, data_dir, capsys, task, optimizer):
-    model = tiny_model_dir(tmp_path, data_dir)
+    model = tiny_model_dir(tmp_path)
     fg.main(["--data-dir", str(data_dir), "--model-dir", model, "--max-length", "24", "--epochs", "2",
              "--batch-size", "4", "--mask-interval", "2", "--cpu", "--work-dir", str(tmp_path / "work"),
              "--single", task, optimizer, "0"])
@@ -145,7 +104,7 @@ def test_clip_norms_expand_only_the_componentwise_runs():
 def test_fewshot_study_end_to_end(tmp_path, data_dir):
     """Two sizes, two optimizers, two seeds through the study driver: per-size results, the
     combined report with failures, the plot, and a second call that has nothing left to run."""
-    model = tiny_model_dir(tmp_path / "model", data_dir)
+    model = tiny_model_dir(tmp_path / "model")
     out = tmp_path / "study"
     argv = ["--sizes", "4", "6", "--epochs", "1", "1", "--out", str(out), "--data-dir", str(data_dir),
             "--model-dir", model, "--tasks", "rte", "--optimizers", "adamw", "adamw-clip", "--clip-norms", "0.01",

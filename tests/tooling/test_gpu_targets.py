@@ -8,7 +8,7 @@ import os
 import pytest
 
 from benchmarks import gpu, param_lists
-from test_finetune_glue import data_dir, tiny_model_dir  # noqa: F401  (data_dir is a fixture)
+from glue_data import tiny_model_dir
 
 
 def summary(out, step):
@@ -50,7 +50,7 @@ def test_bench_step_and_its_budget(tmp_path):
 
 
 def test_glue_step_resumes_and_keeps_its_budget(tmp_path, data_dir):  # noqa: F811
-    model = tiny_model_dir(tmp_path / "model", data_dir)
+    model = tiny_model_dir(tmp_path / "model")
     common = ["glue", "--device", "cpu", "--out", str(tmp_path / "res"), "--data-dir", str(data_dir), "--model-dir",
               model, "--tasks", "rte", "--seeds", "0", "--epochs", "1"]
     glue_args = ["--max-length", "24", "--batch-size", "4", "--work-dir", str(tmp_path / "work"), "--optimizers"]
@@ -76,7 +76,7 @@ def test_gpu_sized_lists(name, millions, dtype):
 
 
 def test_glue_step_has_a_fewshot_mode(tmp_path, data_dir):  # noqa: F811
-    model = tiny_model_dir(tmp_path / "model", data_dir)
+    model = tiny_model_dir(tmp_path / "model")
     argv = ["glue", "--fewshot", "--device", "cpu", "--out", str(tmp_path / "res"), "--data-dir", str(data_dir),
             "--model-dir", model, "--tasks", "rte", "--budget-s", "0"]
     assert gpu.main(argv) == 0
@@ -84,3 +84,9 @@ def test_glue_step_has_a_fewshot_mode(tmp_path, data_dir):  # noqa: F811
     assert "benchmarks.fewshot_glue" in log and "--clip-norms 0.01 0.05 0.1 0.5 1.0" in log
     assert "--seeds 0 1 2 3 4" in log and "--sizes 100 1000" in log
     assert "left for the next call" in log and "left for the next call" in summary(tmp_path / "res", "fewshot_glue")
+
+
+def test_fsdp_step_dry_run(tmp_path):
+    assert gpu.main(["fsdp", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    text = summary(tmp_path, "fsdp")
+    assert "| 1 | fsam mask step |" in text and "| plain | sam |" in text
