@@ -250,3 +250,47 @@ def test_sharpness_step_equals_the_single_process_step(fsdp_results, clip):
     for got, expected in zip(fsdp_results[f"step-{clip}"], model.parameters()):
         torch.testing.assert_close(got, expected.detach(), rtol=2e-5, atol=2e-6)
     assert "per replica" in fsdp_results["per-replica"]
+
+
+# ---- the Trainer: accelerate enables FSDP on GPUs only, so this runs on a GPU machine ---------
+
+def trainer_worker(rank, port, out_dir):
+    import pathlib
+    import sys
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "integrations"))
+    from test_trainer import trainer
+    t = trainer(pathlib.Path(out_dir), use_cpu=False, fsdp=True, max_steps=3, gradient_accumulation_steps=2,
+                fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]},
+                grad_clip="componentwise", max_grad_norm=0.05)
+    t.train()
+    opt = t.method_optimizer
+    torch.save({"sharded": type(opt._sharding).__name__, "params": [p.cpu() for p in full(t.model.parameters())],
+                "logs": [h for h in t.state.log_history if "loss" in h]}, os.path.join(out_dir, "trainer.pt"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate's FSDP plugin needs a GPU")
+def test_trainer_under_fsdp2(tmp_path):
+    """FineTuningTrainer with accelerate's FSDP2 at world size 1 (nccl): FSAM over DTensor
+    parameters, component-wise clipping of their shards; the run follows the plain CPU run (to the
+    rounding of a GPU against a CPU, which Adam and the mask's ties can enlarge entry by entry)."""
+    pytest.importorskip("accelerate")
+    import socket
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "integrations"))
+    from test_trainer import trainer
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(trainer_worker, args=(port, str(tmp_path)), nprocs=1, join=True)
+    got = torch.load(tmp_path / "trainer.pt", weights_only=False)
+    assert got["sharded"] == "ShardedParams"
+    assert len(got["logs"]) == 3 and all(h["mask_density"] == pytest.approx(0.2, abs=1e-3) for h in got["logs"])
+    plain = trainer(tmp_path / "plain", max_steps=3, gradient_accumulation_steps=2, grad_clip="componentwise",
+                    max_grad_norm=0.05)
+    start = [p.detach().clone() for p in plain.model.parameters()]
+    plain.train()
+    moved = sum(float((p - s).abs().sum()) for p, s in zip(plain.model.parameters(), start))
+    apart = sum(float((a - p).abs().sum()) for a, p in zip(got["params"], plain.model.parameters()))
+    assert moved > 0 and apart < 0.05 * moved
