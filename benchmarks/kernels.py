@@ -7,6 +7,7 @@ import torch
 
 from fsam_kernels import backends, clip_grad_norm_componentwise_, ops, radix_topk
 from fsam_kernels._layout import ChunkLayout
+from fsam_kernels.pac import perturb_with_noise
 
 from . import anchors
 from .param_lists import dtype_of, random_tensors, shapes_for
@@ -116,11 +117,7 @@ def providers(family, device, ours, with_compile):
 
                 def fn():
                     noise = (x["S"], bases, 0, 1, 2.0)
-                    bits, counts = ops_of["pac_noise_mask"](x["P"], *noise)
-                    offsets, total = layout.save_offsets(counts)
-                    saved = torch.empty(int(total), dtype=torch.uint8, device=device)  # PACTuning's one sync
-                    ops_of["pac_perturb_"](x["P"], *noise, bits, offsets, saved)
-                    ops_of["pac_restore_"](x["P"], *noise, bits, offsets, saved)
+                    ops_of["pac_restore_"](x["P"], *noise, *perturb_with_noise(ops_of, layout, x["P"], noise))
                 return fn
             p[f"fsam-{b}"] = setup
     elif family == "restore":

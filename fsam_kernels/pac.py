@@ -68,6 +68,18 @@ class KTable:
         return {"grid": list(self.grid), "values": list(self.values)}
 
 
+def perturb_with_noise(ops_, layout, params, noise):
+    """w <- w + n for noise = (log_stds, bases, seed, step, max_noise), with `ops_` a backend's
+    pac_noise_mask and pac_perturb_ and `layout` the params' ChunkLayout: the mask of the entries
+    to save, the saved buffer sized to it (one sync), the perturbation.  Returns (bits, offsets,
+    saved), what pac_restore_ takes."""
+    bits, counts = ops_["pac_noise_mask"](params, *noise)
+    offsets, total = layout.save_offsets(counts)
+    saved = torch.empty(int(total), dtype=torch.uint8, device=offsets.device)
+    ops_["pac_perturb_"](params, *noise, bits, offsets, saved)
+    return bits, offsets, saved
+
+
 def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GRID, samples=10, gamma=10.0, seed=0,
                backend="auto", progress=True):
     """The K table of the bound, estimated once before training as the official code does: for
@@ -105,10 +117,7 @@ def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GR
             losses = []
             for s in range(samples):
                 noise = (log_std, bases, int(seed), g_index * samples + s, math.inf)
-                bits, counts = ops_["pac_noise_mask"](params, *noise)
-                offsets, total = layout.save_offsets(counts)
-                saved = torch.empty(int(total), dtype=torch.uint8, device=device)
-                ops_["pac_perturb_"](params, *noise, bits, offsets, saved)
+                bits, offsets, saved = perturb_with_noise(ops_, layout, params, noise)
                 try:
                     losses.append(torch.cat([loss_fn(model, batch).detach().double().reshape(-1) for batch in data]))
                 finally:
@@ -318,11 +327,7 @@ class PACTuning(torch.optim.Optimizer):
         if self.stage == 1 and self.k_table is None:
             raise RuntimeError("stage 1 needs the K table: call opt.estimate_k(model, loss_fn, data) or pass "
                                "k_table= (fsam_kernels.pac.estimate_k)")
-        bits, counts = self._op["pac_noise_mask"](self._locals, *self._noise())
-        offsets, total = self._layout.save_offsets(counts)
-        saved = torch.empty(int(total), dtype=torch.uint8, device=self._device)  # the one sync of perturb
-        self._op["pac_perturb_"](self._locals, *self._noise(), bits, offsets, saved)
-        self._perturbed = (bits, offsets, saved)
+        self._perturbed = perturb_with_noise(self._op, self._layout, self._locals, self._noise())  # perturb's sync
 
     def held_bytes(self):
         """Bytes held between perturb() and the restore: the mask bits and the saved originals."""
