@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .ops import counter_bases
-from .radix_topk import Exchange
+from .radix_topk import LOCAL as ONE_PROCESS, Exchange
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Shard
@@ -29,6 +29,11 @@ def is_sharded(t):
 def local(t):
     """The local shard of a DTensor (a view: writing it writes the parameter), else `t`."""
     return t.to_local() if is_sharded(t) else t
+
+
+def placement(t):
+    """How `t` is placed, for messages."""
+    return f"{tuple(t.placements)} (a DTensor)" if is_sharded(t) else "a plain tensor"
 
 
 def shard_like(t, p):
@@ -57,7 +62,7 @@ class Sharding:
 
     def exchange(self, layout):
         """The radix top-k's Exchange for a list with this ChunkLayout of local tensors."""
-        return Exchange()
+        return ONE_PROCESS
 
     def offsets(self, params):
         """The global flat index of each tensor's first local element."""

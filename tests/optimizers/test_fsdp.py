@@ -294,3 +294,28 @@ def test_trainer_under_fsdp2(tmp_path):
     moved = sum(float((p - s).abs().sum()) for p, s in zip(plain.model.parameters(), start))
     apart = sum(float((a - p).abs().sum()) for a, p in zip(got["params"], plain.model.parameters()))
     assert moved > 0 and apart < 0.05 * moved
+
+
+def test_plain_gradient_of_a_sharded_parameter_is_refused():
+    """Before anything changes; here on a 1-process mesh."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(refusal_worker, args=(port,), nprocs=1, join=True)
+
+
+def refusal_worker(rank, port):
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    model = sharded_model(init_device_mesh("cpu", (1,)))
+    opt = OPTIMIZERS["fsam-batch"](model.named_parameters())
+    before = full(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones(p.shape)
+    with pytest.raises(RuntimeError, match="a plain tensor but its parameter as"):
+        opt.first_step()
+    assert all(torch.equal(a, b) for a, b in zip(full(model.parameters()), before))
+    with pytest.raises(TypeError, match="is a plain tensor while others are DTensors"):
+        SAM([next(model.parameters()), torch.nn.Parameter(torch.ones(3))], torch.optim.SGD, lr=0.1)
+    dist.destroy_process_group()
