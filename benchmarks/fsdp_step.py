@@ -11,6 +11,7 @@ all_gather) and their payload per process, and the bytes held between the passes
 processes).  "plain" rows: the same optimizer on unsharded tensors in one process, for comparison
 with world size 1.  Writes <out>/fsdp_step.md and fsdp_step.json."""
 import argparse
+import gc
 import json
 import os
 import socket
@@ -120,10 +121,6 @@ def measure_one(name, params, device, reps):
 
 
 def worker(rank, world, port, spec, device, reps, out_file):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    from fsam_kernels.sharding import local
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = device == "cuda"
     if cuda:
@@ -131,6 +128,19 @@ def worker(rank, world, port, spec, device, reps, out_file):
     else:
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        measure_world(rank, world, spec, device, reps, out_file)
+    finally:  # a gloo group released only at interpreter finalization can abort the process
+        gc.collect()
+        dist.destroy_process_group()
+        gc.collect()
+
+
+def measure_world(rank, world, spec, device, reps, out_file):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fsam_kernels.sharding import local
     mesh = init_device_mesh(device, (world,))
     shapes = shapes_for(spec)
     rows = []
@@ -149,7 +159,6 @@ def worker(rank, world, port, spec, device, reps, out_file):
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(rows, f)
-    dist.destroy_process_group()
 
 
 def plain_rows(spec, device, reps):

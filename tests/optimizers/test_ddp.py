@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from fsam_kernels import FSAM
 from fsam_kernels.training import sharpness_step
+from spawned import run_in_group
 
 WORLD, MICRO, STEPS = 2, 2, 3
 KW = dict(rho=0.2, sparsity=0.7, mask_interval=2, lr=1e-2)
@@ -36,7 +37,10 @@ def loss_of(model, b):
 
 
 def worker(rank, init_file, out_dir, sync, clip):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    run_in_group(train_replica, rank, out_dir, sync, clip, rank=rank, world=WORLD, init_method=f"file://{init_file}")
+
+
+def train_replica(rank, out_dir, sync, clip):
     torch.set_num_threads(1)
     model = mlp()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -46,7 +50,6 @@ def worker(rank, init_file, out_dir, sync, clip):
                        max_grad_norm=MAX_NORM[clip], clip=clip, sync_perturbation=sync)
     torch.save({"params": [p.detach().clone() for p in model.parameters()], "mask": opt.mask_bits.clone()},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def run_ddp(tmp_path, sync, clip="global"):

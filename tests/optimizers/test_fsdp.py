@@ -15,6 +15,7 @@ from fsam_kernels import FSAM, SAM, PACTuning, checkpoint, clip_grad_norm_compon
 from fsam_kernels.pac import KTable
 from fsam_kernels.training import sharpness_step
 from models import tiny_bert
+from spawned import run_in_group
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
@@ -112,9 +113,12 @@ def resume(path, model, make, rank=0, world=1):
 
 
 def worker(rank, world, init_file, out_dir):
+    run_in_group(every_case, rank, world, out_dir, rank=rank, world=world, init_method=f"file://{init_file}")
+
+
+def every_case(rank, world, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))
     out = {}
@@ -167,7 +171,6 @@ def worker(rank, world, init_file, out_dir):
     out["clip-grads"] = full([p.grad for p in model.parameters()])
     if rank == 0:
         torch.save(out, os.path.join(out_dir, "out.pt"))
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
@@ -306,8 +309,11 @@ def test_plain_gradient_of_a_sharded_parameter_is_refused():
 
 
 def refusal_worker(rank, port):
+    run_in_group(refusals, rank=0, world=1, init_method=f"tcp://127.0.0.1:{port}")
+
+
+def refusals():
     from torch.distributed.device_mesh import init_device_mesh
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     model = sharded_model(init_device_mesh("cpu", (1,)))
     opt = OPTIMIZERS["fsam-batch"](model.named_parameters())
     before = full(model.parameters())
@@ -318,4 +324,3 @@ def refusal_worker(rank, port):
     assert all(torch.equal(a, b) for a, b in zip(full(model.parameters()), before))
     with pytest.raises(TypeError, match="is a plain tensor while others are DTensors"):
         SAM([next(model.parameters()), torch.nn.Parameter(torch.ones(3))], torch.optim.SGD, lr=0.1)
-    dist.destroy_process_group()
