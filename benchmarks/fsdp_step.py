@@ -11,7 +11,6 @@ all_gather) and their payload per process, and the bytes held between the passes
 processes).  "plain" rows: the same optimizer on unsharded tensors in one process, for comparison
 with world size 1.  Writes <out>/fsdp_step.md and fsdp_step.json."""
 import argparse
-import gc
 import json
 import os
 import socket
@@ -20,6 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from fsam_kernels.sharding import end_process_group
 
 from .param_lists import random_tensors, shapes_for
 from .step import held_bytes
@@ -130,10 +131,8 @@ def worker(rank, world, port, spec, device, reps, out_file):
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     try:
         measure_world(rank, world, spec, device, reps, out_file)
-    finally:  # a gloo group released only at interpreter finalization can abort the process
-        gc.collect()
-        dist.destroy_process_group()
-        gc.collect()
+    finally:
+        end_process_group()
 
 
 def measure_world(rank, world, spec, device, reps, out_file):

@@ -10,6 +10,8 @@ of a tensor in rank order, so each shard's first element has a global index (`of
 PAC-tuning's noise counters and the top-k's tie rule use.  On one process (`LOCAL`) every
 collective is the identity.
 """
+import gc
+
 import torch
 import torch.distributed as dist
 
@@ -20,6 +22,17 @@ if dist.is_available():
     from torch.distributed.tensor import DTensor, Shard
 else:  # a torch built without distributed has no DTensor
     DTensor = Shard = None
+
+
+def end_process_group():
+    """Destroy the default process group, if any, while the interpreter still runs threads: what
+    holds it in unreachable reference cycles (a DDP reducer, an FSDP device mesh) is collected
+    first.  A gloo group released only at interpreter finalization can abort the process (SIGABRT,
+    "terminate called without an active exception")."""
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def is_sharded(t):

@@ -12,7 +12,6 @@ step (skipped by the GradScaler on overflow), the LR scheduler and zero_grad.
 """
 import atexit
 import functools
-import gc
 
 import torch
 import torch.distributed as dist
@@ -22,6 +21,7 @@ from ..clipping import CLIP_MODES, clip_gradients_
 from ..fsam import FSAM
 from ..pac import PACTuning
 from ..sam import SAM
+from ..sharding import end_process_group
 
 # name -> optimizer class (built as cls(param_groups, base_optimizer_class, **kwargs)); None
 # keeps the Trainer's own optimizer.
@@ -35,14 +35,6 @@ def register_method(name, cls):
     METHODS[name] = cls
 
 
-def _destroy_process_group():
-    # what holds the group in unreachable reference cycles (a DDP reducer) goes now, not at finalization
-    gc.collect()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    gc.collect()
-
-
 @functools.cache
 def _destroy_process_group_at_exit():
     """Destroy the default process group at interpreter exit, before finalization starts.
@@ -53,7 +45,7 @@ def _destroy_process_group_at_exit():
     finalize is ended with pthread_exit, whose forced unwind through a noexcept destructor
     aborts the process ("terminate called without an active exception", SIGABRT) after
     training has finished.  atexit handlers run while threads can still take the GIL."""
-    atexit.register(_destroy_process_group)
+    atexit.register(end_process_group)
 
 
 class _BaseStepOptimizer(torch.optim.Optimizer):
