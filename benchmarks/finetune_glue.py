@@ -17,6 +17,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at run time
@@ -240,7 +241,8 @@ def run_one(a):
         "peak_mem_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
         "skipped_perturbations": None if opt is None else getattr(opt, "skipped_perturbations", None),
         "skipped_steps": getattr(opt, "skipped_steps", None),
-        "backend": None if opt is None else opt.backend, "device": device,
+        "backend": None if opt is None else opt.backend, "device": device, "jobs": a.jobs,
+        "threads": torch.get_num_threads(),
         "train_log": [h for h in trainer.state.log_history if "loss" in h],
     }
     print("RESULT " + json.dumps(result), flush=True)
@@ -286,8 +288,14 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no run expected to end after this many seconds (from the longest run of its task "
                         "so far in this call)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, the CPU cores shared out among them (their wall times then share the "
+                        "machine)")
     p.add_argument("--single", nargs=3, metavar=("TASK", "OPTIMIZER", "SEED"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {a.jobs}")
+    return a
 
 
 def check_data(data_dir, tasks):
@@ -358,33 +366,60 @@ def main(argv=None):
     if a.resume:
         done = finished_runs(a.out)
         plan = [run for run in plan if run_key(run) not in done]
-    rows, left, longest, started = [], [], {}, time.time()
-    for run in plan:
-        task, opt, clip_norm, seed = run["task"], run["optimizer"], run["clip_norm"], run["seed"]
-        name = label(run)
-        if a.budget_s is not None and time.time() - started + longest.get(task, 0.0) > a.budget_s:
-            left.append(f"{task}/{name}/{seed}")
-            continue
-        begun = time.time()
-        cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *forwarded, "--single", task, opt, str(seed),
-               *(["--clip-norm", str(clip_norm)] if clip_norm is not None else [])]
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.exit(f"finetune_glue: {task}/{name}/seed {seed} failed:\n{proc.stderr[-4000:]}")
-        longest[task] = max(longest.get(task, 0.0), time.time() - begun)
-        rows.append(json.loads(lines[-1][7:]))
-        r = rows[-1]
-        print(f"{task} {name} seed {seed}: {r['metric']} {r['score']:.4f}, {r['wall_s']:.0f} s "
-              f"(optimizer {100 * r['optimizer_share']:.1f} %), peak {r['peak_mem_mib']:.0f} MiB", flush=True)
-        if a.out:  # after every run: a call cut short keeps what it finished
-            write_results(a.out, rows[-1:], "python -m benchmarks.finetune_glue " + " ".join(forwarded),
-                          a.append or a.resume or len(rows) > 1, record_command=len(rows) == 1)
+    rows, left = run_plan(a, plan, forwarded)
     if rows:
         print(table(rows))
     if left:
         print(f"left for the next call: {len(left)} runs ({', '.join(left)})")
+
+
+def run_plan(a, plan, forwarded):
+    """Every planned run in its own process, --jobs at a time; results written as each ends.
+    Returns the results and the runs the budget left out."""
+    rows, left, longest, started = [], [], {}, time.time()
+    running = []  # (process, run, start time, stdout file, stderr file)
+    threads = str(max(1, len(os.sched_getaffinity(0)) // a.jobs))  # the cores shared out: no oversubscription
+    try:
+        while plan or running:
+            while plan and len(running) < a.jobs:
+                run = plan.pop(0)
+                if a.budget_s is not None and time.time() - started + longest.get(run["task"], 0.0) > a.budget_s:
+                    left.append(f"{run['task']}/{label(run)}/{run['seed']}")
+                    continue
+                cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *forwarded, "--single", run["task"],
+                       run["optimizer"], str(run["seed"]),
+                       *(["--clip-norm", str(run["clip_norm"])] if run["clip_norm"] is not None else [])]
+                out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files: pipes could fill
+                env = {**os.environ, **({"OMP_NUM_THREADS": threads} if a.jobs > 1 else {})}
+                running.append((subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env,
+                                                 cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")),
+                                run, time.time(), out, err))
+            time.sleep(0.2 if running else 0)
+            for job in [j for j in running if j[0].poll() is not None]:
+                running.remove(job)
+                rows.append(finished(job, longest))
+                if a.out:  # after every run: a call cut short keeps what it finished
+                    write_results(a.out, rows[-1:], "python -m benchmarks.finetune_glue " + " ".join(forwarded),
+                                  a.append or a.resume or len(rows) > 1, record_command=len(rows) == 1)
+    finally:  # a failed run ends the call: the others stop with it
+        for proc, *_ in running:
+            proc.kill()
+    return rows, left
+
+
+def finished(job, longest):
+    """The result of a finished run (or exit with its error), printed in one line."""
+    proc, run, begun, out, err = job
+    out.seek(0), err.seek(0)
+    lines = [x for x in out.read().splitlines() if x.startswith("RESULT ")]
+    name = label(run)
+    if proc.returncode or not lines:
+        sys.exit(f"finetune_glue: {run['task']}/{name}/seed {run['seed']} failed:\n{err.read()[-4000:]}")
+    longest[run["task"]] = max(longest.get(run["task"], 0.0), time.time() - begun)
+    r = json.loads(lines[-1][7:])
+    print(f"{r['task']} {name} seed {r['seed']}: {r['metric']} {r['score']:.4f}, {r['wall_s']:.0f} s "
+          f"(optimizer {100 * r['optimizer_share']:.1f} %), peak {r['peak_mem_mib']:.0f} MiB", flush=True)
+    return r
 
 
 def finished_runs(out):

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from . import fewshot_glue
 from .run import _table
 from .timing import environment
 
@@ -153,7 +154,7 @@ def step_glue(a, env, out):
     if a.fewshot:  # the few-shot study (benchmarks/fewshot_glue.py): every optimizer, the clip sweep
         name, md_name = "fewshot_glue", "fewshot.md"
         cmd = [sys.executable, "-m", "benchmarks.fewshot_glue", *common, "--seeds", *map(str, a.seeds or range(5)),
-               "--sizes", *map(str, FEWSHOT_SIZES), "--epochs", *map(str, FEWSHOT_EPOCHS),
+               "--sizes", *map(str, fewshot_glue.SIZES), "--epochs", *map(str, fewshot_glue.EPOCHS),
                "--optimizers", *FEWSHOT_OPTIMIZERS, "--clip-norms", *map(str, CLIP_NORMS),
                "--out", os.path.join(out, name)]
     else:
@@ -188,8 +189,7 @@ def step_fsdp(a, env, out):
     return 0 if code == 0 else 1
 
 
-# The few-shot study's plan on a GPU: every task of GLUE_TASKS, n = 100 and 1000, the papers' clip sweep.
-FEWSHOT_SIZES, FEWSHOT_EPOCHS = (100, 1000), (20, 5)
+# The few-shot study's plan on a GPU: every task of GLUE_TASKS, its sizes and epochs, the papers' clip sweep.
 FEWSHOT_OPTIMIZERS = ("adamw", "sam", "fsam", "adamw-clip", "pac")
 CLIP_NORMS = (0.01, 0.05, 0.1, 0.5, 1.0)
 

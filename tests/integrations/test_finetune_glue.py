@@ -3,6 +3,7 @@ file formats, the official metrics and baselines, the few-shot draws, the clear 
 data, and whole runs on a tiny random BERT."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -57,6 +58,20 @@ def test_one_run_end_to_end(tmp_path, data_dir, capsys, task, optimizer):
     assert torch.isfinite(torch.tensor(r["train_loss"]))
 
 
+def test_a_failed_run_ends_the_call_with_its_error(tmp_path, data_dir):
+    """Two runs at a time: the FSAM run fails on its argument, the call exits with that error and
+    keeps no result of the failed run."""
+    with pytest.raises(SystemExit, match="(?s)rte/fsam/seed 0 failed.*sparsity"):
+        fg.main(["--data-dir", str(data_dir), "--model-dir", tiny_model_dir(tmp_path), "--tasks", "rte",
+                 "--optimizers", "adamw", "fsam", "--sparsity", "1.5", "--max-length", "24", "--epochs", "1",
+                 "--batch-size", "4", "--cpu", "--jobs", "2", "--work-dir", str(tmp_path / "work"),
+                 "--out", str(tmp_path / "res")])
+    saved = tmp_path / "res" / "glue_results.json"
+    assert not saved.exists() or all(r["optimizer"] != "fsam" for r in json.loads(saved.read_text())["runs"])
+    with pytest.raises(SystemExit):
+        fg.parse_args(["--jobs", "0"])
+
+
 def test_append_replaces_only_the_rerun(tmp_path):
     def row(task, opt, seed, score):
         return {"task": task, "optimizer": opt, "seed": seed, "metric": "accuracy", "score": score, "wall_s": 1.0,
@@ -108,15 +123,17 @@ def test_fewshot_study_end_to_end(tmp_path, data_dir):
     out = tmp_path / "study"
     argv = ["--sizes", "4", "6", "--epochs", "1", "1", "--out", str(out), "--data-dir", str(data_dir),
             "--model-dir", model, "--tasks", "rte", "--optimizers", "adamw", "adamw-clip", "--clip-norms", "0.01",
-            "--seeds", "0", "1", "--max-length", "24", "--batch-size", "4", "--cpu",
+            "--seeds", "0", "1", "--max-length", "24", "--batch-size", "4", "--cpu", "--jobs", "2",
             "--work-dir", str(tmp_path / "work")]
     fewshot_glue.main(argv)
     runs = [r for r, _ in fewshot_glue.load_runs(str(out), [4, 6])]
     assert sorted((r["train_examples"], fg.label(r), r["seed"]) for r in runs) == sorted(
         (n, name, s) for n in (4, 6) for name in ("adamw", "adamw-clip c=0.01") for s in (0, 1))
     assert all(r["failed"] == (r["score"] <= r["baseline"]) for r in runs)
+    cores = len(os.sched_getaffinity(0))
+    assert all(r["jobs"] == 2 and r["threads"] == max(1, cores // 2) for r in runs)  # the cores shared out
     md = (out / "fewshot.md").read_text()
-    assert "| failed |" in md and "adamw-clip c=0.01" in md and "benchmarks.finetune_glue" in md
+    assert "8 runs 2 at a time" in md and "| failed |" in md and "adamw-clip c=0.01" in md and "benchmarks.finetune_glue" in md
     assert (out / "fewshot.png").stat().st_size > 0
     mtime = (out / "n4" / "glue_results.json").stat().st_mtime
     fewshot_glue.main(argv)  # resumed: nothing left
