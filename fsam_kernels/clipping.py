@@ -12,7 +12,7 @@ import torch
 from . import backends
 from ._checks import check_number
 from .ops import FLOAT_DTYPES
-from .sharding import local, sharding_of
+from .sharding import check_placed_like, local, sharding_of
 
 CLIP_MODES = ("global", "componentwise")
 
@@ -33,6 +33,7 @@ def _gradients(parameters):
             raise TypeError(f"parameters[{i}].grad is {g.dtype}; float32, bfloat16 and float16 are supported")
         if not g.is_contiguous():
             raise ValueError(f"parameters[{i}].grad is not contiguous; it is scaled in place")
+        check_placed_like(g, p, f"parameters[{i}].grad")
         if device is None:
             device = g.device
         elif g.device != device:

@@ -11,7 +11,7 @@ import torch
 from . import backends
 from ._layout import ChunkLayout
 from .ops import save_layout
-from .sharding import LOCAL, is_sharded, local, placement
+from .sharding import LOCAL, check_placed_like, local
 
 ROLES = ("masked", "dense", "norm_only")
 _FORMER_NAMES = {"pool": "masked", "rest": "norm_only"}  # in states saved by fsam_kernels 0.1
@@ -33,8 +33,7 @@ def gradients_of(params):
         if g.dtype != p.dtype or g.shape != p.shape:
             raise RuntimeError(f"a gradient is {g.dtype} {tuple(g.shape)} but its parameter is "
                                f"{p.dtype} {tuple(p.shape)}")
-        if is_sharded(g) != is_sharded(p) or (is_sharded(g) and tuple(g.placements) != tuple(p.placements)):
-            raise RuntimeError(f"a gradient is placed as {placement(g)} but its parameter as {placement(p)}")
+        check_placed_like(g, p, "a gradient")
         g = local(g)
         grads.append(g if g.is_contiguous() else g.contiguous())
     return grads

@@ -49,6 +49,13 @@ def placement(t):
     return f"{tuple(t.placements)} (a DTensor)" if is_sharded(t) else "a plain tensor"
 
 
+def check_placed_like(g, p, what):
+    """Refuse a gradient `g` placed otherwise than its parameter `p`: the kernels would read a plain
+    full-size gradient of a sharded parameter as its local shard."""
+    if is_sharded(g) != is_sharded(p) or (is_sharded(g) and tuple(g.placements) != tuple(p.placements)):
+        raise RuntimeError(f"{what} is placed as {placement(g)} but its parameter as {placement(p)}")
+
+
 def shard_like(t, p):
     """`t`, shaped like the local shard of `p`, as the DTensor sharded like `p` (`t` itself when
     `p` is not sharded)."""

@@ -322,5 +322,8 @@ def refusals():
     with pytest.raises(RuntimeError, match="a plain tensor but its parameter as"):
         opt.first_step()
     assert all(torch.equal(a, b) for a, b in zip(full(model.parameters()), before))
+    with pytest.raises(RuntimeError, match=r"parameters\[0\]\.grad is placed as a plain tensor but its parameter"):
+        clip_grad_norm_componentwise_(model.parameters(), 1e-3)
+    assert all(torch.equal(p.grad, torch.ones(p.shape)) for p in model.parameters())
     with pytest.raises(TypeError, match="is a plain tensor while others are DTensors"):
         SAM([next(model.parameters()), torch.nn.Parameter(torch.ones(3))], torch.optim.SGD, lr=0.1)
