@@ -2,15 +2,78 @@
 // give back, the perturbation saving their originals (at the offsets of perturb_'s layout), the
 // exact restore, and stage 1's fused pass (log-std gradients, the w-regulariser, per-tensor sums).
 #include "chunks.h"
+#include "vec_math.h"
 
 #include <fsam/functors.h>
 #include <fsam/pac_checks.h>
 #include <fsam/pac_noise.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 
 namespace fsam {
+
+// The noise loops run once per x86 vector width (picked at load time), vectorised by GCC.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FSAM_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FSAM_CPU_CLONES
+#endif
+
+// Elements generated per call of the noise loops (on the stack).
+constexpr int64_t kNoiseBlock = 256;
+
+// The words of a block's Philox counters and key, as values (a PacNoise read through a pointer
+// could alias the output: no vectorising then).
+struct NoiseWords {
+  uint32_t low, high, step_low, step_high, key_low, key_high, max_bits;
+
+  NoiseWords(const PacNoise& noise, int64_t first)
+      : low(static_cast<uint32_t>(static_cast<uint64_t>(first))),
+        high(static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32)),
+        step_low(static_cast<uint32_t>(noise.step)),
+        step_high(static_cast<uint32_t>(noise.step >> 32)),
+        key_low(static_cast<uint32_t>(noise.seed)),
+        key_high(static_cast<uint32_t>(noise.seed >> 32)),
+        max_bits(vec_math::bits_of(noise.max_noise)) {}
+
+  // eps of the block's element i (i < 2^31; the carry goes into the counter's high word):
+  // PacNoise::eps with vec_math's log and cos, so that the loops below vectorise.
+  FSAM_VEC_INLINE float eps(int32_t i) const {
+    const uint32_t c0 = low + static_cast<uint32_t>(i);
+    const PhiloxOut r = philox4x32_10(c0, high + (c0 < low), step_low, step_high, key_low, key_high);
+    const float radius = std::sqrt(vec_math::log_positive(box_muller_u1(r.x[0])) * -2.0f);
+    return vec_math::clamp_abs(radius * vec_math::cos_turns(box_muller_u2(r.x[1])), max_bits);
+  }
+};
+
+// eps of the counters first .. first + n - 1 (n <= kNoiseBlock).  The mask, the perturbation, the
+// restore and the stage-1 pass all draw their noise here: the same bits in each.
+FSAM_CPU_CLONES void pac_eps_block(const PacNoise& noise, int64_t first, int64_t n, float* eps) {
+  const NoiseWords w(noise, first);
+  const auto count = static_cast<int32_t>(n);
+#pragma omp simd
+  for (int32_t i = 0; i < count; ++i) eps[i] = w.eps(i);
+}
+
+// The noise exp(log_std) eps of the same counters: log_std[i] for element i, or log_std[0] for
+// all of them (a per-tensor log-std).
+FSAM_CPU_CLONES void pac_noise_block(const PacNoise& noise, int64_t first, const float* log_std, bool per_tensor,
+                                     int64_t n, float* out) {
+  const NoiseWords w(noise, first);
+  const auto count = static_cast<int32_t>(n);
+  if (per_tensor) {
+    const float scale = vec_math::exp_clamped(log_std[0]);
+#pragma omp simd
+    for (int32_t i = 0; i < count; ++i) out[i] = scale * w.eps(i);
+  } else {
+#pragma omp simd
+    for (int32_t i = 0; i < count; ++i) out[i] = vec_math::exp_clamped(log_std[i]) * w.eps(i);
+  }
+}
+
 namespace {
 
 constexpr auto kCPU = c10::DeviceType::CPU;
@@ -29,6 +92,24 @@ struct NoiseInputs {
   }
   int64_t log_std_stride(const Chunk& c) const { return log_stds[c.tensor].numel() == 1 ? 0 : 1; }
   int64_t counter(const Chunk& c, int64_t i) const { return bases[c.tensor] + c.begin + i; }
+
+  // Calls f(i, noise of element i) for the elements of chunk c in order, generated a block at a
+  // time; with scaled = false the noise is eps (no log-std).
+  template <typename F>
+  void each_noise(const Chunk& c, const F& f, bool scaled = true) const {
+    float block[kNoiseBlock];
+    const float* s = log_std(c);
+    const bool per_tensor = log_std_stride(c) == 0;
+    for (int64_t b = 0; b < c.end - c.begin; b += kNoiseBlock) {
+      const int64_t n = std::min(kNoiseBlock, c.end - c.begin - b);
+      if (scaled) {
+        pac_noise_block(noise, counter(c, b), per_tensor ? s : s + b, per_tensor, n, block);
+      } else {
+        pac_eps_block(noise, counter(c, b), n, block);
+      }
+      for (int64_t i = 0; i < n; ++i) f(b + i, block[i]);
+    }
+  }
 };
 
 NoiseInputs check_noise(const char* op, at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases,
@@ -51,16 +132,14 @@ std::tuple<at::Tensor, at::Tensor> pac_noise_mask_cpu(at::TensorList params, at:
   parallel_chunks(in.chunks, [&](const Chunk& c) {
     FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "pac_noise_mask", [&] {
       const scalar_t* w = in.params[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      const float* s = in.log_std(c);
-      const int64_t stride = in.log_std_stride(c);
       uint8_t* out = b + c.index * kChunkBytes;
       int32_t count = 0;
-      for (int64_t i = 0; i < c.end - c.begin; ++i) {
-        if (pac_inexact(w[i], in.noise(in.counter(c, i), s[i * stride]))) {
+      in.each_noise(c, [&](int64_t i, float noise) {
+        if (pac_inexact(w[i], noise)) {
           out[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
           ++count;
         }
-      }
+      });
       n[c.index] = count;
     });
   });
@@ -100,13 +179,11 @@ void pac_perturb_cpu(at::TensorList params, at::TensorList log_stds, at::IntArra
       scalar_t* w = in.params[c.tensor].data_ptr<scalar_t>() + c.begin;
       scalar_t* dst = reinterpret_cast<scalar_t*>(store + runs.offsets[c.index]);
       const uint8_t* bits = runs.bits + c.index * kChunkBytes;
-      const float* s = in.log_std(c);
-      const int64_t stride = in.log_std_stride(c);
       int64_t j = 0;
-      for (int64_t i = 0; i < c.end - c.begin; ++i) {
+      in.each_noise(c, [&](int64_t i, float noise) {
         if (mask_bit(bits, i)) dst[j++] = w[i];
-        w[i] = pac_add(w[i], in.noise(in.counter(c, i), s[i * stride]));
-      }
+        w[i] = pac_add(w[i], noise);
+      });
     });
   });
   TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", runs.capacity, " bytes)");
@@ -129,12 +206,8 @@ void pac_restore_cpu(at::TensorList params, at::TensorList log_stds, at::IntArra
       scalar_t* w = in.params[c.tensor].data_ptr<scalar_t>() + c.begin;
       const scalar_t* src = reinterpret_cast<const scalar_t*>(store + runs.offsets[c.index]);
       const uint8_t* bits = runs.bits + c.index * kChunkBytes;
-      const float* s = in.log_std(c);
-      const int64_t stride = in.log_std_stride(c);
       int64_t j = 0;
-      for (int64_t i = 0; i < c.end - c.begin; ++i) {
-        w[i] = mask_bit(bits, i) ? src[j++] : pac_sub(w[i], in.noise(in.counter(c, i), s[i * stride]));
-      }
+      in.each_noise(c, [&](int64_t i, float noise) { w[i] = mask_bit(bits, i) ? src[j++] : pac_sub(w[i], noise); });
     });
   });
   TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", runs.capacity, " bytes)");
@@ -161,16 +234,21 @@ at::Tensor pac_bound_grads_cpu(at::TensorList params, at::TensorList grads, at::
       scalar_t* g = with_grads ? grads[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
       float* sg = with_grads ? log_std_grads[c.tensor].data_ptr<float>() + c.begin : nullptr;
       std::array<double, kBoundSums> sum{};
-      for (int64_t i = 0; i < c.end - c.begin; ++i) {
+      auto element = [&](int64_t i, float eps) {
         const float diff = static_cast<float>(w[i]) - static_cast<float>(w0[i]);
         sum[kSumExp2P] += static_cast<double>(expf(s[i] * 2.0f));
         sum[kSumDiffSq] += static_cast<double>(diff) * diff;
         sum[kSumLogStd] += static_cast<double>(s[i]);
-        if (g == nullptr) continue;
+        if (g == nullptr) return;
         const float gf = static_cast<float>(g[i]);
         sum[kSumGradSq] += static_cast<double>(gf) * gf;
-        sg[i] = terms.log_std_grad(gf, in.noise.eps(in.counter(c, i)), s[i], b);
+        sg[i] = terms.log_std_grad(gf, eps, s[i], b);
         g[i] = static_cast<scalar_t>(terms.regularised(gf, diff, decay));
+      };
+      if (with_grads) {
+        in.each_noise(c, element, /*scaled=*/false);  // the eps of the perturbation this gradient saw
+      } else {
+        for (int64_t i = 0; i < c.end - c.begin; ++i) element(i, 0.0f);
       }
       partial[c.index] = sum;
     });

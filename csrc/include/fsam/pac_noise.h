@@ -5,7 +5,8 @@
 // step high), turned into a standard normal by Box-Muller: it depends on nothing but those three
 // numbers, so not on chunks, threads or blocks, and is regenerated instead of stored.  The integer
 // stream is identical in every backend; log, cos and exp come from each backend's math library
-// (CUDA computes the cosine as cospi), so the noise of two backends can differ in the last bits.
+// (CUDA computes the cosine as cospi; the CPU backend has its own vectorisable ones,
+// csrc/cpu/vec_math.h), so the noise of two backends can differ in the last bits.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -13,6 +14,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+// The Philox and uniform helpers are always inlined in host code: the CPU's noise loops are
+// cloned per vector width (csrc/cpu/pac.cpp), and GCC inlines nothing into a clone on its own.
+#if !defined(__CUDACC__) && defined(__GNUC__)
+#define FSAM_NOISE_INLINE inline __attribute__((always_inline))
+#else
+#define FSAM_NOISE_INLINE C10_HOST_DEVICE inline
+#endif
 
 namespace fsam {
 
@@ -23,13 +32,13 @@ struct PhiloxOut {
   uint32_t x[4];
 };
 
-C10_HOST_DEVICE inline void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+FSAM_NOISE_INLINE void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
   const uint64_t p = static_cast<uint64_t>(a) * b;
   hi = static_cast<uint32_t>(p >> 32);
   lo = static_cast<uint32_t>(p);
 }
 
-C10_HOST_DEVICE inline PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+FSAM_NOISE_INLINE PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                                uint32_t k1) {
   for (int r = 0; r < kPhiloxRounds; ++r) {
     uint32_t hi0, lo0, hi1, lo1;
@@ -42,13 +51,19 @@ C10_HOST_DEVICE inline PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_
   return {{c0, c1, c2, c3}};
 }
 
-// u1 = (x0 >> 9 + 1/2) 2^-23 in (0, 1) and u2 = (x1 >> 8) 2^-24 are exact in fp32.
+// Box-Muller's uniforms, exact in fp32: u1 = (x0 >> 9 + 1/2) 2^-23 in (0, 1) and u2 = (x1 >> 8) 2^-24
+// in [0, 1).  (Through int32, which holds them: CPUs convert signed integers in vectors.)
+FSAM_NOISE_INLINE float box_muller_u1(uint32_t x0) {
+  return (static_cast<float>(static_cast<int32_t>(x0 >> 9)) + 0.5f) * 0x1p-23f;
+}
+FSAM_NOISE_INLINE float box_muller_u2(uint32_t x1) { return static_cast<float>(static_cast<int32_t>(x1 >> 8)) * 0x1p-24f; }
+
 C10_HOST_DEVICE inline float pac_normal(uint64_t index, uint64_t seed, uint64_t step) {
   const PhiloxOut r = philox4x32_10(static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
                                     static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
                                     static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const float u1 = (static_cast<float>(r.x[0] >> 9) + 0.5f) * 0x1p-23f;
-  const float u2 = static_cast<float>(r.x[1] >> 8) * 0x1p-24f;
+  const float u1 = box_muller_u1(r.x[0]);
+  const float u2 = box_muller_u2(r.x[1]);
   const float radius = sqrtf(logf(u1) * -2.0f);
 #ifdef __CUDA_ARCH__
   // cos(pi 2 u2): cosf's reduction of large arguments needs a stack frame, cospif's does not
