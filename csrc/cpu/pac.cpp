@@ -74,6 +74,18 @@ FSAM_CPU_CLONES void pac_noise_block(const PacNoise& noise, int64_t first, const
   }
 }
 
+// Stage 1's exponentials of a block of log-stds: e^(2p) (for its sum), e^p and e^(2p - 2b).
+FSAM_CPU_CLONES void pac_bound_exps(const float* log_std, float b, int64_t n, float* exp_2p, float* exp_p,
+                                    float* exp_excess) {
+  const auto count = static_cast<int32_t>(n);
+#pragma omp simd
+  for (int32_t i = 0; i < count; ++i) {
+    exp_2p[i] = vec_math::exp_clamped(log_std[i] * 2.0f);
+    exp_p[i] = vec_math::exp_clamped(log_std[i]);
+    exp_excess[i] = vec_math::exp_clamped(PacBoundTerms::excess_exponent(log_std[i], b));
+  }
+}
+
 namespace {
 
 constexpr auto kCPU = c10::DeviceType::CPU;
@@ -94,19 +106,15 @@ struct NoiseInputs {
   int64_t counter(const Chunk& c, int64_t i) const { return bases[c.tensor] + c.begin + i; }
 
   // Calls f(i, noise of element i) for the elements of chunk c in order, generated a block at a
-  // time; with scaled = false the noise is eps (no log-std).
+  // time.
   template <typename F>
-  void each_noise(const Chunk& c, const F& f, bool scaled = true) const {
+  void each_noise(const Chunk& c, const F& f) const {
     float block[kNoiseBlock];
     const float* s = log_std(c);
     const bool per_tensor = log_std_stride(c) == 0;
     for (int64_t b = 0; b < c.end - c.begin; b += kNoiseBlock) {
       const int64_t n = std::min(kNoiseBlock, c.end - c.begin - b);
-      if (scaled) {
-        pac_noise_block(noise, counter(c, b), per_tensor ? s : s + b, per_tensor, n, block);
-      } else {
-        pac_eps_block(noise, counter(c, b), n, block);
-      }
+      pac_noise_block(noise, counter(c, b), per_tensor ? s : s + b, per_tensor, n, block);
       for (int64_t i = 0; i < n; ++i) f(b + i, block[i]);
     }
   }
@@ -234,21 +242,23 @@ at::Tensor pac_bound_grads_cpu(at::TensorList params, at::TensorList grads, at::
       scalar_t* g = with_grads ? grads[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
       float* sg = with_grads ? log_std_grads[c.tensor].data_ptr<float>() + c.begin : nullptr;
       std::array<double, kBoundSums> sum{};
-      auto element = [&](int64_t i, float eps) {
-        const float diff = static_cast<float>(w[i]) - static_cast<float>(w0[i]);
-        sum[kSumExp2P] += static_cast<double>(expf(s[i] * 2.0f));
-        sum[kSumDiffSq] += static_cast<double>(diff) * diff;
-        sum[kSumLogStd] += static_cast<double>(s[i]);
-        if (g == nullptr) return;
-        const float gf = static_cast<float>(g[i]);
-        sum[kSumGradSq] += static_cast<double>(gf) * gf;
-        sg[i] = terms.log_std_grad(gf, eps, s[i], b);
-        g[i] = static_cast<scalar_t>(terms.regularised(gf, diff, decay));
-      };
-      if (with_grads) {
-        in.each_noise(c, element, /*scaled=*/false);  // the eps of the perturbation this gradient saw
-      } else {
-        for (int64_t i = 0; i < c.end - c.begin; ++i) element(i, 0.0f);
+      float eps[kNoiseBlock], exp_2p[kNoiseBlock], exp_p[kNoiseBlock], exp_excess[kNoiseBlock];
+      for (int64_t start = 0; start < c.end - c.begin; start += kNoiseBlock) {
+        const int64_t n = std::min(kNoiseBlock, c.end - c.begin - start);
+        pac_bound_exps(s + start, b, n, exp_2p, exp_p, exp_excess);
+        if (with_grads) pac_eps_block(in.noise, in.counter(c, start), n, eps);  // the perturbation's eps
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = start + j;
+          const float diff = static_cast<float>(w[i]) - static_cast<float>(w0[i]);
+          sum[kSumExp2P] += static_cast<double>(exp_2p[j]);
+          sum[kSumDiffSq] += static_cast<double>(diff) * diff;
+          sum[kSumLogStd] += static_cast<double>(s[i]);
+          if (!with_grads) continue;
+          const float gf = static_cast<float>(g[i]);
+          sum[kSumGradSq] += static_cast<double>(gf) * gf;
+          sg[i] = terms.log_std_grad(gf, eps[j], exp_p[j], exp_excess[j]);
+          g[i] = static_cast<scalar_t>(terms.regularised(gf, diff, decay));
+        }
       }
       partial[c.index] = sum;
     });

@@ -133,7 +133,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) pac_bound_kernel(Tens
       if constexpr (kWithGrads) {
         const float gf = static_cast<float>(g[e]);
         sum[kSumGradSq] += static_cast<double>(gf) * gf;
-        sg[e] = terms.log_std_grad(gf, args.noise.eps(args.aux[pos] + ch.begin + e), s[e], b);
+        sg[e] = terms.log_std_grad(gf, args.noise.eps(args.aux[pos] + ch.begin + e), expf(s[e]),
+                                   expf(PacBoundTerms::excess_exponent(s[e], b)));
         g[e] = static_cast<T>(terms.regularised(gf, diff, decay));
       }
     }

@@ -104,11 +104,13 @@ C10_HOST_DEVICE inline bool pac_inexact(T w, float n) { return value_bits(pac_su
 enum BoundSum { kSumExp2P, kSumDiffSq, kSumGradSq, kSumLogStd, kBoundSums };
 
 // Stage 1 of the bound, per element: the gradient of the log-std p, g eps e^p + (e^(2p - 2b) - 1)
-// coef, and the loss gradient plus the w-regulariser's, g + e^(-2b) (w - w0) coef.
+// coef, and the loss gradient plus the w-regulariser's, g + e^(-2b) (w - w0) coef.  The caller
+// takes the exponentials (exp_p = e^p, exp_excess = e^excess_exponent(p, b)) with its own exp.
 struct PacBoundTerms {
   float coef;
-  C10_HOST_DEVICE float log_std_grad(float g, float eps, float log_std, float b) const {
-    return g * eps * expf(log_std) + (expf(log_std * 2.0f - b * 2.0f) - 1.0f) * coef;
+  C10_HOST_DEVICE static float excess_exponent(float log_std, float b) { return log_std * 2.0f - b * 2.0f; }
+  C10_HOST_DEVICE float log_std_grad(float g, float eps, float exp_p, float exp_excess) const {
+    return g * eps * exp_p + (exp_excess - 1.0f) * coef;
   }
   C10_HOST_DEVICE float regularised(float g, float diff, float decay) const { return g + decay * diff * coef; }
 };
