@@ -2,7 +2,7 @@
 // call them (glibc's logf/cosf/expf are calls, one element at a time: they made PAC-tuning's
 // noise ops 8x slower than eager PyTorch).  No branches, only compares the vectoriser turns
 // into selects, and bit tricks for the rest; IEEE operations in a fixed order, so the vector
-// and scalar code (and every target_clones version) give the same bits.  Within 1e-7 relative
+// and scalar code (and every target_clones version) give the same bits.  Within 1.5e-7 relative
 // of the exact values on the ranges used (tests/ops/test_pac_noise.py compares with the
 // reference backend); the polynomials are Cephes' (S. Moshier) for logf, sinf, cosf and expf.
 #pragma once
