@@ -13,6 +13,7 @@ majority-class baseline) and <out>/fewshot.png plots them.  Other arguments (--l
 --rho, --jobs: runs at a time, ...) go to finetune_glue as they are.
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -69,9 +70,7 @@ def report(out, sizes):
 
 def concurrency(rows):
     """How many runs shared the machine, with how many runs each (runs from before --jobs: 1)."""
-    counts = {}
-    for r in rows:
-        counts[r.get("jobs", 1)] = counts.get(r.get("jobs", 1), 0) + 1
+    counts = collections.Counter(r.get("jobs", 1) for r in rows)
     return ", ".join(f"{n} runs {j} at a time" for j, n in sorted(counts.items()))
 
 

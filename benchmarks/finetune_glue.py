@@ -379,6 +379,8 @@ def run_plan(a, plan, forwarded):
     rows, left, longest, started = [], [], {}, time.time()
     running = []  # (process, run, start time, stdout file, stderr file)
     threads = str(max(1, len(os.sched_getaffinity(0)) // a.jobs))  # the cores shared out: no oversubscription
+    env = {**os.environ, **({"OMP_NUM_THREADS": threads} if a.jobs > 1 else {})}
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     try:
         while plan or running:
             while plan and len(running) < a.jobs:
@@ -390,9 +392,7 @@ def run_plan(a, plan, forwarded):
                        run["optimizer"], str(run["seed"]),
                        *(["--clip-norm", str(run["clip_norm"])] if run["clip_norm"] is not None else [])]
                 out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files: pipes could fill
-                env = {**os.environ, **({"OMP_NUM_THREADS": threads} if a.jobs > 1 else {})}
-                running.append((subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env,
-                                                 cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")),
+                running.append((subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=root),
                                 run, time.time(), out, err))
             time.sleep(0.2 if running else 0)
             for job in [j for j in running if j[0].poll() is not None]:

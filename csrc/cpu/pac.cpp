@@ -15,13 +15,6 @@
 
 namespace fsam {
 
-// The noise loops run once per x86 vector width (picked at load time), vectorised by GCC.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FSAM_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FSAM_CPU_CLONES
-#endif
-
 // Elements generated per call of the noise loops (on the stack).
 constexpr int64_t kNoiseBlock = 256;
 
@@ -97,12 +90,12 @@ struct NoiseInputs {
   PacNoise noise;
   std::vector<Chunk> chunks;
 
-  // Chunk c's log-std of element i of its tensor: one per element, or one for the tensor.
+  // Whether chunk c's tensor has one log-std (else one per element).
+  bool per_tensor(const Chunk& c) const { return log_stds[c.tensor].numel() == 1; }
+  // Chunk c's log-std of element i of its tensor: at i, or the tensor's one.
   const float* log_std(const Chunk& c) const {
-    const at::Tensor& s = log_stds[c.tensor];
-    return s.const_data_ptr<float>() + (s.numel() == 1 ? 0 : c.begin);
+    return log_stds[c.tensor].const_data_ptr<float>() + (per_tensor(c) ? 0 : c.begin);
   }
-  int64_t log_std_stride(const Chunk& c) const { return log_stds[c.tensor].numel() == 1 ? 0 : 1; }
   int64_t counter(const Chunk& c, int64_t i) const { return bases[c.tensor] + c.begin + i; }
 
   // Calls f(i, noise of element i) for the elements of chunk c in order, generated a block at a
@@ -111,10 +104,10 @@ struct NoiseInputs {
   void each_noise(const Chunk& c, const F& f) const {
     float block[kNoiseBlock];
     const float* s = log_std(c);
-    const bool per_tensor = log_std_stride(c) == 0;
+    const bool one = per_tensor(c);
     for (int64_t b = 0; b < c.end - c.begin; b += kNoiseBlock) {
       const int64_t n = std::min(kNoiseBlock, c.end - c.begin - b);
-      pac_noise_block(noise, counter(c, b), per_tensor ? s : s + b, per_tensor, n, block);
+      pac_noise_block(noise, counter(c, b), one ? s : s + b, one, n, block);
       for (int64_t i = 0; i < n; ++i) f(b + i, block[i]);
     }
   }

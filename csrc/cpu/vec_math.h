@@ -11,6 +11,14 @@
 #include <cstdint>
 #include <cstring>
 
+// A function whose loops GCC vectorises, compiled once per x86 vector width (the one the CPU
+// has is picked at load time).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FSAM_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FSAM_CPU_CLONES
+#endif
+
 // Always inlined: the loops calling these are cloned per vector width, and GCC inlines nothing
 // into a clone on its own (a call would stop the vectorising).
 #if defined(__GNUC__)
