@@ -1,5 +1,6 @@
 // Fisher accumulation F <- decay * F + alpha * g * g over a list of tensors: the CPU impl.
 #include "chunks.h"
+#include "first_digit.h"
 
 #include <fsam/checks.h>
 #include <fsam/functors.h>
@@ -25,7 +26,10 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
   const std::vector<std::optional<at::Tensor>> gs(grads.begin(), grads.end());
   std::mutex mu;
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    std::vector<int64_t> hist(first_hist.has_value() ? kFirstHistSize : 0, 0);
+    const bool count = first_hist.has_value();
+    FirstDigitHistogram hist;
+    std::vector<uint32_t> keys(count ? kChunk : 0);
+    int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
     for (int64_t i = b; i < e; ++i) {
       const Chunk& c = chunks[i];
       float* f = fisher[c.tensor].data_ptr<float>() + c.begin;
@@ -40,18 +44,18 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
         });
       }
       // The top-k's first radix pass over the new F, while it is in cache.
-      if (hist.empty()) continue;
-      int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
+      if (!count) continue;
       for (int64_t j = 0; j < n; ++j) {
+        keys[j] = key(f[j]);
         nan += f[j] != f[j];
-        ++hist[key(f[j]) >> kFirstShift];
       }
-      hist[kFirstBins] += nan;
+      hist.count(keys.data(), n);
     }
-    if (hist.empty()) return;
+    if (!count) return;
     std::lock_guard<std::mutex> lock(mu);
     int64_t* out = first_hist->data_ptr<int64_t>();
-    for (int64_t j = 0; j < kFirstHistSize; ++j) out[j] += hist[j];
+    hist.add_to(out);
+    out[kFirstBins] += nan;
   });
 }
 

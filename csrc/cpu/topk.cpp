@@ -4,10 +4,14 @@
 // pass writing the packed bit mask and per-chunk popcounts.  No sort, no concatenated copy, no
 // index tensor.  The CPU impls.
 #include "chunks.h"
+#include "first_digit.h"
+#include "vec_math.h"
 
 #include <fsam/checks.h>
 #include <fsam/functors.h>
 
+#include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <type_traits>
 
@@ -28,8 +32,8 @@ struct Scores {
 
   int64_t num_chunks() const { return static_cast<int64_t>(chunks.size()); }
 
-  // Calls f(key, value, offset inside the chunk) for every element of chunk c (the dtype and
-  // `absolute` are resolved once per chunk, so the element loop has no branch on them).
+  // Calls f(key, value) for every element of chunk c, in order (the dtype and `absolute` are
+  // resolved once per chunk, so the element loop has no branch on them).
   template <typename F>
   void visit(const Chunk& c, const F& f) const {
     const at::Tensor& t = tensors[c.tensor];
@@ -39,13 +43,76 @@ struct Scores {
         const OrderKey<decltype(abs)::value> key;
         for (int64_t i = c.begin; i < c.end; ++i) {
           const float x = static_cast<float>(p[i]);
-          f(key(x), x, i - c.begin);
+          f(key(x), x);
         }
       };
       absolute ? loop(std::true_type{}) : loop(std::false_type{});
     });
   }
+
+  // Writes chunk c's keys to `keys` (kChunk entries) and returns how many NaN scores it holds.
+  // The histogram of digit 0, the tie count and the mask pass work on these: their own loops then
+  // read 32-bit keys out of L1, which lets the mask pass vectorise.
+  int64_t keys(const Chunk& c, uint32_t* keys) const {
+    int64_t i = 0, nan = 0;
+    visit(c, [&](uint32_t key, float x) {
+      keys[i++] = key;
+      nan += x != x;
+    });
+    return nan;
+  }
+
+  // Writes the keys of chunk c under the digit's prefix to `keys`, in order, and returns how many
+  // there are: digits 1 and 2 count only those (a few percent of the scores, usually), and the
+  // digit-1 pass stores them as candidates.  Branch-free: whether a key is under the prefix is
+  // unpredictable.
+  template <int kDigit>
+  int64_t keys_under(const Chunk& c, const RadixDigit<kDigit>& rd, uint32_t* keys) const {
+    int64_t kept = 0;
+    visit(c, [&](uint32_t key, float) {
+      keys[kept] = key;
+      kept += rd.matches(key);
+    });
+    return kept;
+  }
 };
+
+int64_t count_equal(const uint32_t* keys, int64_t n, uint32_t kth) {
+  int64_t equal = 0;
+  for (int64_t i = 0; i < n; ++i) equal += keys[i] == kth;
+  return equal;
+}
+
+// Writes a chunk's mask bits (64 at a time, as the bytes of a little-endian word) and returns how
+// many are set: the keys above the k-th one, and of those equal to it all (all_ties) or the first
+// `quota`.  The bytes past the chunk's keys are zeroed.
+FSAM_CPU_CLONES int32_t mask_words(const uint32_t* keys, int64_t n, uint32_t kth, bool all_ties, int64_t quota,
+                                   uint8_t* bits) {
+  int32_t selected = 0;
+  int64_t w = 0;
+  for (; w < n; w += 64) {
+    const int64_t m = std::min<int64_t>(64, n - w);
+    uint64_t above = 0, equal = 0;
+    for (int64_t q = 0; q < m; ++q) {
+      above |= static_cast<uint64_t>(keys[w + q] > kth) << q;
+      equal |= static_cast<uint64_t>(keys[w + q] == kth) << q;
+    }
+    uint64_t take = above;
+    if (all_ties) {
+      take |= equal;
+    } else {
+      for (; equal && quota > 0; --quota) {  // the lowest first
+        const uint64_t lowest = equal & (~equal + 1);
+        take |= lowest;
+        equal ^= lowest;
+      }
+    }
+    std::memcpy(bits + w / 8, &take, sizeof(take));
+    selected += __builtin_popcountll(take);
+  }
+  std::memset(bits + w / 8, 0, kChunkBytes - w / 8);
+  return selected;
+}
 
 void check_state(const at::Tensor& state, const char* op) {
   check_buffer(state, at::kLong, kRadixStateSize, kCPU, op, "state");
@@ -83,42 +150,46 @@ void radix_histogram_cpu(at::TensorList scores, const at::Tensor& state, int64_t
   const auto prefix = static_cast<uint32_t>(st[kStatePrefix]);
   const bool fill = digit == 1 && cand && candidates_fit(st[kStateTies], cand.capacity);
   const bool from_buffer = digit == 2 && cand.usable(st);
-  if (digit == 1 && cand) st[kStateCandidates] = fill ? 0 : cand.capacity + 1;
+  if (digit == 1 && cand && !fill) st[kStateCandidates] = cand.capacity + 1;
   std::mutex mu;
+  std::atomic<int64_t> stored{0};  // candidates appended (or, past the capacity, counted)
   int64_t* out = hist.data_ptr<int64_t>();
   with_digit(digit, [&](auto d) {
-    const RadixDigit<decltype(d)::value> rd{prefix};
+    constexpr int kDigit = decltype(d)::value;
+    const RadixDigit<kDigit> rd{prefix};
     const int64_t items = from_buffer ? st[kStateCandidates] : s.num_chunks();
     at::parallel_for(0, items, from_buffer ? kChunk : 1, [&](int64_t b, int64_t e) {
       std::vector<int64_t> local(size, 0);
-      std::vector<int64_t> found;  // this range's candidates, appended under the lock
-      int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
+      std::vector<uint32_t> keys(from_buffer ? 0 : kChunk);
+      FirstDigitHistogram first;
+      int64_t nan = 0;
       for (int64_t c = b; c < e; ++c) {
         if (from_buffer) {
           const uint32_t key = candidate_key(cand.data[c]);
           local[rd.bin(key)] += rd.matches(key);
-        } else if (decltype(d)::value == 0) {
-          s.visit(s.chunks[c], [&](uint32_t key, float x, int64_t) {
-            nan += x != x;
-            ++local[rd.bin(key)];
-          });
-        } else {
-          s.visit(s.chunks[c], [&](uint32_t key, float, int64_t) {
-            const bool match = rd.matches(key);
-            local[rd.bin(key)] += match;
-            if (fill && match) found.push_back(candidate(s.chunks[c].index, key));
-          });
+          continue;
+        }
+        const Chunk& chunk = s.chunks[c];
+        if constexpr (kDigit == 0) {
+          nan += s.keys(chunk, keys.data());
+          first.count(keys.data(), chunk.end - chunk.begin);
+          continue;
+        }
+        const int64_t kept = s.keys_under(chunk, rd, keys.data());
+        for (int64_t i = 0; i < kept; ++i) ++local[rd.bin(keys[i])];
+        if (fill) {  // past the capacity (a state that lied): counted, not written
+          const int64_t first = stored.fetch_add(kept, std::memory_order_relaxed);
+          const int64_t room = std::clamp<int64_t>(cand.capacity - first, 0, kept);
+          for (int64_t i = 0; i < room; ++i) cand.data[first + i] = candidate(chunk.index, keys[i]);
         }
       }
+      if constexpr (kDigit == 0) first.add_to(local.data());
       local[bins] += nan;
       std::lock_guard<std::mutex> lock(mu);
       for (int64_t i = 0; i < size; ++i) out[i] += local[i];
-      for (const int64_t entry : found) {  // past the capacity (a state that lied): counted, not written
-        if (st[kStateCandidates] < cand.capacity) cand.data[st[kStateCandidates]] = entry;
-        ++st[kStateCandidates];
-      }
     });
   });
+  if (fill) st[kStateCandidates] = stored.load();
 }
 
 void radix_select_cpu(const at::Tensor& state, const at::Tensor& hist, int64_t digit) {
@@ -154,9 +225,9 @@ at::Tensor radix_tie_counts_cpu(at::TensorList scores, const at::Tensor& state, 
     return ties;
   }
   parallel_chunks(s.chunks, [&](const Chunk& c) {
-    int64_t t = 0;
-    s.visit(c, [&](uint32_t key, float, int64_t) { t += key == kth; });
-    out[c.index] = t;
+    uint32_t keys[kChunk];
+    s.keys(c, keys);
+    out[c.index] = count_equal(keys, c.end - c.begin, kth);
   });
   return ties;
 }
@@ -181,18 +252,15 @@ std::tuple<at::Tensor, at::Tensor> radix_mask_cpu(at::TensorList scores, const a
   const int64_t* before = ties_before.const_data_ptr<int64_t>();
   parallel_chunks(s.chunks, [&](const Chunk& c) {
     uint8_t* b = out + c.index * kChunkBytes;
-    std::memset(b, 0, kChunkBytes);
-    int32_t selected = 0;
-    if (k_left > 0) {  // k = 0: the state was never narrowed, nothing is taken
-      int64_t quota = tie_quota(k_left, before[c.index], here[c.index]);
-      s.visit(c, [&](uint32_t key, float, int64_t j) {
-        if (key > kth || (key == kth && (all_ties || quota-- > 0))) {
-          b[j >> 3] |= static_cast<uint8_t>(1u << (j & 7));
-          ++selected;
-        }
-      });
+    if (k_left <= 0) {  // k = 0: the state was never narrowed, nothing is taken
+      std::memset(b, 0, kChunkBytes);
+      cnt[c.index] = 0;
+      return;
     }
-    cnt[c.index] = selected;
+    uint32_t keys[kChunk];
+    s.keys(c, keys);
+    const int64_t quota = all_ties ? 0 : tie_quota(k_left, before[c.index], here[c.index]);
+    cnt[c.index] = mask_words(keys, c.end - c.begin, kth, all_ties, quota, b);
   });
   return {bits, counts};
 }
