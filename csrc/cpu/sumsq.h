@@ -2,6 +2,8 @@
 // perturbation (perturb.cpp) and the per-tensor norms of component-wise clipping (clip.cpp).
 #pragma once
 
+#include "vec_math.h"
+
 #include <fsam/functors.h>
 
 #include <array>
@@ -18,10 +20,10 @@ inline const auto kByteLanes = [] {
 }();
 
 // SPEC's summation order within a chunk: the fp64 terms added in element order (8 lanes, one mask
-// byte per step, so that the loop vectorises; the lanes are then added in order).  Returns
-// {all, masked}.
+// byte per step, so that the loop vectorises: each lane stays one sum in element order, so every
+// vector width gives the same bits; the lanes are then added in order).  Returns {all, masked}.
 template <bool kAdaptive, typename scalar_t>
-inline std::array<double, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, const uint8_t* bits, int64_t n, float eta) {
+FSAM_CPU_CLONES std::array<double, 2> chunk_sumsq(const scalar_t* w, const scalar_t* g, const uint8_t* bits, int64_t n, float eta) {
   constexpr int L = 8;
   const SumsqTerm<kAdaptive> term{{eta}};
   double all[L] = {0}, masked[L] = {0};
