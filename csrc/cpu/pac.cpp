@@ -67,10 +67,16 @@ FSAM_CPU_CLONES void pac_noise_block(const PacNoise& noise, int64_t first, const
   }
 }
 
-// Stage 1's exponentials of a block of log-stds: e^(2p) (for its sum), e^p and e^(2p - 2b).
+// Stage 1's exponentials of a block of log-stds: e^(2p) (for its sum), and for the gradients
+// (exp_p not null) e^p and e^(2p - 2b).
 FSAM_CPU_CLONES void pac_bound_exps(const float* log_std, float b, int64_t n, float* exp_2p, float* exp_p,
                                     float* exp_excess) {
   const auto count = static_cast<int32_t>(n);
+  if (exp_p == nullptr) {  // the sums alone
+#pragma omp simd
+    for (int32_t i = 0; i < count; ++i) exp_2p[i] = vec_math::exp_clamped(log_std[i] * 2.0f);
+    return;
+  }
 #pragma omp simd
   for (int32_t i = 0; i < count; ++i) {
     exp_2p[i] = vec_math::exp_clamped(log_std[i] * 2.0f);
@@ -238,7 +244,7 @@ at::Tensor pac_bound_grads_cpu(at::TensorList params, at::TensorList grads, at::
       float eps[kNoiseBlock], exp_2p[kNoiseBlock], exp_p[kNoiseBlock], exp_excess[kNoiseBlock];
       for (int64_t start = 0; start < c.end - c.begin; start += kNoiseBlock) {
         const int64_t n = std::min(kNoiseBlock, c.end - c.begin - start);
-        pac_bound_exps(s + start, b, n, exp_2p, exp_p, exp_excess);
+        pac_bound_exps(s + start, b, n, exp_2p, with_grads ? exp_p : nullptr, exp_excess);
         if (with_grads) pac_eps_block(in.noise, in.counter(c, start), n, eps);  // the perturbation's eps
         for (int64_t j = 0; j < n; ++j) {
           const int64_t i = start + j;
