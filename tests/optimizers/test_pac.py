@@ -161,9 +161,9 @@ def _check_against_autograd():
     kl = 0.5 * ((torch.exp(-2 * b) * (sq + dd)).sum() - 2 * sum(si.sum() for si in s) + (2 * b * t).sum() - t.sum())
     xk = torch.exp(b.mean())
     grid, values = K_TABLE.grid, K_TABLE.values
-    x = float(xk.detach())
-    i = max(j for j in range(len(grid) - 1) if grid[j] <= x or j == 0)
-    assert grid[0] <= x  # on a segment, where K has a slope
+    at = float(xk.detach())
+    i = max(j for j in range(len(grid) - 1) if grid[j] <= at or j == 0)
+    assert grid[0] <= at  # on a segment, where K has a slope
     k = values[i] + (values[i + 1] - values[i]) / (grid[i + 1] - grid[i]) * (xk - grid[i])
     assert abs(float(k.detach()) - float(K_TABLE(xk.detach())[0])) < 1e-12
     n_gamma = 24 * 10.0
