@@ -174,7 +174,7 @@ def _check_against_autograd():
     opt.perturb()
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.restore()
-    assert abs(float(opt._bound) - float(bound)) < 1e-6 * float(bound)
+    assert abs(float(opt._bound) - float(bound.detach())) < 1e-6 * float(bound.detach())
     for i, p in enumerate(params):
         want_w = loss_grads[i] + bound_grads[i]
         assert torch.allclose(p.grad.double(), want_w, rtol=1e-4, atol=1e-7), names[i]
