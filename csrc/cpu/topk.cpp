@@ -86,6 +86,7 @@ int64_t count_equal(const uint32_t* keys, int64_t n, uint32_t kth) {
 // Writes a chunk's mask bits (64 at a time, as the bytes of a little-endian word) and returns how
 // many are set: the keys above the k-th one, and of those equal to it all (all_ties) or the first
 // `quota`.  The bytes past the chunk's keys are zeroed.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "mask bit i is bit i % 8 of byte i / 8");
 FSAM_CPU_CLONES int32_t mask_words(const uint32_t* keys, int64_t n, uint32_t kth, bool all_ties, int64_t quota,
                                    uint8_t* bits) {
   int32_t selected = 0;
