@@ -18,7 +18,9 @@ class FirstDigitHistogram {
 
   FirstDigitHistogram() : counts_(kWays * kFirstBins, 0) {}
 
-  void count(const uint32_t* keys, int64_t n) {
+  // Counts n keys, of which `nan` come from NaN scores (kept in the histogram's last entry).
+  void count(const uint32_t* keys, int64_t n, int64_t nan) {
+    nan_ += nan;
     const RadixDigit<0> rd{0};
     int64_t* h = counts_.data();
     int64_t i = 0;
@@ -27,14 +29,16 @@ class FirstDigitHistogram {
     for (; i < n; ++i) ++h[rd.bin(keys[i])];
   }
 
-  // out[bin] += the counts (kFirstBins entries; the caller adds the NaN count after them).
+  // out += the counts (kFirstHistSize entries, the NaN count last).
   void add_to(int64_t* out) const {
     for (int64_t w = 0; w < kWays; ++w)
       for (int64_t b = 0; b < kFirstBins; ++b) out[b] += counts_[w * kFirstBins + b];
+    out[kFirstBins] += nan_;
   }
 
  private:
   std::vector<int64_t> counts_;
+  int64_t nan_ = 0;
 };
 
 }  // namespace fsam

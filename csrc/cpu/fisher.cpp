@@ -6,6 +6,7 @@
 #include <fsam/functors.h>
 
 #include <mutex>
+#include <optional>
 
 namespace fsam {
 namespace {
@@ -26,10 +27,9 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
   const std::vector<std::optional<at::Tensor>> gs(grads.begin(), grads.end());
   std::mutex mu;
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    const bool count = first_hist.has_value();
-    FirstDigitHistogram hist;
-    std::vector<uint32_t> keys(count ? kChunk : 0);
-    int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
+    std::optional<FirstDigitHistogram> hist;
+    std::vector<uint32_t> keys;
+    if (first_hist.has_value()) hist.emplace(), keys.resize(kChunk);
     for (int64_t i = b; i < e; ++i) {
       const Chunk& c = chunks[i];
       float* f = fisher[c.tensor].data_ptr<float>() + c.begin;
@@ -44,18 +44,17 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
         });
       }
       // The top-k's first radix pass over the new F, while it is in cache.
-      if (!count) continue;
+      if (!hist) continue;
+      int64_t nan = 0;  // in a register: one counter in memory would serialise the loop
       for (int64_t j = 0; j < n; ++j) {
         keys[j] = key(f[j]);
         nan += f[j] != f[j];
       }
-      hist.count(keys.data(), n);
+      hist->count(keys.data(), n, nan);
     }
-    if (!count) return;
+    if (!hist) return;
     std::lock_guard<std::mutex> lock(mu);
-    int64_t* out = first_hist->data_ptr<int64_t>();
-    hist.add_to(out);
-    out[kFirstBins] += nan;
+    hist->add_to(first_hist->data_ptr<int64_t>());
   });
 }
 

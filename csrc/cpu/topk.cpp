@@ -135,6 +135,21 @@ struct Candidates {
   bool usable(const int64_t* state) const { return data && candidates_fit(state[kStateCandidates], capacity); }
 };
 
+// hist += the counts of digit 0 over every key, the NaN scores in the last entry.
+void first_digit_histogram(const Scores& s, int64_t* out) {
+  std::mutex mu;
+  at::parallel_for(0, s.num_chunks(), 1, [&](int64_t b, int64_t e) {
+    FirstDigitHistogram hist;
+    std::vector<uint32_t> keys(kChunk);
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t nan = s.keys(s.chunks[c], keys.data());
+      hist.count(keys.data(), s.chunks[c].end - s.chunks[c].begin, nan);
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    hist.add_to(out);
+  });
+}
+
 // hist += the counts of digit `digit` over the keys under the state's prefix (every key for digit
 // 0, which also counts the NaN scores in the last entry).  Digit 1 also fills the candidate buffer
 // when the keys under the prefix fit it; digit 2 reads the buffer instead of the scores if it was.
@@ -145,8 +160,10 @@ void radix_histogram_cpu(at::TensorList scores, const at::Tensor& state, int64_t
   check_state(state, op);
   check_digit(digit, op);
   const Candidates cand(candidates, op);
-  const int64_t size = radix_hist_size(digit), bins = radix_bins(digit);
+  const int64_t size = radix_hist_size(digit);
   check_buffer(hist, at::kLong, size, kCPU, op, "hist");
+  int64_t* out = hist.data_ptr<int64_t>();
+  if (digit == 0) return first_digit_histogram(s, out);
   int64_t* st = state.data_ptr<int64_t>();
   const auto prefix = static_cast<uint32_t>(st[kStatePrefix]);
   const bool fill = digit == 1 && cand && candidates_fit(st[kStateTies], cand.capacity);
@@ -154,16 +171,12 @@ void radix_histogram_cpu(at::TensorList scores, const at::Tensor& state, int64_t
   if (digit == 1 && cand && !fill) st[kStateCandidates] = cand.capacity + 1;
   std::mutex mu;
   std::atomic<int64_t> stored{0};  // candidates appended (or, past the capacity, counted)
-  int64_t* out = hist.data_ptr<int64_t>();
   with_digit(digit, [&](auto d) {
-    constexpr int kDigit = decltype(d)::value;
-    const RadixDigit<kDigit> rd{prefix};
+    const RadixDigit<decltype(d)::value> rd{prefix};
     const int64_t items = from_buffer ? st[kStateCandidates] : s.num_chunks();
     at::parallel_for(0, items, from_buffer ? kChunk : 1, [&](int64_t b, int64_t e) {
       std::vector<int64_t> local(size, 0);
       std::vector<uint32_t> keys(from_buffer ? 0 : kChunk);
-      FirstDigitHistogram first;
-      int64_t nan = 0;
       for (int64_t c = b; c < e; ++c) {
         if (from_buffer) {
           const uint32_t key = candidate_key(cand.data[c]);
@@ -171,21 +184,14 @@ void radix_histogram_cpu(at::TensorList scores, const at::Tensor& state, int64_t
           continue;
         }
         const Chunk& chunk = s.chunks[c];
-        if constexpr (kDigit == 0) {
-          nan += s.keys(chunk, keys.data());
-          first.count(keys.data(), chunk.end - chunk.begin);
-          continue;
-        }
         const int64_t kept = s.keys_under(chunk, rd, keys.data());
         for (int64_t i = 0; i < kept; ++i) ++local[rd.bin(keys[i])];
         if (fill) {  // past the capacity (a state that lied): counted, not written
-          const int64_t first = stored.fetch_add(kept, std::memory_order_relaxed);
-          const int64_t room = std::clamp<int64_t>(cand.capacity - first, 0, kept);
-          for (int64_t i = 0; i < room; ++i) cand.data[first + i] = candidate(chunk.index, keys[i]);
+          const int64_t at = stored.fetch_add(kept, std::memory_order_relaxed);
+          const int64_t room = std::clamp<int64_t>(cand.capacity - at, 0, kept);
+          for (int64_t i = 0; i < room; ++i) cand.data[at + i] = candidate(chunk.index, keys[i]);
         }
       }
-      if constexpr (kDigit == 0) first.add_to(local.data());
-      local[bins] += nan;
       std::lock_guard<std::mutex> lock(mu);
       for (int64_t i = 0; i < size; ++i) out[i] += local[i];
     });
