@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fsam_kernels import ops
+from fsam_kernels import backends, ops
+from fsam_kernels._layout import RADIX_STATE_SIZE
 from conftest import BACKENDS, DTYPES, all_backends, randn, seed_of, shapes
 
 
@@ -77,3 +78,26 @@ def test_first_hist_is_the_first_radix_pass(backend, device):
         ops.topk_mask_packed(fisher, 3, first_hist=hist, backend=backend)
     with pytest.raises(ValueError, match="absolute"):
         ops.topk_mask_packed(fisher, 3, absolute=True, first_hist=hist, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_first_hist_counts_nan_scores(backend, device):
+    """NaN gradients make NaN scores: first_hist counts them in its last entry (as the top-k's own
+    digit-0 pass does), across tensors and chunks, and the top-k then refuses the scores."""
+    shp = shapes("mixed")
+    fisher = [f.abs() for f in randn(shp, torch.float32, device, 41)]
+    grads = randn(shp, torch.float32, device, 42)
+    nans = 0
+    for g in grads[::2]:
+        flat = g.view(-1)
+        flat[torch.arange(0, flat.numel(), 97, device=device)] = float("nan")
+        nans += len(range(0, flat.numel(), 97))
+    hist = ops.new_first_hist(device)
+    ops.fisher_accumulate(fisher, grads, decay=0.9, alpha=0.1, first_hist=hist, backend=backend)
+    own = ops.new_first_hist(device)
+    state = torch.zeros(RADIX_STATE_SIZE, dtype=torch.int64, device=device)
+    backends.op("radix_histogram_", backend)(fisher, state, 0, False, own)
+    assert int(hist[-1]) == nans > 0
+    assert torch.equal(hist.cpu(), own.cpu())
+    with pytest.raises(RuntimeError, match="NaN"):
+        ops.topk_mask_packed(fisher, 3, first_hist=hist, backend=backend)
