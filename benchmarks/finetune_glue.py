@@ -221,6 +221,10 @@ def run_one(a):
                 clock.wrap(trainer.method_optimizer, name)
     else:
         clock.wrap(trainer.optimizer, "step")
+    # PAC-tuning's K estimate: forward passes over the training set before the first step, outside the optimizer
+    k_clock = OptimizerClock(device) if hasattr(trainer.method_optimizer, "estimate_k") else None
+    if k_clock is not None:
+        k_clock.wrap(trainer.method_optimizer, "estimate_k")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -236,6 +240,7 @@ def run_one(a):
         **{k[5:]: v for k, v in scores.items() if k[5:] in ("accuracy", "f1", "matthews", "pearson", "spearman")},
         "train_loss": train_out.training_loss, "steps": trainer.state.global_step, "wall_s": wall,
         "optimizer_s": clock.seconds, "optimizer_share": clock.seconds / wall,
+        "k_estimate_s": None if k_clock is None else k_clock.seconds,
         "peak_mem_mib": (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "peak_mem_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",

@@ -55,6 +55,10 @@ def test_one_run_end_to_end(tmp_path, data_dir, capsys, task, optimizer):
     assert 0 < r["optimizer_s"] < r["wall_s"] and r["peak_mem_mib"] > 0
     assert r["skipped_perturbations"] == (0 if optimizer == "fsam" else None)
     assert r["skipped_steps"] == (0 if optimizer == "pac" else None)
+    if optimizer == "pac":  # the K estimate is timed on its own, outside the optimizer's share
+        assert 0 < r["k_estimate_s"] < r["wall_s"] - r["optimizer_s"]
+    else:
+        assert r["k_estimate_s"] is None
     assert torch.isfinite(torch.tensor(r["train_loss"]))
 
 
