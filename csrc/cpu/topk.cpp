@@ -135,7 +135,7 @@ struct Candidates {
   bool usable(const int64_t* state) const { return data && candidates_fit(state[kStateCandidates], capacity); }
 };
 
-// hist += the counts of digit 0 over every key, the NaN scores in the last entry.
+// out += the counts of digit 0 over every key (kFirstHistSize entries, the NaN scores last).
 void first_digit_histogram(const Scores& s, int64_t* out) {
   std::mutex mu;
   at::parallel_for(0, s.num_chunks(), 1, [&](int64_t b, int64_t e) {
