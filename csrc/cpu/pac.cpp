@@ -2,6 +2,7 @@
 // give back, the perturbation saving their originals (at the offsets of perturb_'s layout), the
 // exact restore, and stage 1's fused pass (log-std gradients, the w-regulariser, per-tensor sums).
 #include "chunks.h"
+#include "philox.h"
 #include "vec_math.h"
 
 #include <fsam/functors.h>
@@ -18,52 +19,45 @@ namespace fsam {
 // Elements generated per call of the noise loops (on the stack).
 constexpr int64_t kNoiseBlock = 256;
 
-// The words of a block's Philox counters and key, as values (a PacNoise read through a pointer
-// could alias the output: no vectorising then).
+// eps of a counter's Philox words x0, x1 (philox.h), clamped to max_noise (as bits): PacNoise::eps
+// with vec_math's log and cos, so that the loops below vectorise.
+FSAM_VEC_INLINE float eps_of(uint32_t x0, uint32_t x1, uint32_t max_bits) {
+  const float radius = std::sqrt(vec_math::log_positive(box_muller_u1(x0)) * -2.0f);
+  return vec_math::clamp_abs(radius * vec_math::cos_turns(box_muller_u2(x1)), max_bits);
+}
+
+// The Philox words of the counters first .. first + n - 1 (n <= kNoiseBlock).
 struct NoiseWords {
-  uint32_t low, high, step_low, step_high, key_low, key_high, max_bits;
-
-  NoiseWords(const PacNoise& noise, int64_t first)
-      : low(static_cast<uint32_t>(static_cast<uint64_t>(first))),
-        high(static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32)),
-        step_low(static_cast<uint32_t>(noise.step)),
-        step_high(static_cast<uint32_t>(noise.step >> 32)),
-        key_low(static_cast<uint32_t>(noise.seed)),
-        key_high(static_cast<uint32_t>(noise.seed >> 32)),
-        max_bits(vec_math::bits_of(noise.max_noise)) {}
-
-  // eps of the block's element i (i < 2^31; the carry goes into the counter's high word):
-  // PacNoise::eps with vec_math's log and cos, so that the loops below vectorise.
-  FSAM_VEC_INLINE float eps(int32_t i) const {
-    const uint32_t c0 = low + static_cast<uint32_t>(i);
-    const PhiloxOut r = philox4x32_10(c0, high + (c0 < low), step_low, step_high, key_low, key_high);
-    const float radius = std::sqrt(vec_math::log_positive(box_muller_u1(r.x[0])) * -2.0f);
-    return vec_math::clamp_abs(radius * vec_math::cos_turns(box_muller_u2(r.x[1])), max_bits);
+  uint32_t x0[kNoiseBlock], x1[kNoiseBlock];
+  NoiseWords(const PacNoise& noise, int64_t first, int64_t n) {
+    philox_words(noise.seed, noise.step, static_cast<uint64_t>(first), n, x0, x1);
   }
 };
 
 // eps of the counters first .. first + n - 1 (n <= kNoiseBlock).  The mask, the perturbation, the
 // restore and the stage-1 pass all draw their noise here: the same bits in each.
 FSAM_CPU_CLONES void pac_eps_block(const PacNoise& noise, int64_t first, int64_t n, float* eps) {
-  const NoiseWords w(noise, first);
+  const NoiseWords w(noise, first, n);
+  const uint32_t max_bits = vec_math::bits_of(noise.max_noise);
   const auto count = static_cast<int32_t>(n);
 #pragma omp simd
-  for (int32_t i = 0; i < count; ++i) eps[i] = w.eps(i);
+  for (int32_t i = 0; i < count; ++i) eps[i] = eps_of(w.x0[i], w.x1[i], max_bits);
 }
 
 // The noise exp(log_std) eps of the same counters: log_std[i] for element i, or log_std[0] for
 // all of them (a per-tensor log-std).
 FSAM_CPU_CLONES void pac_noise_block(const PacNoise& noise, int64_t first, const float* log_std, bool per_tensor,
                                      int64_t n, float* out) {
-  const NoiseWords w(noise, first);
+  const NoiseWords w(noise, first, n);
+  const uint32_t max_bits = vec_math::bits_of(noise.max_noise);
   const auto count = static_cast<int32_t>(n);
   if (per_tensor) {
     const float scale = vec_math::exp_clamped(log_std[0]);
 #pragma omp simd
-    for (int32_t i = 0; i < count; ++i) out[i] = scale * w.eps(i);
+    for (int32_t i = 0; i < count; ++i) out[i] = scale * eps_of(w.x0[i], w.x1[i], max_bits);
   } else {
 #pragma omp simd
-    for (int32_t i = 0; i < count; ++i) out[i] = vec_math::exp_clamped(log_std[i]) * w.eps(i);
+    for (int32_t i = 0; i < count; ++i) out[i] = vec_math::exp_clamped(log_std[i]) * eps_of(w.x0[i], w.x1[i], max_bits);
   }
 }
 

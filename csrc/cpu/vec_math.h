@@ -12,10 +12,12 @@
 #include <cstring>
 
 // A function whose loops GCC vectorises, compiled once per x86 vector width (the one the CPU
-// has is picked at load time).
+// has is picked at load time); FSAM_CPU_X86 where that and x86 target attributes are there.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FSAM_CPU_X86 1
 #define FSAM_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
+#define FSAM_CPU_X86 0
 #define FSAM_CPU_CLONES
 #endif
 

@@ -2,6 +2,9 @@
 of inexact entries, perturb and the bit-exact restore, and stage 1's fused pass against a direct
 float64 computation."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -163,6 +166,52 @@ def test_noise_itself_agrees_with_reference(backend, device, per_tensor, base):
                           bases=[base])[2][0].cpu()
     assert float(ref.abs().max()) > 0
     assert float((got - ref).abs().max()) <= 2e-6 * float(ref.abs().max())
+
+
+# One perturbation on the CPU backend of the inputs in argv[1] (made here: torch's own kernels at
+# another capability could round them differently), saved to argv[2], with the CPU capability
+# ATen runs at.
+PERTURB_SCRIPT = """
+import sys, torch
+from fsam_kernels import ops
+params, log_stds, bases = torch.load(sys.argv[1])
+kw = dict(seed=12, step=4, bases=bases, backend="cpu")
+bits, counts = ops.pac_noise_mask(params, log_stds, **kw)
+offsets, saved = ops.save_layout(params, counts)
+saved.fill_(0xFF)  # the bytes past the saved entries stay poisoned
+ops.pac_perturb(params, log_stds, mask_bits=bits, save_offsets=offsets, saved=saved, **kw)
+torch.save({"bits": bits, "saved": saved, "params": params}, sys.argv[2])
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def test_cpu_philox_rounds_agree(tmp_path):
+    """The CPU's AVX-512 Philox rounds (csrc/cpu/philox.cpp) and its scalar ones, which
+    ATEN_CPU_CAPABILITY=default picks, give the same mask, saved entries and perturbed weights bit
+    for bit (the noise itself on zeros, a counter crossing 2^32, an odd tail, a per-tensor std)."""
+    if "cpu" not in backends.available_backends():
+        pytest.skip("no compiled CPU backend")
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX-512 Philox path to compare")
+    numel = 2 * CHUNK + 13
+    params = [torch.zeros(numel), randn([(37,)], torch.bfloat16, "cpu", seed_of("rounds"))[0]]
+    log_stds = log_stds_for([params[0]], 1e-2, 5) + [torch.full((1,), math.log(1e-2))]
+    torch.save((params, log_stds, [2 ** 32 - CHUNK - 7, 2 ** 33 + 5]), tmp_path / "inputs")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ATEN_CPU_CAPABILITY")}
+    runs = {}
+    for capability in ("AVX512", "DEFAULT"):
+        out = subprocess.run([sys.executable, "-c", PERTURB_SCRIPT, str(tmp_path / "inputs"), str(tmp_path / capability)],
+                             capture_output=True, text=True, env={**env, "ATEN_CPU_CAPABILITY": capability.lower()})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == capability
+        runs[capability] = torch.load(tmp_path / capability)
+    fast, scalar = runs["AVX512"], runs["DEFAULT"]
+    assert float(fast["params"][0].abs().max()) > 0
+    for name in ("bits", "saved"):
+        assert torch.equal(fast[name], scalar[name]), name
+    for a, b in zip(fast["params"], scalar["params"]):
+        assert torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32),
+                           b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32))
 
 
 def direct_bound_terms(params, grads, log_stds, anchors, prior, seed, step, max_noise, coef):

@@ -16,7 +16,7 @@
 #include <cstring>
 
 // The Philox and uniform helpers are always inlined in host code: the CPU's noise loops are
-// cloned per vector width (csrc/cpu/pac.cpp), and GCC inlines nothing into a clone on its own.
+// cloned per vector width (csrc/cpu/philox.cpp and pac.cpp), and GCC inlines nothing into a clone on its own.
 #if !defined(__CUDACC__) && defined(__GNUC__)
 #define FSAM_NOISE_INLINE inline __attribute__((always_inline))
 #else
@@ -26,6 +26,9 @@
 namespace fsam {
 
 constexpr int kPhiloxRounds = 10;
+// Philox4x32's round multipliers and key increments (Weyl constants).
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 constexpr float kTwoPi = 6.2831854820251465f;  // 2 pi rounded to fp32
 
 struct PhiloxOut {
@@ -42,11 +45,11 @@ FSAM_NOISE_INLINE PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2,
                                                uint32_t k1) {
   for (int r = 0; r < kPhiloxRounds; ++r) {
     uint32_t hi0, lo0, hi1, lo1;
-    mulhilo(0xD2511F53u, c0, hi0, lo0);
-    mulhilo(0xCD9E8D57u, c2, hi1, lo1);
+    mulhilo(kPhiloxM0, c0, hi0, lo0);
+    mulhilo(kPhiloxM1, c2, hi1, lo1);
     const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
     c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
-    k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+    k0 += kPhiloxW0, k1 += kPhiloxW1;
   }
   return {{c0, c1, c2, c3}};
 }
