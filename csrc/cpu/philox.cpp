@@ -52,14 +52,16 @@ __attribute__((target("avx512f"), always_inline)) inline void mulhilo16(__m512i 
 __attribute__((target("avx512f"))) void philox_words_avx512(uint64_t seed, uint64_t step, uint64_t first, int64_t n,
                                                             uint32_t* x0, uint32_t* x1) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i low = _mm512_set1_epi32(static_cast<int32_t>(first)), high = _mm512_set1_epi32(static_cast<int32_t>(first >> 32));
+  const __m512i low = _mm512_set1_epi32(static_cast<int32_t>(first));
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(first >> 32));
   const __m512i m0 = _mm512_set1_epi32(static_cast<int32_t>(kPhiloxM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int32_t>(kPhiloxM1));
   const auto count = static_cast<int32_t>(n);
   for (int32_t i = 0; i < count; i += kLanes) {
     __m512i c0 = _mm512_add_epi32(_mm512_add_epi32(low, _mm512_set1_epi32(i)), lane);
     __m512i c1 = _mm512_mask_add_epi32(high, _mm512_cmplt_epu32_mask(c0, low), high, _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_set1_epi32(static_cast<int32_t>(step)), c3 = _mm512_set1_epi32(static_cast<int32_t>(step >> 32));
+    __m512i c2 = _mm512_set1_epi32(static_cast<int32_t>(step));
+    __m512i c3 = _mm512_set1_epi32(static_cast<int32_t>(step >> 32));
     auto k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int r = 0; r < kPhiloxRounds; ++r) {
       __m512i hi0, lo0, hi1, lo1;
