@@ -185,32 +185,37 @@ print(torch.backends.cpu.get_cpu_capability())
 """
 
 
-def test_cpu_philox_rounds_agree(tmp_path):
-    """The CPU's AVX-512 Philox rounds (csrc/cpu/philox.cpp) and its scalar ones, which
+# ATen's CPU capabilities, narrowest first.
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+
+
+@pytest.mark.parametrize("fast", ["AVX512", "AVX2"])
+def test_cpu_philox_rounds_agree(tmp_path, fast):
+    """The CPU's AVX-512 and AVX2 Philox rounds (csrc/cpu/philox.cpp) and its scalar ones, which
     ATEN_CPU_CAPABILITY=default picks, give the same mask, saved entries and perturbed weights bit
     for bit (the noise itself on zeros, a counter crossing 2^32, an odd tail, a per-tensor std)."""
     if "cpu" not in backends.available_backends():
         pytest.skip("no compiled CPU backend")
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        pytest.skip("this CPU has no AVX-512 Philox path to compare")
+    if torch.backends.cpu.get_cpu_capability() not in CAPABILITIES[CAPABILITIES.index(fast):]:
+        pytest.skip(f"this CPU has no {fast} Philox path to compare")
     numel = 2 * CHUNK + 13
     params = [torch.zeros(numel), randn([(37,)], torch.bfloat16, "cpu", seed_of("rounds"))[0]]
     log_stds = log_stds_for([params[0]], 1e-2, 5) + [torch.full((1,), math.log(1e-2))]
     torch.save((params, log_stds, [2 ** 32 - CHUNK - 7, 2 ** 33 + 5]), tmp_path / "inputs")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ATEN_CPU_CAPABILITY")}
     runs = {}
-    for capability in ("AVX512", "DEFAULT"):
+    for capability in (fast, "DEFAULT"):
         args = [sys.executable, "-c", PERTURB_SCRIPT, str(tmp_path / "inputs"), str(tmp_path / capability)]
         env["ATEN_CPU_CAPABILITY"] = capability.lower()
         out = subprocess.run(args, capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split()[-1] == capability
         runs[capability] = torch.load(tmp_path / capability)
-    fast, scalar = runs["AVX512"], runs["DEFAULT"]
-    assert float(fast["params"][0].abs().max()) > 0
+    vector, scalar = runs[fast], runs["DEFAULT"]
+    assert float(vector["params"][0].abs().max()) > 0
     for name in ("bits", "saved"):
-        assert torch.equal(fast[name], scalar[name]), name
-    for a, b in zip(fast["params"], scalar["params"]):
+        assert torch.equal(vector[name], scalar[name]), name
+    for a, b in zip(vector["params"], scalar["params"]):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # the bits, signed zeros included
 
 
