@@ -12,7 +12,7 @@ import torch
 from fsam_kernels import backends, ops, reference
 from fsam_kernels._layout import CHUNK
 
-from conftest import DTYPES, all_backends, interpreted, randn, seed_of, shapes
+from conftest import BACKENDS, DTYPES, all_backends, interpreted, randn, seed_of, shapes
 
 # every backend that runs here, on its device (Triton on CPU tensors under the interpreter)
 PAC = pytest.mark.parametrize("backend,device", all_backends())
@@ -110,6 +110,26 @@ def test_restore_is_bit_exact_over_many_steps(backend, device, dtype, shape_set)
         total = sum(p.numel() for p in params)
         assert moved > 0.5 * total  # the noise reached (almost) every entry
         assert 0 < int(counts.sum()) < total
+
+
+@BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saved_runs_hold_exactly_the_masked_originals(backend, device, dtype):
+    """perturb_ stores the originals of the masked entries, chunk by chunk at save_offsets, as the
+    reference does from the same mask, and writes no other byte of `saved` (poisoned, with
+    poisoned slack after the runs)."""
+    params = [(p * 0.05).contiguous() for p in randn(shapes("mixed"), dtype, device, seed_of("runs", dtype))]
+    s = [t.to(device) for t in log_stds_for(params, 1e-2, seed_of("runs std", dtype))]
+    kw = dict(seed=3, step=2)
+    bits, counts = ops.pac_noise_mask(params, s, backend=backend, **kw)
+    offsets, saved = ops.save_layout(params, counts)
+    want = torch.full((saved.numel() + 64,), 0xFF, dtype=torch.uint8)
+    ops.pac_perturb([p.cpu().clone() for p in params], [t.cpu() for t in s], mask_bits=bits.cpu(),
+                    save_offsets=offsets.cpu(), saved=want, backend="reference", **kw)
+    got = torch.full_like(want, 0xFF, device=device)
+    ops.pac_perturb(params, s, mask_bits=bits, save_offsets=offsets, saved=got, backend=backend, **kw)
+    assert 0 < int(counts.sum()) < sum(p.numel() for p in params)
+    assert torch.equal(got.cpu(), want)
 
 
 @PAC
