@@ -99,17 +99,17 @@ struct NoiseInputs {
   }
   int64_t counter(const Chunk& c, int64_t i) const { return bases[c.tensor] + c.begin + i; }
 
-  // Calls f(i, noise of element i) for the elements of chunk c in order, generated a block at a
-  // time.
+  // Calls f(start, n, noise) for the blocks of chunk c in order: the noise of its elements
+  // start .. start + n - 1, generated a block at a time.
   template <typename F>
-  void each_noise(const Chunk& c, const F& f) const {
+  void each_noise_block(const Chunk& c, const F& f) const {
     float block[kNoiseBlock];
     const float* s = log_std(c);
     const bool one = per_tensor(c);
     for (int64_t b = 0; b < c.end - c.begin; b += kNoiseBlock) {
       const int64_t n = std::min(kNoiseBlock, c.end - c.begin - b);
       pac_noise_block(noise, counter(c, b), one ? s : s + b, one, n, block);
-      for (int64_t i = 0; i < n; ++i) f(b + i, block[i]);
+      f(b, n, static_cast<const float*>(block));
     }
   }
 };
@@ -120,6 +120,26 @@ NoiseInputs check_noise(const char* op, at::TensorList params, at::TensorList lo
   return {params, log_stds, bases.vec(),
           PacNoise{static_cast<uint64_t>(seed), static_cast<uint64_t>(step), static_cast<float>(max_noise)},
           chunk_table(params)};
+}
+
+// Writes bits 0 .. n - 1 of `bits` (n <= kNoiseBlock, in whole bytes, any bit past n 0): set where a
+// restore by subtraction would not give w[i] back.  Returns how many are set.  The flags come out of
+// a vectorised loop and are packed 8 at a time without a branch (about a fifth are set, at random).
+template <typename T>
+FSAM_CPU_CLONES int32_t inexact_bits(const T* w, const float* noise, int64_t n, uint8_t* bits) {
+  alignas(8) uint8_t flags[kNoiseBlock] = {};
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) flags[i] = pac_inexact(w[i], noise[i]);
+  int32_t count = 0;
+  for (int64_t i = 0; i < n; i += 8) {
+    uint64_t eight;
+    std::memcpy(&eight, flags + i, sizeof(eight));
+    // byte l's 0/1 lands on bit 56 + l alone (no two products share a bit, so nothing carries)
+    const auto byte = static_cast<uint8_t>((eight * 0x0102040810204080ull) >> 56);
+    bits[i / 8] = byte;
+    count += __builtin_popcount(byte);
+  }
+  return count;
 }
 
 std::tuple<at::Tensor, at::Tensor> pac_noise_mask_cpu(at::TensorList params, at::TensorList log_stds,
@@ -136,12 +156,8 @@ std::tuple<at::Tensor, at::Tensor> pac_noise_mask_cpu(at::TensorList params, at:
       const scalar_t* w = in.params[c.tensor].const_data_ptr<scalar_t>() + c.begin;
       uint8_t* out = b + c.index * kChunkBytes;
       int32_t count = 0;
-      // No branch on the bits: about a fifth of them are set, at random (std 1e-2), and the
-      // mispredicted branch cost a quarter of this loop's time.
-      in.each_noise(c, [&](int64_t i, float noise) {
-        const uint32_t inexact = pac_inexact(w[i], noise);
-        out[i >> 3] |= static_cast<uint8_t>(inexact << (i & 7));
-        count += static_cast<int32_t>(inexact);
+      in.each_noise_block(c, [&](int64_t start, int64_t n, const float* noise) {
+        count += inexact_bits(w + start, noise, n, out + start / 8);
       });
       n[c.index] = count;
     });
@@ -149,25 +165,14 @@ std::tuple<at::Tensor, at::Tensor> pac_noise_mask_cpu(at::TensorList params, at:
   return {bits, counts};
 }
 
-// a where `first`, else b, bit by bit: GCC branches on a ternary of floats.
-template <typename T>
-inline T select_bits(bool first, T a, T b) {
-  const uint32_t keep = 0u - static_cast<uint32_t>(first);
-  const uint32_t bits = (value_bits(a) & keep) | (value_bits(b) & ~keep);
-  T out;
-  std::memcpy(&out, &bits, sizeof(T));
-  return out;
-}
-
 // The save buffers of a perturbation.
 struct SavedRuns {
   const uint8_t* bits;
   const int64_t* offsets;
   int64_t capacity;
-  // The length of chunk c's run, or -1 where it would not lie inside `saved`.
-  int64_t length(const Chunk& c, int64_t itemsize) const {
-    const int64_t n = popcount(bits + c.index * kChunkBytes, kChunkBytes);
-    return saved_run_fits(offsets[c.index], n, itemsize, capacity) ? n : -1;
+  // Whether chunk c's run lies inside `saved`.
+  bool fits(const Chunk& c, int64_t itemsize) const {
+    return saved_run_fits(offsets[c.index], popcount(bits + c.index * kChunkBytes, kChunkBytes), itemsize, capacity);
   }
 };
 
@@ -177,64 +182,46 @@ SavedRuns check_saved_runs(const char* op, const NoiseInputs& in, const at::Tens
   return {mask_bits.const_data_ptr<uint8_t>(), save_offsets.const_data_ptr<int64_t>(), saved.numel()};
 }
 
-void pac_perturb_cpu(at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases, int64_t seed, int64_t step,
-                     double max_noise, const at::Tensor& mask_bits, const at::Tensor& save_offsets,
-                     const at::Tensor& saved) {
-  const char* op = "pac_perturb_";
-  const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise);
-  const SavedRuns runs = check_saved_runs(op, in, mask_bits, save_offsets, saved);
-  uint8_t* store = saved.data_ptr<uint8_t>();
-  std::atomic<bool> overflow{false};
-  parallel_chunks(in.chunks, [&](const Chunk& c) {
-    FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "pac_perturb_", [&] {
-      const int64_t length = runs.length(c, sizeof(scalar_t));
-      if (length < 0) {
-        overflow = true;
-        return;
-      }
-      scalar_t* w = in.params[c.tensor].data_ptr<scalar_t>() + c.begin;
-      scalar_t* dst = reinterpret_cast<scalar_t*>(store + runs.offsets[c.index]);
-      const uint8_t* bits = runs.bits + c.index * kChunkBytes;
-      int64_t j = 0;
-      // Every entry is stored at dst[j], which the next one overwrites unless the bit keeps it (no
-      // branch on the bits, as in the mask); j < length holds up to the last saved entry.
-      in.each_noise(c, [&](int64_t i, float noise) {
-        if (j < length) dst[j] = w[i];
-        j += mask_bit(bits, i);
-        w[i] = pac_add(w[i], noise);
-      });
-    });
-  });
-  TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", runs.capacity, " bytes)");
+// w + noise, or w - noise where kRestore, for n entries.
+template <bool kRestore, typename T>
+FSAM_CPU_CLONES void add_noise(T* w, const float* noise, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) w[i] = kRestore ? pac_sub(w[i], noise[i]) : pac_add(w[i], noise[i]);
 }
 
-void pac_restore_cpu(at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases, int64_t seed, int64_t step,
-                     double max_noise, const at::Tensor& mask_bits, const at::Tensor& save_offsets,
-                     const at::Tensor& saved) {
-  const char* op = "pac_restore_";
+// Perturbs (kRestore false) or restores the entries by their noise, the masked ones' originals
+// saved to or taken back from their chunk's run of `saved`.
+template <bool kRestore>
+void pac_shift_cpu(at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases, int64_t seed, int64_t step,
+                   double max_noise, const at::Tensor& mask_bits, const at::Tensor& save_offsets,
+                   const at::Tensor& saved) {
+  constexpr const char* op = kRestore ? "pac_restore_" : "pac_perturb_";
   const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise);
   const SavedRuns runs = check_saved_runs(op, in, mask_bits, save_offsets, saved);
-  const uint8_t* store = saved.const_data_ptr<uint8_t>();
   std::atomic<bool> overflow{false};
   parallel_chunks(in.chunks, [&](const Chunk& c) {
-    FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "pac_restore_", [&] {
-      const int64_t length = runs.length(c, sizeof(scalar_t));
-      if (length < 0) {
+    FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), op, [&] {
+      if (!runs.fits(c, sizeof(scalar_t))) {
         overflow = true;
         return;
       }
       scalar_t* w = in.params[c.tensor].data_ptr<scalar_t>() + c.begin;
-      const scalar_t* src = reinterpret_cast<const scalar_t*>(store + runs.offsets[c.index]);
       const uint8_t* bits = runs.bits + c.index * kChunkBytes;
+      const int64_t offset = runs.offsets[c.index];
       int64_t j = 0;
-      // No branch on the bits, as in the perturbation: src[j] is read for every entry (the last
-      // saved one past the run's end) and selected by the bit.
-      in.each_noise(c, [&](int64_t i, float noise) {
-        const scalar_t kept = length > 0 ? src[std::min(j, length - 1)] : w[i];
-        const bool masked = mask_bit(bits, i);
-        w[i] = select_bits(masked, kept, pac_sub(w[i], noise));
-        j += masked;
+      // The masked entries (about a fifth, at random) are saved before the noise and put back after
+      // it, a set bit at a time, so that the loop over all of them is branch-free.
+      if constexpr (!kRestore) {
+        auto* dst = reinterpret_cast<scalar_t*>(saved.data_ptr<uint8_t>() + offset);
+        for_each_set_bit(bits, c.end - c.begin, [&](int64_t i) { dst[j++] = w[i]; });
+      }
+      in.each_noise_block(c, [&](int64_t start, int64_t n, const float* noise) {
+        add_noise<kRestore>(w + start, noise, n);
       });
+      if constexpr (kRestore) {
+        const auto* src = reinterpret_cast<const scalar_t*>(saved.const_data_ptr<uint8_t>() + offset);
+        for_each_set_bit(bits, c.end - c.begin, [&](int64_t i) { w[i] = src[j++]; });
+      }
     });
   });
   TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", runs.capacity, " bytes)");
@@ -294,8 +281,8 @@ at::Tensor pac_bound_grads_cpu(at::TensorList params, at::TensorList grads, at::
 
 TORCH_LIBRARY_IMPL(fsam, CPU, m) {
   m.impl("pac_noise_mask", &pac_noise_mask_cpu);
-  m.impl("pac_perturb_", &pac_perturb_cpu);
-  m.impl("pac_restore_", &pac_restore_cpu);
+  m.impl("pac_perturb_", &pac_shift_cpu</*kRestore=*/false>);
+  m.impl("pac_restore_", &pac_shift_cpu</*kRestore=*/true>);
   m.impl("pac_bound_grads_", &pac_bound_grads_cpu);
 }
 
