@@ -122,6 +122,18 @@ NoiseInputs check_noise(const char* op, at::TensorList params, at::TensorList lo
           chunk_table(params)};
 }
 
+// pac_inexact; for a half weight with vec_math's conversions, the same bits without c10::Half's
+// branches, which kept the loop below from vectorising (11.2 ns an element against 4.1).
+template <typename T>
+FSAM_VEC_INLINE bool inexact_of(T w, float n) {
+  return pac_inexact(w, n);
+}
+template <>
+FSAM_VEC_INLINE bool inexact_of(c10::Half w, float n) {
+  const float perturbed = vec_math::half_to_float(vec_math::float_to_half(vec_math::half_to_float(w.x) + n));
+  return vec_math::float_to_half(perturbed - n) != w.x;
+}
+
 // Writes bits 0 .. n - 1 of `bits` (n <= kNoiseBlock, in whole bytes, any bit past n 0): set where a
 // restore by subtraction would not give w[i] back.  Returns how many are set.  The flags come out of
 // a vectorised loop and are packed 8 at a time without a branch (about a fifth are set, at random).
@@ -129,7 +141,7 @@ template <typename T>
 FSAM_CPU_CLONES int32_t inexact_bits(const T* w, const float* noise, int64_t n, uint8_t* bits) {
   alignas(8) uint8_t flags[kNoiseBlock] = {};
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) flags[i] = pac_inexact(w[i], noise[i]);
+  for (int64_t i = 0; i < n; ++i) flags[i] = inexact_of(w[i], noise[i]);
   int32_t count = 0;
   for (int64_t i = 0; i < n; i += 8) {
     uint64_t eight;

@@ -113,5 +113,28 @@ FSAM_VEC_INLINE float exp_clamped(float x) {
   return p * float_of(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 
+// IEEE half <-> float as c10::Half's software conversions compute them (M. Maratyszcza's FP16
+// algorithm: exact, round to nearest even), with selects where those branch, so that a loop over
+// them vectorises.  Checked against c10 for every half and every float.
+FSAM_VEC_INLINE float half_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t two_w = w + w;
+  const float normal = float_of((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
+  const float subnormal = float_of((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(two_w < (UINT32_C(1) << 27));
+  return float_of((w & UINT32_C(0x80000000)) | (bits_of(subnormal) & is_subnormal) |
+                  (bits_of(normal) & ~is_subnormal));
+}
+FSAM_VEC_INLINE uint16_t float_to_half(float f) {
+  const uint32_t w = bits_of(f);
+  const uint32_t shl1_w = w + w;
+  const float base = (float_of(w & UINT32_C(0x7FFFFFFF)) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t bias = std::max(shl1_w & UINT32_C(0xFF000000), UINT32_C(0x71000000));
+  const uint32_t rounded = bits_of(float_of((bias >> 1) + UINT32_C(0x07800000)) + base);
+  const uint32_t nonsign = ((rounded >> 13) & UINT32_C(0x7C00)) + (rounded & UINT32_C(0x0FFF));
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(shl1_w > UINT32_C(0xFF000000));
+  return static_cast<uint16_t>((w >> 16 & UINT32_C(0x8000)) | (UINT32_C(0x7E00) & is_nan) | (nonsign & ~is_nan));
+}
+
 }  // namespace vec_math
 }  // namespace fsam

@@ -133,6 +133,25 @@ def test_saved_runs_hold_exactly_the_masked_originals(backend, device, dtype):
 
 
 @PAC
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mask_marks_exactly_the_inexact_entries_of_every_value(backend, device, dtype):
+    """Over every finite value of a 16-bit dtype, the mask is set exactly where (w + n) - n, each
+    sum rounded to the dtype by torch, is not w bit for bit, n being the backend's own noise (the
+    perturbation of fp32 zeros).  The CPU backend rounds to half with its own branch-free code."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    w = every[torch.isfinite(every)].contiguous()
+    s = log_stds_for([w], 1e-2, seed_of("every value", dtype))
+    _, _, (noise,) = perturb_restore(backend, [torch.zeros(w.numel(), device=device)], [s[0].to(device)], 9, 3)
+    bits, _ = ops.pac_noise_mask([w.to(device)], [s[0].to(device)], seed=9, step=3, backend=backend)
+    marked = ((bits.cpu().view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: w.numel()].bool()
+    noise = noise.cpu()
+    back = ((w.float() + noise).to(dtype).float() - noise).to(dtype)
+    want = back.view(torch.int16) != w.view(torch.int16)
+    assert 0 < int(want.sum()) < w.numel()
+    assert torch.equal(marked, want)
+
+
+@PAC
 def test_inexact_fraction_matches_spec(backend, device):
     """SPEC: about 5 % of fp32 entries at std 1e-3 and 19 % at 1e-2 are not restored by w - n."""
     params = [p * 0.04 for p in randn([(CHUNK * 8 + 5,)], torch.float32, device, seed_of("fraction"))]
