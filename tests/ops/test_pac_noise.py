@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fsam_kernels import backends, ops, reference
-from fsam_kernels._layout import CHUNK
+from fsam_kernels._layout import CHUNK, ChunkLayout
 
 from conftest import BACKENDS, DTYPES, all_backends, interpreted, randn, seed_of, shapes
 
@@ -143,7 +143,7 @@ def test_mask_marks_exactly_the_inexact_entries_of_every_value(backend, device, 
     s = log_stds_for([w], 1e-2, seed_of("every value", dtype))
     _, _, (noise,) = perturb_restore(backend, [torch.zeros(w.numel(), device=device)], [s[0].to(device)], 9, 3)
     bits, _ = ops.pac_noise_mask([w.to(device)], [s[0].to(device)], seed=9, step=3, backend=backend)
-    marked = ((bits.cpu().view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: w.numel()].bool()
+    marked = ChunkLayout([w]).unpack(bits.cpu(), 0)
     noise = noise.cpu()
     back = ((w.float() + noise).to(dtype).float() - noise).to(dtype)
     want = back.view(torch.int16) != w.view(torch.int16)
