@@ -1,4 +1,5 @@
-"""Loads the compiled ops (fsam_kernels._C) and registers their fake impls for torch.compile.
+"""Loads the compiled ops (fsam_kernels._C, and fsam_kernels._sim: the CUDA kernels run by the SIMT
+emulator, torch.ops.fsam_sim) and registers their fake impls for torch.compile.
 
 Without the extension the package still imports and runs on the `reference` backend; it
 warns once.
@@ -16,6 +17,14 @@ except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = exc
 
 LOADED = LOAD_ERROR is None
+
+SIM_LIBRARY = _schemas.define("fsam_sim")  # before the emulated build registers its impls
+try:
+    from . import _sim  # noqa: F401
+    SIM_LOAD_ERROR = None
+except ImportError as exc:  # not built (FSAM_BUILD_SIM=0), or built against another torch
+    SIM_LOAD_ERROR = exc
+SIM_LOADED = SIM_LOAD_ERROR is None
 _warned = False
 
 
@@ -34,6 +43,9 @@ def has_cuda_kernels():
                           for name in _schemas.SCHEMAS)
 
 
+from ._fakes import register_fakes  # noqa: E402
+
 if LOADED:
-    from ._fakes import register_fakes
     register_fakes("fsam")
+if SIM_LOADED:
+    register_fakes("fsam_sim")

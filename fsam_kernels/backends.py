@@ -1,5 +1,6 @@
-"""Which implementation of the ops runs: `reference` (eager PyTorch), `cpu` (C++), and the
-GPU backends as they are built."""
+"""Which implementation of the ops runs: `reference` (eager PyTorch), `cpu` (C++), the GPU
+backends as they are built, and `cuda-sim`: the CUDA kernels run on CPU tensors by the SIMT
+emulator of csrc/sim, for testing them without a GPU (never chosen by "auto")."""
 import importlib.util
 import os
 
@@ -7,7 +8,7 @@ import torch
 
 from . import _extension, reference
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "cuda-sim")
 
 
 def _triton_device():
@@ -17,7 +18,7 @@ def _triton_device():
 
 def device_of(backend):
     """The device type a backend's kernels take (None: any)."""
-    return {"cpu": "cpu", "cuda": "cuda", "triton": _triton_device()}.get(backend)
+    return {"cpu": "cpu", "cuda": "cuda", "triton": _triton_device(), "cuda-sim": "cpu"}.get(backend)
 
 
 def _triton_usable():
@@ -38,15 +39,18 @@ def available_backends():
         found.append("cpu")
     gpu = {"cuda": _extension.has_cuda_kernels() and torch.cuda.is_available(), "triton": _triton_usable()}
     found += [name for name in CUDA_PREFERENCE if gpu[name]]
+    if _extension.SIM_LOADED:
+        found.append("cuda-sim")
     found.append("reference")
     return found
 
 
 def native_backends(device_type):
     """The available backends that run natively on tensors of `device_type`, in the order "auto"
-    takes them (the interpreted Triton kernels are for testing: never among them)."""
-    return [name for name in available_backends()
-            if device_of(name) in (None, device_type) and not (name == "triton" and _triton_device() == "cpu")]
+    takes them (the interpreted Triton kernels and the emulated CUDA ones are for testing: never
+    among them)."""
+    return [name for name in available_backends() if device_of(name) in (None, device_type)
+            and name != "cuda-sim" and not (name == "triton" and _triton_device() == "cpu")]
 
 
 def resolve(backend, device):
@@ -71,4 +75,6 @@ def op(name, backend):
     if backend == "triton":
         from .triton_kernels import library  # noqa: F401  (defines torch.ops.fsam_triton)
         return getattr(torch.ops.fsam_triton, name)
+    if backend == "cuda-sim":
+        return getattr(torch.ops.fsam_sim, name)
     return getattr(torch.ops.fsam, name)

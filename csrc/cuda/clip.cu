@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) clip_scale_kernel(Ten
 
 // The device of a list (the current one for an empty list: no kernel runs then).
 c10::Device device_of(at::TensorList tensors) {
-  return tensors.empty() ? c10::Device(kCUDA, c10::cuda::current_device()) : tensors[0].device();
+  return tensors.empty() ? default_device() : tensors[0].device();
 }
 
 at::Tensor tensor_sumsq_cuda(at::TensorList tensors) {
@@ -55,26 +55,24 @@ at::Tensor tensor_sumsq_cuda(at::TensorList tensors) {
   const int64_t n = static_cast<int64_t>(tensors.size());
   const auto options = at::TensorOptions().dtype(at::kDouble).device(device);
   if (list.total == 0) return at::zeros({n}, options);
-  const c10::cuda::CUDAGuard guard(device);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(device);
+  const Stream stream = current_stream();
   auto partials = at::empty({2 * list.total}, options);  // every chunk writes its two
   const std::vector<const void*> data = data_ptrs(tensors);
   for_each_group(list, dtypes_of(tensors), {data, data}, device, [&](at::ScalarType dtype, const TensorTable& t,
                                                                       unsigned grid) {
     FSAM_DISPATCH_FLOATS(dtype, "tensor_sumsq", [&] {
-      sumsq_kernel<scalar_t, false><<<grid, kBlock, 0, stream>>>(t, nullptr, partials.data_ptr<double>(), 0.0f);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch<sumsq_kernel<scalar_t, false>>(grid, stream, t, nullptr, partials.data_ptr<double>(), 0.0f);
     });
   });
   // each tensor's first chunk, then the total: one pinned, non-blocking copy
-  auto first = at::empty({n + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  auto first = host_longs(n + 1);
   std::copy(list.first.begin(), list.first.end(), first.data_ptr<int64_t>());
   first.data_ptr<int64_t>()[n] = list.total;
-  const at::Tensor first_d = first.to(device, /*non_blocking=*/true);
+  const at::Tensor first_d = to_device(first, device);
   auto sums = at::empty({n}, options);
-  tensor_sums_kernel<<<resident_grid(n, n, sm_count(device)), kBlock, 0, stream>>>(
-      partials.const_data_ptr<double>(), first_d.const_data_ptr<int64_t>(), n, sums.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<tensor_sums_kernel>(resident_grid(n, n, sm_count(device)), stream, partials.const_data_ptr<double>(),
+                             first_d.const_data_ptr<int64_t>(), n, sums.data_ptr<double>());
   return sums;
 }
 
@@ -86,21 +84,20 @@ void clip_scale_cuda(at::TensorList tensors, const at::Tensor& norms, double max
   const ListChunks list(tensors);
   std::vector<const void*> norm_of(tensors.size());  // role 1: each tensor's norm
   for (size_t i = 0; i < tensors.size(); ++i) norm_of[i] = norms.const_data_ptr<float>() + i;
-  const c10::cuda::CUDAGuard guard(device);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(device);
+  const Stream stream = current_stream();
   const ClipCoefficient coefficient{static_cast<float>(max_norm), static_cast<float>(eps)};
   for_each_group(list, dtypes_of(tensors), {data_ptrs(tensors), norm_of}, device,
                  [&](at::ScalarType dtype, const TensorTable& t, unsigned grid) {
                    FSAM_DISPATCH_FLOATS(dtype, "clip_scale_", [&] {
-                     clip_scale_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(t, coefficient);
-                     C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     launch<clip_scale_kernel<scalar_t>>(grid, stream, t, coefficient);
                    });
                  });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fsam, CUDA, m) {
+FSAM_CUDA_LIBRARY_IMPL(m) {
   m.impl("tensor_sumsq", &tensor_sumsq_cuda);
   m.impl("clip_scale_", &clip_scale_cuda);
 }

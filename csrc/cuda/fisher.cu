@@ -64,7 +64,7 @@ void fisher_accumulate_cuda(at::TensorList fisher, const c10::List<std::optional
                             double decay, double alpha, const std::optional<at::Tensor>& found_inf,
                             const std::optional<at::Tensor>& first_hist) {
   const char* op = "fisher_accumulate_";
-  const c10::Device device = fisher.empty() ? c10::Device(kCUDA, c10::cuda::current_device()) : fisher[0].device();
+  const c10::Device device = fisher.empty() ? default_device() : fisher[0].device();
   check_float_list(fisher, device, op, "fisher", /*fp32_only=*/true);
   check_grads(fisher, grads, device, op, "fisher", /*same_dtype=*/false);
   if (fisher.empty()) return;
@@ -80,8 +80,8 @@ void fisher_accumulate_cuda(at::TensorList fisher, const c10::List<std::optional
   if (first_hist.has_value()) {
     check_buffer(*first_hist, at::kLong, kFirstHistSize, device, op, "first_hist");
   }
-  const c10::cuda::CUDAGuard guard(device);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(device);
+  const Stream stream = current_stream();
   const FisherUpdate update{static_cast<float>(decay), static_cast<float>(alpha)};
   const float* inf_ptr = inf.defined() ? inf.const_data_ptr<float>() : nullptr;
   auto* hist = first_hist.has_value() ? reinterpret_cast<unsigned long long*>(first_hist->data_ptr<int64_t>())
@@ -90,17 +90,16 @@ void fisher_accumulate_cuda(at::TensorList fisher, const c10::List<std::optional
                  [&](at::ScalarType dtype, const TensorTable& t, unsigned grid) {
                    FSAM_DISPATCH_FLOATS(dtype, "fisher_accumulate_", [&] {
                      if (hist != nullptr) {
-                       fisher_kernel<scalar_t, true><<<grid, kBlock, 0, stream>>>(t, update, inf_ptr, hist);
+                       launch<fisher_kernel<scalar_t, true>>(grid, stream, t, update, inf_ptr, hist);
                      } else {
-                       fisher_kernel<scalar_t, false><<<grid, kBlock, 0, stream>>>(t, update, inf_ptr, hist);
+                       launch<fisher_kernel<scalar_t, false>>(grid, stream, t, update, inf_ptr, hist);
                      }
-                     C10_CUDA_KERNEL_LAUNCH_CHECK();
                    });
                  });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fsam, CUDA, m) { m.impl("fisher_accumulate_", &fisher_accumulate_cuda); }
+FSAM_CUDA_LIBRARY_IMPL(m) { m.impl("fisher_accumulate_", &fisher_accumulate_cuda); }
 
 }  // namespace fsam::cuda

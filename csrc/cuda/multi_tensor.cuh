@@ -7,11 +7,10 @@
 // Also here: the block-level reductions and scans the kernels share, and the vectorised accesses.
 #pragma once
 
+#include "device.cuh"
+
 #include <fsam/layout.h>
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,8 +25,6 @@
 
 namespace fsam::cuda {
 
-constexpr auto kCUDA = c10::DeviceType::CUDA;
-constexpr int kBlock = 256;
 constexpr int kWarp = 32;
 constexpr int kWarps = kBlock / kWarp;
 constexpr int kBlocksPerSm = 2048 / kBlock;  // the resident threads of an sm_80/sm_90 SM
@@ -96,12 +93,6 @@ inline std::vector<at::ScalarType> dtypes_of(at::TensorList tensors) {
   return out;
 }
 
-inline int sm_count(const c10::Device& device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
-  return sms;
-}
-
 // A resident grid over items > 0 units of work, no block striding over more than max_per_block.
 inline unsigned resident_grid(int64_t items, int64_t max_per_block, int sms) {
   return static_cast<unsigned>(std::max(std::min<int64_t>(items, int64_t{sms} * kBlocksPerSm),
@@ -125,7 +116,7 @@ void for_each_group(const ListChunks& list, const std::vector<at::ScalarType>& d
     if (members.empty()) continue;
     const int64_t m = static_cast<int64_t>(members.size());
     // [group_first (m + 1) | list_first (m) | numel (m) | position (m) | addr[0] (m) | ... | addr[kRoles - 1] (m)]
-    auto host = at::empty({(4 + kRoles) * m + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    auto host = host_longs((4 + kRoles) * m + 1);
     int64_t* h = host.data_ptr<int64_t>();
     h[0] = 0;
     for (int64_t j = 0; j < m; ++j) {
@@ -138,8 +129,8 @@ void for_each_group(const ListChunks& list, const std::vector<at::ScalarType>& d
         h[(4 + r) * m + 1 + j] = addr[r].empty() ? 0 : reinterpret_cast<int64_t>(addr[r][i]);
     }
     const int64_t chunks = h[m];
-    const at::Tensor table = host.to(device, /*non_blocking=*/true);  // the caching host allocator keeps `host`
-    const int64_t* d = table.const_data_ptr<int64_t>();                // until the copy has run
+    const at::Tensor table = to_device(host, device);
+    const int64_t* d = table.const_data_ptr<int64_t>();
     TensorTable t{d, d + m + 1, d + 2 * m + 1, d + 3 * m + 1, {}, m, chunks};
     for (int r = 0; r < kRoles; ++r) t.addr[r] = d + (4 + r) * m + 1;
     launch(dtype, t, resident_grid(chunks, kMaxChunksPerBlock, sms));

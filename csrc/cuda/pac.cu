@@ -171,7 +171,7 @@ struct PacCall {
           double max_noise, const c10::Device& device)
       : list(params), device(device) {
     const int64_t n = static_cast<int64_t>(params.size());
-    auto host = at::empty({3 * n + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    auto host = host_longs(3 * n + 1);
     int64_t* h = host.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) {
       h[i] = bases[i];
@@ -179,7 +179,7 @@ struct PacCall {
       h[2 * n + i] = list.first[i];
     }
     h[3 * n] = list.total;
-    aux = host.to(device, /*non_blocking=*/true);
+    aux = to_device(host, device);
     args = {PacNoise{static_cast<uint64_t>(seed), static_cast<uint64_t>(step), static_cast<float>(max_noise)},
             aux.const_data_ptr<int64_t>(), n};
   }
@@ -187,14 +187,11 @@ struct PacCall {
   // Calls f(scalar_t tag, table, grid, stream) per dtype group.
   template <typename F>
   void launch(at::TensorList params, std::array<std::vector<const void*>, kRoles> data, const F& f) const {
-    const c10::cuda::CUDAGuard guard(device);
-    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const DeviceGuard guard(device);
+    const Stream stream = current_stream();
     for_each_group(list, dtypes_of(params), data, device, [&](at::ScalarType dtype, const TensorTable& t,
                                                                unsigned grid) {
-      FSAM_DISPATCH_FLOATS(dtype, "fsam_pac", [&] {
-        f(scalar_t{}, t, grid, stream);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      FSAM_DISPATCH_FLOATS(dtype, "fsam_pac", [&] { f(scalar_t{}, t, grid, stream); });
     });
   }
 };
@@ -207,16 +204,16 @@ std::tuple<at::Tensor, at::Tensor> pac_noise_mask_cuda(at::TensorList params, at
                                                        at::IntArrayRef bases, int64_t seed, int64_t step,
                                                        double max_noise) {
   const char* op = "pac_noise_mask";
-  const c10::Device device = params.empty() ? c10::Device(kCUDA, c10::cuda::current_device()) : params[0].device();
+  const c10::Device device = params.empty() ? default_device() : params[0].device();
   check_pac_noise(params, log_stds, bases, seed, step, max_noise, device, op);
   const PacCall call(params, log_stds, bases, seed, step, max_noise, device);
   const auto options = at::TensorOptions().device(device);
   auto bits = at::empty({call.list.total * kChunkBytes}, options.dtype(at::kByte));  // every chunk writes its own
   auto counts = at::empty({call.list.total}, options.dtype(at::kInt));
   call.launch(params, {data_ptrs(params), data_ptrs(log_stds)}, [&](auto value, const TensorTable& t, unsigned grid,
-                                                                      cudaStream_t stream) {
-    pac_mask_kernel<decltype(value)><<<grid, kBlock, 0, stream>>>(t, call.args, bits.data_ptr<uint8_t>(),
-                                                                  counts.data_ptr<int32_t>());
+                                                                      Stream stream) {
+    launch<pac_mask_kernel<decltype(value)>>(grid, stream, t, call.args, bits.data_ptr<uint8_t>(),
+                                             counts.data_ptr<int32_t>());
   });
   return {bits, counts};
 }
@@ -231,16 +228,16 @@ void pac_shift_cuda(at::TensorList params, at::TensorList log_stds, at::IntArray
   const PacCall call(params, log_stds, bases, seed, step, max_noise, device);
   check_pac_saving(call.list.total, mask_bits, save_offsets, saved, device, op);
   call.launch(params, {data_ptrs(params), data_ptrs(log_stds)}, [&](auto value, const TensorTable& t, unsigned grid,
-                                                                      cudaStream_t stream) {
+                                                                      Stream stream) {
     using T = decltype(value);
     if constexpr (kPerturb) {
-      pac_perturb_kernel<T><<<grid, kBlock, 0, stream>>>(t, call.args, mask_bits.const_data_ptr<uint8_t>(),
-                                                         save_offsets.const_data_ptr<int64_t>(),
-                                                         saved.data_ptr<uint8_t>(), saved.numel());
+      launch<pac_perturb_kernel<T>>(grid, stream, t, call.args, mask_bits.const_data_ptr<uint8_t>(),
+                                    save_offsets.const_data_ptr<int64_t>(), saved.data_ptr<uint8_t>(),
+                                    saved.numel());
     } else {
-      pac_restore_kernel<T><<<grid, kBlock, 0, stream>>>(t, call.args, mask_bits.const_data_ptr<uint8_t>(),
-                                                         save_offsets.const_data_ptr<int64_t>(),
-                                                         saved.const_data_ptr<uint8_t>(), saved.numel());
+      launch<pac_restore_kernel<T>>(grid, stream, t, call.args, mask_bits.const_data_ptr<uint8_t>(),
+                                    save_offsets.const_data_ptr<int64_t>(), saved.const_data_ptr<uint8_t>(),
+                                    saved.numel());
     }
   });
 }
@@ -262,24 +259,23 @@ at::Tensor pac_bound_grads_cuda(at::TensorList params, at::TensorList grads, at:
   const std::vector<const void*> none;
   call.launch(params, {data_ptrs(params), data_ptrs(log_stds), with_grads ? data_ptrs(grads) : none,
                        with_grads ? data_ptrs(log_std_grads) : none, data_ptrs(anchors)},
-              [&](auto value, const TensorTable& t, unsigned grid, cudaStream_t stream) {
+              [&](auto value, const TensorTable& t, unsigned grid, Stream stream) {
                 with_bool(with_grads, [&](auto g) {
-                  pac_bound_kernel<decltype(value), decltype(g)::value><<<grid, kBlock, 0, stream>>>(
-                      t, call.args, prior_log_stds.const_data_ptr<float>(), PacBoundTerms{static_cast<float>(coef)},
-                      partials.data_ptr<double>());
+                  launch<pac_bound_kernel<decltype(value), decltype(g)::value>>(
+                      grid, stream, t, call.args, prior_log_stds.const_data_ptr<float>(),
+                      PacBoundTerms{static_cast<float>(coef)}, partials.data_ptr<double>());
                 });
               });
   auto sums = at::empty({kBoundSums, n}, options);
-  const c10::cuda::CUDAGuard guard(device);
-  pac_sums_kernel<<<resident_grid(n, n, sm_count(device)), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      partials.const_data_ptr<double>(), call.args.aux + 2 * n, n, sums.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const DeviceGuard guard(device);
+  launch<pac_sums_kernel>(resident_grid(n, n, sm_count(device)), current_stream(), partials.const_data_ptr<double>(),
+                          call.args.aux + 2 * n, n, sums.data_ptr<double>());
   return sums;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fsam, CUDA, m) {
+FSAM_CUDA_LIBRARY_IMPL(m) {
   m.impl("pac_noise_mask", &pac_noise_mask_cuda);
   m.impl("pac_perturb_", &pac_shift_cuda<true>);
   m.impl("pac_restore_", &pac_shift_cuda<false>);

@@ -146,12 +146,9 @@ struct Inputs {
   // Calls f(scalar_t tag, table, grid) per dtype group, on the current stream of the device.
   template <typename F>
   void launch(const F& f) const {
-    const c10::cuda::CUDAGuard guard(device);
+    const DeviceGuard guard(device);
     for_each_group(list, dtypes, data, device, [&](at::ScalarType dtype, const TensorTable& t, unsigned grid) {
-      FSAM_DISPATCH_FLOATS(dtype, "fsam_perturb", [&] {
-        f(scalar_t{}, t, grid);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      FSAM_DISPATCH_FLOATS(dtype, "fsam_perturb", [&] { f(scalar_t{}, t, grid); });
     });
   }
 };
@@ -159,22 +156,20 @@ struct Inputs {
 at::Tensor grad_sumsq_cuda(at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
                            bool adaptive, double eta) {
   const Inputs in("grad_sumsq", params, grads, mask_bits,
-                  mask_bits.has_value() ? mask_bits->device() : c10::Device(kCUDA, c10::cuda::current_device()));
+                  mask_bits.has_value() ? mask_bits->device() : default_device());
   auto out = at::empty({2}, at::TensorOptions().dtype(at::kFloat).device(in.device));
   if (in.list.total == 0) return out.zero_();
   auto partials = at::empty({2 * in.list.total}, out.options().dtype(at::kDouble));  // every chunk writes its two
   const float e = static_cast<float>(eta);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
-    const auto stream = c10::cuda::getCurrentCUDAStream();
     with_bool(adaptive, [&](auto a) {
-      sumsq_kernel<decltype(value), decltype(a)::value><<<grid, kBlock, 0, stream>>>(t, in.bits,
-                                                                                      partials.data_ptr<double>(), e);
+      launch<sumsq_kernel<decltype(value), decltype(a)::value>>(grid, current_stream(), t, in.bits,
+                                                                partials.data_ptr<double>(), e);
     });
   });
-  const c10::cuda::CUDAGuard guard(in.device);
-  sum_partials_kernel<<<1, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.const_data_ptr<double>(),
-                                                                            in.list.total, out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const DeviceGuard guard(in.device);
+  launch<sum_partials_kernel>(1, current_stream(), partials.const_data_ptr<double>(), in.list.total,
+                              out.data_ptr<float>());
   return out;
 }
 
@@ -187,12 +182,11 @@ void perturb_cuda(at::TensorList params, const OptTensors& grads, const std::opt
   check_buffer(scale.reshape({-1}), at::kFloat, 1, in.device, op, "scale");
   const float e = static_cast<float>(eta);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
-    const auto stream = c10::cuda::getCurrentCUDAStream();
     with_bool(adaptive, [&](auto a) {
       with_bool(in.bits != nullptr, [&](auto m) {
-        perturb_kernel<decltype(value), decltype(a)::value, decltype(m)::value><<<grid, kBlock, 0, stream>>>(
-            t, in.bits, save_offsets.const_data_ptr<int64_t>(), saved.data_ptr<uint8_t>(), saved.numel(),
-            scale.const_data_ptr<float>(), e);
+        launch<perturb_kernel<decltype(value), decltype(a)::value, decltype(m)::value>>(
+            grid, current_stream(), t, in.bits, save_offsets.const_data_ptr<int64_t>(), saved.data_ptr<uint8_t>(),
+            saved.numel(), scale.const_data_ptr<float>(), e);
       });
     });
   });
@@ -205,17 +199,17 @@ void restore_cuda(at::TensorList params, const std::optional<at::Tensor>& mask_b
                   save_offsets.device());
   in.check_saved(op, save_offsets, saved);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
-    const auto stream = c10::cuda::getCurrentCUDAStream();
     with_bool(in.bits != nullptr, [&](auto m) {
-      restore_kernel<decltype(value), decltype(m)::value><<<grid, kBlock, 0, stream>>>(
-          t, in.bits, save_offsets.const_data_ptr<int64_t>(), saved.const_data_ptr<uint8_t>(), saved.numel());
+      launch<restore_kernel<decltype(value), decltype(m)::value>>(grid, current_stream(), t, in.bits,
+                                                                  save_offsets.const_data_ptr<int64_t>(),
+                                                                  saved.const_data_ptr<uint8_t>(), saved.numel());
     });
   });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fsam, CUDA, m) {
+FSAM_CUDA_LIBRARY_IMPL(m) {
   m.impl("grad_sumsq", &grad_sumsq_cuda);
   m.impl("perturb_", &perturb_cuda);
   m.impl("restore_", &restore_cuda);

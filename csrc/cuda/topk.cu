@@ -262,7 +262,6 @@ struct Scores {
         } else {
           f(scalar_t{}, std::false_type{}, t, grid);
         }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
@@ -286,21 +285,20 @@ void radix_histogram_cuda(at::TensorList scores, const at::Tensor& state, int64_
   const Scores s(scores, state, op);
   check_buffer(hist, at::kLong, radix_hist_size(digit), s.device, op, "hist");
   const Candidates cand = candidates_of(candidates, s.device, op);
-  const c10::cuda::CUDAGuard guard(s.device);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(s.device);
+  const Stream stream = current_stream();
   auto* out = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
   int64_t* st = state.data_ptr<int64_t>();
   if (digit == 1 && cand.data != nullptr)  // the count the digit-1 kernels append from
-    C10_CUDA_CHECK(cudaMemsetAsync(st + kStateCandidates, 0, sizeof(int64_t), stream));
+    zero_async(st + kStateCandidates, sizeof(int64_t), stream);
   with_digit(digit, [&](auto d) {
     s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
-      histogram_kernel<decltype(value), decltype(abs)::value, decltype(d)::value>
-          <<<grid, kBlock, 0, stream>>>(t, st, out, cand);
+      launch<histogram_kernel<decltype(value), decltype(abs)::value, decltype(d)::value>>(grid, stream, t, st, out,
+                                                                                         cand);
     });
   });
   if (digit == 2 && cand.capacity > 0) {
-    buffer_histogram_kernel<2><<<buffer_grid(cand, s.device), kBlock, 0, stream>>>(st, out, cand);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<buffer_histogram_kernel<2>>(buffer_grid(cand, s.device), stream, st, out, cand);
   }
 }
 
@@ -309,13 +307,11 @@ void radix_select_cuda(const at::Tensor& state, const at::Tensor& hist, int64_t 
   check_digit(digit, op);
   check_buffer(state, at::kLong, kRadixStateSize, state.device(), op, "state");
   check_buffer(hist, at::kLong, radix_hist_size(digit), state.device(), op, "hist");
-  const c10::cuda::CUDAGuard guard(state.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(state.device());
   with_digit(digit, [&](auto d) {
-    select_kernel<decltype(d)::value><<<1, kBlock, 0, stream>>>(state.data_ptr<int64_t>(),
-                                                                hist.const_data_ptr<int64_t>());
+    launch<select_kernel<decltype(d)::value>>(1, current_stream(), state.data_ptr<int64_t>(),
+                                              hist.const_data_ptr<int64_t>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor radix_tie_counts_cuda(at::TensorList scores, const at::Tensor& state, bool absolute,
@@ -324,16 +320,15 @@ at::Tensor radix_tie_counts_cuda(at::TensorList scores, const at::Tensor& state,
   const Scores s(scores, state, op);
   const Candidates cand = candidates_of(candidates, s.device, op);
   auto ties = at::empty({s.list.total}, state.options());  // every chunk is written
-  const c10::cuda::CUDAGuard guard(s.device);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(s.device);
+  const Stream stream = current_stream();
   s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
-    tie_count_kernel<decltype(value), decltype(abs)::value>
-        <<<grid, kBlock, 0, stream>>>(t, state.const_data_ptr<int64_t>(), ties.data_ptr<int64_t>(), cand);
+    launch<tie_count_kernel<decltype(value), decltype(abs)::value>>(grid, stream, t, state.const_data_ptr<int64_t>(),
+                                                                    ties.data_ptr<int64_t>(), cand);
   });
   if (cand.capacity > 0 && s.list.total > 0) {  // after the chunk kernels, which wrote zeros where it serves
-    buffer_tie_count_kernel<<<buffer_grid(cand, s.device), kBlock, 0, stream>>>(
-        state.const_data_ptr<int64_t>(), ties.data_ptr<int64_t>(), s.list.total, cand);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<buffer_tie_count_kernel>(buffer_grid(cand, s.device), stream, state.const_data_ptr<int64_t>(),
+                                    ties.data_ptr<int64_t>(), s.list.total, cand);
   }
   return ties;
 }
@@ -347,19 +342,19 @@ std::tuple<at::Tensor, at::Tensor> radix_mask_cuda(at::TensorList scores, const 
   check_buffer(ties_before, at::kLong, s.list.total, s.device, op, "ties_before");
   auto bits = at::empty({s.list.total * kChunkBytes}, state.options().dtype(at::kByte));  // every byte is written
   auto counts = at::empty({s.list.total}, state.options().dtype(at::kInt));
-  const c10::cuda::CUDAGuard guard(s.device);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(s.device);
+  const Stream stream = current_stream();
   s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
-    mask_kernel<decltype(value), decltype(abs)::value><<<grid, kBlock, 0, stream>>>(
-        t, state.const_data_ptr<int64_t>(), ties.const_data_ptr<int64_t>(), ties_before.const_data_ptr<int64_t>(),
-        bits.data_ptr<uint8_t>(), counts.data_ptr<int32_t>());
+    launch<mask_kernel<decltype(value), decltype(abs)::value>>(
+        grid, stream, t, state.const_data_ptr<int64_t>(), ties.const_data_ptr<int64_t>(),
+        ties_before.const_data_ptr<int64_t>(), bits.data_ptr<uint8_t>(), counts.data_ptr<int32_t>());
   });
   return {bits, counts};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fsam, CUDA, m) {
+FSAM_CUDA_LIBRARY_IMPL(m) {
   m.impl("radix_histogram_", &radix_histogram_cuda);
   m.impl("radix_select_", &radix_select_cuda);
   m.impl("radix_tie_counts", &radix_tie_counts_cuda);

@@ -1,0 +1,778 @@
+// The SIMT emulator behind simt.h: a launch runs its blocks on OS workers, one block at a time
+// per worker, each block's threads as fibers that run until they wait (a barrier, a warp op) or
+// return.  The scheduler decides the order (FSAM_SIM_ORDER: in-order, reversed or random per
+// pass, seeded by FSAM_SIM_SEED) and when a warp whose lanes have all arrived at a warp op goes
+// on (FSAM_SIM_RELEASE: eager, at once, before the other threads of the pass; or pass, at the end
+// of the pass).  A barrier releases when every thread that has not returned waits at it.
+//
+// Races on shared memory are seen directly: this build is compiled with -fsanitize=thread, whose
+// instrumentation calls the __tsan_* functions defined here (no sanitizer runtime is linked) for
+// every access.  Accesses by a fiber to this module's thread-local block (where __shared__ arrays
+// live) go through a shadow of 4-byte words: two threads touching a word in one barrier interval,
+// one of them writing, not both atomically and not ordered by a warp op of their common warp, is
+// an error; so is reading a word no thread of the block has written.
+#include <c10/util/Exception.h>
+
+#include <dlfcn.h>
+#include <link.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+// The emulator's own code is not checked (and the callbacks must not call themselves).
+#define FSAM_SIM_UNCHECKED __attribute__((no_sanitize("thread")))
+
+namespace fsam::sim {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kMaxThreads = 1024;
+constexpr size_t kStackBytes = size_t{64} << 10;  // per fiber, below a guard page
+
+// ---- settings, read from the environment at each launch
+
+enum class Order { kInOrder, kReversed, kRandom };
+
+struct Site {
+  std::string file;  // a suffix of __FILE__
+  int line;
+  FSAM_SIM_UNCHECKED bool matches(const char* f, int l) const {
+    const size_t n = std::strlen(f);
+    return l == line && n >= file.size() && file.compare(0, file.size(), f + n - file.size()) == 0;
+  }
+};
+
+struct Config {
+  int sms = 2;
+  Order order = Order::kRandom;
+  bool eager = true;
+  uint64_t seed = 0;
+  unsigned workers = 2;
+  // Mutations, to prove the checks can fail: barriers skipped, shuffles reading one lane further.
+  std::vector<Site> skipped_barriers, shifted_shuffles;
+};
+
+FSAM_SIM_UNCHECKED const char* env(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : nullptr;
+}
+
+FSAM_SIM_UNCHECKED int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
+  const char* v = env(name);
+  if (v == nullptr) return fallback;
+  char* end = nullptr;
+  const long long x = std::strtoll(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && x >= lo && x <= hi, "cuda-sim: ", name, " must be an integer in [", lo, ", ", hi,
+              "], got '", v, "'");
+  return x;
+}
+
+// FSAM_SIM_MUTATE: comma-separated barrier@FILE:LINE and shuffle@FILE:LINE.
+FSAM_SIM_UNCHECKED void parse_mutations(Config& c) {
+  const char* v = env("FSAM_SIM_MUTATE");
+  if (v == nullptr) return;
+  std::stringstream all(v);
+  std::string item;
+  while (std::getline(all, item, ',')) {
+    const size_t at = item.find('@'), colon = item.rfind(':');
+    const std::string kind = item.substr(0, at);
+    TORCH_CHECK(at != std::string::npos && colon != std::string::npos && colon > at + 1 &&
+                    (kind == "barrier" || kind == "shuffle"),
+                "cuda-sim: FSAM_SIM_MUTATE entries are barrier@FILE:LINE or shuffle@FILE:LINE, got '", item, "'");
+    const Site site{item.substr(at + 1, colon - at - 1), std::atoi(item.c_str() + colon + 1)};
+    (kind == "barrier" ? c.skipped_barriers : c.shifted_shuffles).push_back(site);
+  }
+}
+
+FSAM_SIM_UNCHECKED Config read_config() {
+  Config c;
+  c.sms = static_cast<int>(env_int("FSAM_SIM_SMS", c.sms, 1, 4096));
+  c.seed = static_cast<uint64_t>(env_int("FSAM_SIM_SEED", 0, 0, INT64_MAX));
+  c.workers = static_cast<unsigned>(env_int("FSAM_SIM_WORKERS", c.workers, 1, 256));
+  if (const char* o = env("FSAM_SIM_ORDER")) {
+    const std::string s(o);
+    TORCH_CHECK(s == "in-order" || s == "reversed" || s == "random",
+                "cuda-sim: FSAM_SIM_ORDER must be in-order, reversed or random, got '", s, "'");
+    c.order = s == "in-order" ? Order::kInOrder : s == "reversed" ? Order::kReversed : Order::kRandom;
+  }
+  if (const char* r = env("FSAM_SIM_RELEASE")) {
+    const std::string s(r);
+    TORCH_CHECK(s == "eager" || s == "pass", "cuda-sim: FSAM_SIM_RELEASE must be eager or pass, got '", s, "'");
+    c.eager = s == "eager";
+  }
+  parse_mutations(c);
+  return c;
+}
+
+// ---- fibers: a stack pointer and the callee-saved registers (x86-64), else ucontext
+
+#if defined(__x86_64__)
+extern "C" void fsam_sim_switch(void** save_sp, void* load_sp);
+extern "C" void fsam_sim_start();
+// fsam_sim_switch saves rbp, rbx, r12-r15, MXCSR and the x87 control word on the stack, stores the
+// stack pointer, loads the other and restores the same; a new fiber's stack holds fsam_sim_start
+// as the return address, which calls r13(r12).
+asm(R"(
+  .text
+  .p2align 4
+  .globl fsam_sim_switch
+  .hidden fsam_sim_switch
+  .type fsam_sim_switch, @function
+fsam_sim_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size fsam_sim_switch, .-fsam_sim_switch
+
+  .p2align 4
+  .globl fsam_sim_start
+  .hidden fsam_sim_start
+  .type fsam_sim_start, @function
+fsam_sim_start:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size fsam_sim_start, .-fsam_sim_start
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+FSAM_SIM_UNCHECKED void make_context(Context& c, char* stack, size_t bytes, void (*entry)(void*), void* arg) {
+  uint32_t mxcsr = __builtin_ia32_stmxcsr();
+  uint16_t fcw = 0;
+  asm volatile("fnstcw %0" : "=m"(fcw));
+  auto* top = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15}) - 16);
+  uint64_t* sp = top - 8;  // 16-byte aligned: after the pops and ret, rsp is too
+  sp[0] = mxcsr | (uint64_t{fcw} << 32);
+  sp[1] = sp[2] = 0;                           // r15, r14
+  sp[3] = reinterpret_cast<uint64_t>(entry);   // r13
+  sp[4] = reinterpret_cast<uint64_t>(arg);     // r12
+  sp[5] = sp[6] = 0;                           // rbx, rbp
+  sp[7] = reinterpret_cast<uint64_t>(&fsam_sim_start);
+  c.sp = sp;
+}
+
+FSAM_SIM_UNCHECKED inline void switch_context(Context& from, Context& to) { fsam_sim_switch(&from.sp, to.sp); }
+
+#else
+
+struct Context {
+  ucontext_t uc;
+};
+
+FSAM_SIM_UNCHECKED void trampoline(unsigned hi, unsigned lo, unsigned ehi, unsigned elo) {
+  auto* entry = reinterpret_cast<void (*)(void*)>((uint64_t{ehi} << 32) | elo);
+  entry(reinterpret_cast<void*>((uint64_t{hi} << 32) | lo));
+}
+
+FSAM_SIM_UNCHECKED void make_context(Context& c, char* stack, size_t bytes, void (*entry)(void*), void* arg) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  const auto a = reinterpret_cast<uint64_t>(arg), e = reinterpret_cast<uint64_t>(entry);
+  makecontext(&c.uc, reinterpret_cast<void (*)()>(&trampoline), 4, unsigned(a >> 32), unsigned(a), unsigned(e >> 32),
+              unsigned(e));
+}
+
+FSAM_SIM_UNCHECKED inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+
+#endif
+
+// ---- a worker: one block at a time
+
+enum class State : uint8_t { kRunnable, kBarrier, kWarp, kExited };
+
+struct Thread {
+  Context context;
+  Index index;
+  State state;
+  const char* file;  // where it waits
+  int line;
+  WarpOp op;
+  unsigned mask;
+  int arg, width;
+  uint64_t value, result;
+};
+
+// The shadow of one 4-byte word of shared memory.
+struct Shadow {
+  uint32_t block;     // the block (generation) the rest describes; another: never written
+  uint32_t interval;  // the barrier interval of the accesses below
+  int16_t writer;     // -1 none, -2 several threads (atomically)
+  int16_t reader;     // -1 none, -2 several threads
+  uint32_t write_sync, read_sync;  // their warp's op count at the access (readers: the latest)
+  int8_t read_warp;   // -1: readers in several warps
+  bool written, atomic_write;
+};
+
+const char* op_name(WarpOp op) {
+  switch (op) {
+    case WarpOp::kShfl: return "__shfl_sync";
+    case WarpOp::kShflUp: return "__shfl_up_sync";
+    case WarpOp::kShflDown: return "__shfl_down_sync";
+    case WarpOp::kBallot: return "__ballot_sync";
+  }
+  return "?";
+}
+
+struct Worker;
+thread_local Worker* t_worker = nullptr;
+
+// The blocks of a launch, handed out in order to its workers.
+struct Blocks {
+  unsigned grid;
+  std::atomic<unsigned> next{0};
+  std::atomic<bool> stop{false};
+};
+std::atomic<int> g_launches{0};  // the callbacks do nothing while no launch runs
+
+FSAM_SIM_UNCHECKED void fiber_main(void* worker);
+
+// The calling thread's thread-local block [lo, hi) of the loaded object holding `code`.
+struct TlsBlock {
+  uintptr_t code, lo, hi;
+};
+FSAM_SIM_UNCHECKED int find_tls_block(dl_phdr_info* info, size_t, void* data) {
+  auto* found = static_cast<TlsBlock*>(data);
+  bool ours = false;
+  for (int k = 0; k < info->dlpi_phnum; ++k) {
+    const auto& ph = info->dlpi_phdr[k];
+    const uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+    ours = ours || (ph.p_type == PT_LOAD && lo <= found->code && found->code < lo + ph.p_memsz);
+  }
+  if (!ours) return 0;
+  for (int k = 0; k < info->dlpi_phnum; ++k) {
+    if (info->dlpi_phdr[k].p_type == PT_TLS && info->dlpi_tls_data != nullptr) {
+      found->lo = reinterpret_cast<uintptr_t>(info->dlpi_tls_data);
+      found->hi = found->lo + info->dlpi_phdr[k].p_memsz;
+    }
+  }
+  return 1;
+}
+
+struct Worker {
+  Config config;
+  const char* kernel = nullptr;
+  const std::function<void()>* body = nullptr;
+  unsigned threads = 0;
+  Index block_index{}, block_dim{}, grid_dim{};
+  Thread thread[kMaxThreads];
+  Context home;
+  Thread* current = nullptr;  // the running fiber; null in the scheduler
+  std::string error;
+  std::mt19937_64 rng;
+  int order[kMaxThreads];
+  char* stacks = nullptr;
+  size_t stack_stride = 0;
+  // the race check
+  uintptr_t shared_lo = 0, shared_hi = 0, own_lo = 0, own_hi = 0;
+  std::vector<Shadow> shadow;
+  uint32_t generation = 0, interval = 0;
+  uint32_t warp_sync[kMaxThreads / kWarp];
+
+  FSAM_SIM_UNCHECKED Worker() {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    stack_stride = kStackBytes + page;
+    void* m = mmap(nullptr, stack_stride * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    TORCH_CHECK(m != MAP_FAILED, "cuda-sim: cannot map the fibers' stacks");
+    stacks = static_cast<char*>(m);
+    for (unsigned i = 0; i < kMaxThreads; ++i) mprotect(stacks + i * stack_stride, page, PROT_NONE);  // guard
+  }
+  FSAM_SIM_UNCHECKED ~Worker() { munmap(stacks, stack_stride * kMaxThreads); }
+
+  FSAM_SIM_UNCHECKED void fail(const std::string& what) {
+    if (error.empty()) error = what;
+  }
+
+  FSAM_SIM_UNCHECKED std::string where(const Thread& t) const {
+    std::ostringstream s;
+    s << "block " << block_index.x << " thread " << t.index.x;
+    return s.str();
+  }
+
+  // The module's thread-local block in this OS thread: where its __shared__ arrays are.
+  FSAM_SIM_UNCHECKED void find_shared_memory() {
+    t_worker = this;  // allocates the block
+    const auto own = reinterpret_cast<uintptr_t>(&t_worker);
+    own_lo = own, own_hi = own + sizeof(t_worker);
+    TlsBlock found{reinterpret_cast<uintptr_t>(&fiber_main), 0, 0};
+    dl_iterate_phdr(&find_tls_block, &found);
+    TORCH_CHECK(found.hi > found.lo, "cuda-sim: cannot find the thread-local block of its module");
+    shared_lo = found.lo & ~uintptr_t{3};
+    shared_hi = found.hi;
+    shadow.assign((shared_hi - shared_lo + 3) / 4, Shadow{});
+  }
+
+  // ---- scheduling
+
+  FSAM_SIM_UNCHECKED void resume(Thread& t) {
+    current = &t;
+    switch_context(home, t.context);
+    current = nullptr;
+  }
+
+  // Called by the running fiber: back to the scheduler.
+  FSAM_SIM_UNCHECKED void yield() {
+    Thread& t = *current;
+    current = nullptr;
+    switch_context(t.context, home);
+  }
+
+  FSAM_SIM_UNCHECKED void make_order(unsigned n) {
+    for (unsigned i = 0; i < n; ++i) order[i] = static_cast<int>(i);
+    if (config.order == Order::kReversed) std::reverse(order, order + n);
+    if (config.order == Order::kRandom) std::shuffle(order, order + n, rng);
+  }
+
+  // Whether every lane that the first waiting lane's mask names waits at a warp op; a lane it
+  // names that has returned is an error.
+  FSAM_SIM_UNCHECKED bool warp_complete(unsigned w) {
+    const Thread* first = nullptr;
+    for (unsigned l = 0; l < kWarp && first == nullptr; ++l)
+      if (thread[w * kWarp + l].state == State::kWarp) first = &thread[w * kWarp + l];
+    if (first == nullptr) return false;
+    for (unsigned l = 0; l < kWarp; ++l) {
+      if (!((first->mask >> l) & 1u)) continue;
+      const Thread& t = thread[w * kWarp + l];
+      if (t.state == State::kExited) {
+        fail(where(*first) + ": " + op_name(first->op) + " at " + first->file + ":" + std::to_string(first->line) +
+             " names lane " + std::to_string(l) + ", which has returned");
+        return false;
+      }
+      if (t.state != State::kWarp) return false;
+    }
+    return true;
+  }
+
+  // Every lane of warp w at its op: the same op, call and mask, naming exactly them.
+  FSAM_SIM_UNCHECKED void resolve(unsigned w) {
+    Thread* lane = &thread[w * kWarp];
+    const Thread* first = nullptr;
+    unsigned arrived = 0;
+    for (unsigned l = 0; l < kWarp; ++l) {
+      if (lane[l].state != State::kWarp) continue;
+      arrived |= 1u << l;
+      if (first == nullptr) first = &lane[l];
+      const Thread& t = lane[l];
+      if (t.op != first->op || t.mask != first->mask || t.line != first->line || std::strcmp(t.file, first->file) != 0) {
+        fail(where(t) + " is at " + op_name(t.op) + " (" + t.file + ":" + std::to_string(t.line) + ", mask " +
+             std::to_string(t.mask) + ") while lane " + std::to_string(first->index.x % kWarp) + " is at " +
+             op_name(first->op) + " (" + first->file + ":" + std::to_string(first->line) + ", mask " +
+             std::to_string(first->mask) + "): a divergent warp op");
+        return;
+      }
+      if (t.width != kWarp) {
+        fail(where(t) + ": " + op_name(t.op) + " with width " + std::to_string(t.width) + " (only 32 is emulated)");
+        return;
+      }
+    }
+    if (arrived != first->mask) {
+      fail(where(*first) + ": " + op_name(first->op) + " at " + first->file + ":" + std::to_string(first->line) +
+           " with mask " + std::to_string(first->mask) + " but lanes " + std::to_string(arrived) + " arrived");
+      return;
+    }
+    bool shifted = false;
+    for (const Site& s : config.shifted_shuffles) shifted = shifted || s.matches(first->file, first->line);
+    uint64_t ballot = 0;
+    for (unsigned l = 0; l < kWarp; ++l) ballot |= (lane[l].state == State::kWarp && lane[l].value != 0 ? 1ull : 0ull) << l;
+    for (unsigned l = 0; l < kWarp; ++l) {
+      Thread& t = lane[l];
+      if (t.state != State::kWarp) continue;
+      const int arg = t.arg + (shifted ? 1 : 0);
+      int src = static_cast<int>(l);
+      switch (t.op) {
+        case WarpOp::kShfl: src = ((arg % kWarp) + kWarp) % kWarp; break;
+        case WarpOp::kShflUp: src = static_cast<int>(l) - arg >= 0 ? static_cast<int>(l) - arg : static_cast<int>(l); break;
+        case WarpOp::kShflDown: src = static_cast<int>(l) + arg < kWarp ? static_cast<int>(l) + arg : static_cast<int>(l); break;
+        case WarpOp::kBallot: break;
+      }
+      if (!((arrived >> src) & 1u)) {
+        fail(where(t) + ": " + op_name(t.op) + " at " + t.file + ":" + std::to_string(t.line) + " reads lane " +
+             std::to_string(src) + ", outside the mask");
+        return;
+      }
+      t.result = t.op == WarpOp::kBallot ? ballot : lane[src].value;
+    }
+    for (unsigned l = 0; l < kWarp; ++l)
+      if (lane[l].state == State::kWarp) lane[l].state = State::kRunnable;
+    ++warp_sync[w];
+  }
+
+  // Runs thread i until it waits; with eager release, a warp it completes goes on at once.
+  FSAM_SIM_UNCHECKED void run(unsigned i) {
+    resume(thread[i]);
+    if (!config.eager) return;
+    const unsigned w = i / kWarp;
+    while (error.empty() && warp_complete(w)) {
+      resolve(w);
+      for (unsigned k = 0; k < threads && error.empty(); ++k) {
+        const unsigned j = static_cast<unsigned>(order[k]);
+        if (j / kWarp == w && thread[j].state == State::kRunnable) resume(thread[j]);
+      }
+    }
+  }
+
+  // Every thread that has not returned waits at one barrier: release it.
+  FSAM_SIM_UNCHECKED bool release_barrier() {
+    const Thread* first = nullptr;
+    for (unsigned i = 0; i < threads; ++i) {
+      const Thread& t = thread[i];
+      if (t.state == State::kExited) continue;
+      if (t.state != State::kBarrier) return false;
+      if (first == nullptr) first = &t;
+      if (t.line != first->line || std::strcmp(t.file, first->file) != 0) {
+        fail(where(t) + " waits at __syncthreads " + t.file + ":" + std::to_string(t.line) + ", " + where(*first) +
+             " at " + first->file + ":" + std::to_string(first->line) + ": a divergent barrier");
+        return false;
+      }
+    }
+    if (first == nullptr) return false;
+    for (unsigned i = 0; i < threads; ++i)
+      if (thread[i].state == State::kBarrier) thread[i].state = State::kRunnable;
+    ++interval;
+    return true;
+  }
+
+  FSAM_SIM_UNCHECKED std::string stuck() const {
+    std::ostringstream s;
+    s << "block " << block_index.x << " cannot go on:";
+    for (unsigned i = 0; i < threads; ++i) {
+      const Thread& t = thread[i];
+      if (t.state == State::kExited) continue;
+      s << " thread " << i << (t.state == State::kBarrier ? " at __syncthreads " : " at ")
+        << (t.state == State::kWarp ? op_name(t.op) : "") << (t.state == State::kWarp ? " " : "") << t.file << ":"
+        << t.line << ";";
+      if (s.tellp() > 600) break;
+    }
+    return s.str() + " (a barrier or warp op not reached by every thread it waits for)";
+  }
+
+  FSAM_SIM_UNCHECKED void run_block(unsigned b) {
+    block_index = {b, 0, 0};
+    rng.seed(config.seed * 0x9E3779B97F4A7C15ull + b);
+    ++generation;
+    interval = 0;
+    std::fill(std::begin(warp_sync), std::end(warp_sync), 0u);
+    for (unsigned i = 0; i < threads; ++i) {
+      Thread& t = thread[i];
+      t.index = {i, 0, 0};
+      t.state = State::kRunnable;
+      t.file = "";
+      t.line = 0;
+      make_context(t.context, stacks + i * stack_stride, stack_stride, &fiber_main, this);
+    }
+    while (error.empty()) {
+      make_order(threads);
+      for (unsigned k = 0; k < threads && error.empty(); ++k)
+        if (thread[order[k]].state == State::kRunnable) run(static_cast<unsigned>(order[k]));
+      bool runnable = false, live = false;
+      for (unsigned w = 0; w < threads / kWarp && error.empty(); ++w)
+        if (warp_complete(w)) resolve(w);
+      for (unsigned i = 0; i < threads; ++i) {
+        runnable = runnable || thread[i].state == State::kRunnable;
+        live = live || thread[i].state != State::kExited;
+      }
+      if (!error.empty() || !live) return;
+      if (runnable || release_barrier()) continue;
+      fail(stuck());
+    }
+  }
+
+  // Runs blocks of the launch until none is left or one failed, on the calling OS thread.
+  FSAM_SIM_UNCHECKED void work(Blocks& blocks) {
+    try {
+      find_shared_memory();
+    } catch (const std::exception& e) {
+      fail(e.what());
+    }
+    for (unsigned b; error.empty() && !blocks.stop && (b = blocks.next.fetch_add(1)) < blocks.grid;) run_block(b);
+    if (!error.empty()) blocks.stop = true;
+    t_worker = nullptr;
+  }
+
+  // ---- the race check
+
+  FSAM_SIM_UNCHECKED void race(const char* what, const Thread& t, int other, uintptr_t addr, const void* pc) {
+    Dl_info info;
+    const auto module = dladdr(pc, &info) != 0 ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0;
+    std::ostringstream s;
+    s << "a data race on shared memory: " << where(t) << " " << what;
+    if (other >= 0) s << " thread " << other;
+    if (other == -2) s << " several threads";
+    s << " in one barrier interval (shared offset " << (addr - shared_lo) << ", code at _sim+0x" << std::hex
+      << (reinterpret_cast<uintptr_t>(pc) - module) << ")";
+    fail(s.str());
+  }
+
+  enum Access { kRead, kWrite, kAtomic };
+
+  // Whether another thread's access (several: -2) at its warp's op count s is unordered with one
+  // by thread tid at count sync: not the same thread, nor the same warp with a warp op between.
+  static FSAM_SIM_UNCHECKED bool unordered(int tid, uint32_t sync, int other, uint32_t s) {
+    return other == -2 || (other >= 0 && other != tid && !(other / kWarp == tid / kWarp && s < sync));
+  }
+
+  FSAM_SIM_UNCHECKED void access(uintptr_t addr, size_t size, Access kind, const void* pc) {
+    const Thread& t = *current;
+    const int tid = static_cast<int>(t.index.x), warp = tid / kWarp;
+    const uint32_t sync = warp_sync[warp];
+    const size_t last = std::min((addr + size - 1 - shared_lo) / 4, shadow.size() - 1);
+    for (size_t g = (addr - shared_lo) / 4; g <= last; ++g) {
+      Shadow& e = shadow[g];
+      if (e.block != generation) e = Shadow{generation, interval, -1, -1, 0, 0, -1, false, false};
+      if (e.interval != interval) e = Shadow{generation, interval, -1, -1, 0, 0, -1, e.written, false};
+      if (kind != kWrite && !e.written) {
+        std::ostringstream s;
+        s << where(t) << " reads shared memory that no thread of the block has written (offset "
+          << (addr - shared_lo) << ")";
+        fail(s.str());
+        return;
+      }
+      if (kind == kAtomic) {
+        if (!e.atomic_write && unordered(tid, sync, e.writer, e.write_sync)) return race("updates atomically what was written by", t, e.writer, addr, pc);
+        if (unordered(tid, sync, e.reader, e.read_sync) && !(e.reader == -2 && e.read_warp == warp && e.read_sync < sync))
+          return race("updates atomically what was read by", t, e.reader, addr, pc);
+        e.writer = e.writer == -1 || e.writer == tid ? static_cast<int16_t>(tid) : int16_t{-2};
+        e.write_sync = sync;
+        e.atomic_write = e.written = true;
+        continue;
+      }
+      if (unordered(tid, sync, e.writer, e.write_sync)) return race(kind == kRead ? "reads what was written by" : "writes what was written by", t, e.writer, addr, pc);
+      if (kind == kRead) {
+        if (e.reader == -1) {
+          e.reader = static_cast<int16_t>(tid);
+          e.read_warp = static_cast<int8_t>(warp);
+        } else if (e.reader != tid) {
+          e.reader = -2;
+          if (e.read_warp != warp) e.read_warp = -1;
+        }
+        e.read_sync = std::max(e.read_sync, sync);
+        continue;
+      }
+      if (unordered(tid, sync, e.reader, e.read_sync) && !(e.reader == -2 && e.read_warp == warp && e.read_sync < sync))
+        return race("writes what was read by", t, e.reader, addr, pc);
+      e.writer = static_cast<int16_t>(tid);
+      e.write_sync = sync;
+      e.atomic_write = false;
+      e.written = true;
+    }
+  }
+};
+
+FSAM_SIM_UNCHECKED void fiber_main(void* worker) {
+  auto* w = static_cast<Worker*>(worker);
+  try {
+    (*w->body)();
+  } catch (const std::exception& e) {
+    w->fail(w->where(*w->current) + ": the kernel threw: " + e.what());
+  }
+  w->current->state = State::kExited;
+  w->yield();
+  __builtin_unreachable();  // an exited fiber is never resumed
+}
+
+FSAM_SIM_UNCHECKED Worker& worker() {
+  Worker* w = t_worker;
+  TORCH_CHECK(w != nullptr && w->current != nullptr, "cuda-sim: a device function was called outside a kernel");
+  return *w;
+}
+
+// The workers of the launches, kept with their stacks; one launch at a time.
+std::mutex g_launch_mutex;
+std::vector<std::unique_ptr<Worker>> g_workers;
+
+// Called by the instrumentation: the running fiber's accesses to shared memory.
+FSAM_SIM_UNCHECKED inline void check(const volatile void* p, size_t size, Worker::Access kind, const void* pc) {
+  if (g_launches.load(std::memory_order_relaxed) == 0) return;
+  Worker* w = t_worker;
+  if (w == nullptr || w->current == nullptr) return;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  if (a < w->shared_lo || a >= w->shared_hi || (a < w->own_hi && a + size > w->own_lo)) return;
+  w->access(a, size, kind, pc);
+}
+
+}  // namespace
+
+FSAM_SIM_UNCHECKED const Index& thread_index() { return worker().current->index; }
+FSAM_SIM_UNCHECKED const Index& block_index() { return worker().block_index; }
+FSAM_SIM_UNCHECKED const Index& block_dim() { return worker().block_dim; }
+FSAM_SIM_UNCHECKED const Index& grid_dim() { return worker().grid_dim; }
+
+FSAM_SIM_UNCHECKED void sync_threads(const char* file, int line) {
+  Worker& w = worker();
+  for (const Site& s : w.config.skipped_barriers)
+    if (s.matches(file, line)) return;
+  Thread& t = *w.current;
+  t.state = State::kBarrier;
+  t.file = file;
+  t.line = line;
+  w.yield();
+}
+
+FSAM_SIM_UNCHECKED uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file,
+                                    int line) {
+  Worker& w = worker();
+  Thread& t = *w.current;
+  t.state = State::kWarp;
+  t.op = op;
+  t.mask = mask;
+  t.value = value;
+  t.arg = arg;
+  t.width = width;
+  t.file = file;
+  t.line = line;
+  w.yield();
+  return t.result;
+}
+
+FSAM_SIM_UNCHECKED int sm_count() { return static_cast<int>(env_int("FSAM_SIM_SMS", Config{}.sms, 1, 4096)); }
+
+FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* kernel, const std::function<void()>& body) {
+  // What a GPU refuses at launch.
+  TORCH_CHECK(grid >= 1 && grid <= 0x7fffffffu, "cuda-sim: ", kernel, " launched with ", grid,
+              " blocks (a grid has 1 to 2^31 - 1)");
+  TORCH_CHECK(block >= 1 && block <= kMaxThreads && block % kWarp == 0, "cuda-sim: ", kernel, " launched with ", block,
+              " threads a block (whole warps up to ", kMaxThreads, " are emulated)");
+  const Config config = read_config();
+  const std::lock_guard<std::mutex> lock(g_launch_mutex);
+  const unsigned n = std::min(config.workers, grid);
+  while (g_workers.size() < n) g_workers.push_back(std::make_unique<Worker>());
+  Blocks blocks{grid};
+  for (unsigned i = 0; i < n; ++i) {
+    Worker& w = *g_workers[i];
+    w.config = config;
+    w.kernel = kernel;
+    w.body = &body;
+    w.threads = block;
+    w.block_dim = {block, 1, 1};
+    w.grid_dim = {grid, 1, 1};
+    w.error.clear();
+  }
+  g_launches.fetch_add(1);
+  std::vector<std::thread> others;
+  for (unsigned i = 1; i < n; ++i) others.emplace_back(&Worker::work, g_workers[i].get(), std::ref(blocks));
+  g_workers[0]->work(blocks);
+  for (auto& t : others) t.join();
+  g_launches.fetch_sub(1);
+  for (unsigned i = 0; i < n; ++i)
+    TORCH_CHECK(g_workers[i]->error.empty(), "cuda-sim: ", kernel, ": ", g_workers[i]->error);
+}
+
+}  // namespace fsam::sim
+
+// ---- the callbacks of -fsanitize=thread's instrumentation (their signatures are GCC's built-in ones)
+
+#define FSAM_SIM_PC __builtin_return_address(0)
+using fsam::sim::check;
+using Kind = fsam::sim::Worker::Access;
+
+extern "C" {
+FSAM_SIM_UNCHECKED void __tsan_init() {}
+FSAM_SIM_UNCHECKED void __tsan_func_entry(void*) {}
+FSAM_SIM_UNCHECKED void __tsan_func_exit() {}
+FSAM_SIM_UNCHECKED void __tsan_vptr_update(void*, void*) {}
+FSAM_SIM_UNCHECKED void __tsan_vptr_read(void*) {}
+
+#define FSAM_SIM_ACCESS(N)                                                                                          \
+  FSAM_SIM_UNCHECKED void __tsan_read##N(void* p) { check(p, N, Kind::kRead, FSAM_SIM_PC); }                       \
+  FSAM_SIM_UNCHECKED void __tsan_write##N(void* p) { check(p, N, Kind::kWrite, FSAM_SIM_PC); }                     \
+  FSAM_SIM_UNCHECKED void __tsan_unaligned_read##N(void* p) { check(p, N, Kind::kRead, FSAM_SIM_PC); }             \
+  FSAM_SIM_UNCHECKED void __tsan_unaligned_write##N(void* p) { check(p, N, Kind::kWrite, FSAM_SIM_PC); }           \
+  FSAM_SIM_UNCHECKED void __tsan_volatile_read##N(void* p) { check(p, N, Kind::kRead, FSAM_SIM_PC); }              \
+  FSAM_SIM_UNCHECKED void __tsan_volatile_write##N(void* p) { check(p, N, Kind::kWrite, FSAM_SIM_PC); }            \
+  FSAM_SIM_UNCHECKED void __tsan_unaligned_volatile_read##N(void* p) { check(p, N, Kind::kRead, FSAM_SIM_PC); }    \
+  FSAM_SIM_UNCHECKED void __tsan_unaligned_volatile_write##N(void* p) { check(p, N, Kind::kWrite, FSAM_SIM_PC); }
+FSAM_SIM_ACCESS(1)
+FSAM_SIM_ACCESS(2)
+FSAM_SIM_ACCESS(4)
+FSAM_SIM_ACCESS(8)
+FSAM_SIM_ACCESS(16)
+FSAM_SIM_UNCHECKED void __tsan_read_range(void* p, unsigned long n) { check(p, n, Kind::kRead, FSAM_SIM_PC); }
+FSAM_SIM_UNCHECKED void __tsan_write_range(void* p, unsigned long n) { check(p, n, Kind::kWrite, FSAM_SIM_PC); }
+
+// Atomics: performed (sequentially consistent, at least what was asked), and seen as atomic.
+#define FSAM_SIM_ATOMIC(N, T)                                                                                       \
+  FSAM_SIM_UNCHECKED T __tsan_atomic##N##_load(const volatile void* p, int) {                                      \
+    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
+    return __atomic_load_n(static_cast<const volatile T*>(p), __ATOMIC_SEQ_CST);                                   \
+  }                                                                                                                 \
+  FSAM_SIM_UNCHECKED void __tsan_atomic##N##_store(volatile void* p, T v, int) {                                   \
+    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
+    __atomic_store_n(static_cast<volatile T*>(p), v, __ATOMIC_SEQ_CST);                                            \
+  }                                                                                                                 \
+  FSAM_SIM_UNCHECKED T __tsan_atomic##N##_exchange(volatile void* p, T v, int) {                                   \
+    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
+    return __atomic_exchange_n(static_cast<volatile T*>(p), v, __ATOMIC_SEQ_CST);                                  \
+  }                                                                                                                 \
+  FSAM_SIM_ATOMIC_RMW(N, T, fetch_add)                                                                             \
+  FSAM_SIM_ATOMIC_RMW(N, T, fetch_sub)                                                                             \
+  FSAM_SIM_ATOMIC_RMW(N, T, fetch_and)                                                                             \
+  FSAM_SIM_ATOMIC_RMW(N, T, fetch_or)                                                                              \
+  FSAM_SIM_ATOMIC_RMW(N, T, fetch_xor)                                                                             \
+  FSAM_SIM_ATOMIC_RMW(N, T, fetch_nand)                                                                            \
+  FSAM_SIM_UNCHECKED int __tsan_atomic##N##_compare_exchange_strong(volatile void* p, void* expected, T desired,  \
+                                                                    int, int) {                                    \
+    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
+    return __atomic_compare_exchange_n(static_cast<volatile T*>(p), static_cast<T*>(expected), desired, false,     \
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                                         \
+  }                                                                                                                 \
+  FSAM_SIM_UNCHECKED int __tsan_atomic##N##_compare_exchange_weak(volatile void* p, void* expected, T desired,    \
+                                                                  int, int) {                                      \
+    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
+    return __atomic_compare_exchange_n(static_cast<volatile T*>(p), static_cast<T*>(expected), desired, true,      \
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                                         \
+  }                                                                                                                 \
+  FSAM_SIM_UNCHECKED T __tsan_atomic##N##_compare_exchange_val(volatile void* p, T expected, T desired, int, int) { \
+    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
+    __atomic_compare_exchange_n(static_cast<volatile T*>(p), &expected, desired, false, __ATOMIC_SEQ_CST,          \
+                                __ATOMIC_SEQ_CST);                                                                  \
+    return expected;                                                                                                \
+  }
+#define FSAM_SIM_ATOMIC_RMW(N, T, OP)                                                   \
+  FSAM_SIM_UNCHECKED T __tsan_atomic##N##_##OP(volatile void* p, T v, int) {           \
+    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                        \
+    return __atomic_##OP(static_cast<volatile T*>(p), v, __ATOMIC_SEQ_CST);            \
+  }
+FSAM_SIM_ATOMIC(8, unsigned char)
+FSAM_SIM_ATOMIC(16, unsigned short)
+FSAM_SIM_ATOMIC(32, unsigned int)
+FSAM_SIM_ATOMIC(64, unsigned long long)
+FSAM_SIM_UNCHECKED void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+FSAM_SIM_UNCHECKED void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+}

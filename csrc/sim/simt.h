@@ -1,0 +1,103 @@
+// The CUDA device vocabulary as host C++: forced into every translation unit of the emulated build
+// (fsam_kernels._sim, the cuda-sim backend), so that the sources of csrc/cuda compile unchanged
+// with the host compiler and run on the CPU.  runtime.cpp runs each block's threads as fibers on
+// one OS worker and implements what is declared here; a worker runs one block at a time, so
+// __shared__ arrays are the worker's thread_local statics.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
+
+namespace fsam::sim {
+
+struct Index {
+  unsigned x, y, z;
+};
+
+// The running thread's coordinates (one-dimensional grids and blocks: y = z = 0, or 1 for sizes).
+const Index& thread_index();
+const Index& block_index();
+const Index& block_dim();
+const Index& grid_dim();
+
+// A block-wide barrier over the threads that have not returned; `file` and `line` name the call.
+void sync_threads(const char* file, int line);
+
+enum class WarpOp { kShfl, kShflUp, kShflDown, kBallot };
+// Deposits this lane's 8 bytes, waits until every lane named by `mask` has arrived at the same
+// call (anything else is an error), and returns what this lane receives.
+uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
+
+// Runs body() in every thread of `grid` blocks of `block` threads; returns when all have finished
+// and raises if the emulator saw an error (divergence, a data race on shared memory).
+void launch(unsigned grid, unsigned block, const char* kernel, const std::function<void()>& body);
+
+int sm_count();  // the emulated device's SMs (FSAM_SIM_SMS)
+
+template <typename T>
+uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "a shuffled value is at most 8 bytes");
+  uint64_t u = 0;
+  std::memcpy(&u, &v, sizeof(T));
+  return u;
+}
+
+template <typename T>
+T from_bits(uint64_t u) {
+  T v;
+  std::memcpy(&v, &u, sizeof(T));
+  return v;
+}
+
+template <typename T>
+T shuffle(WarpOp op, const char* file, int line, unsigned mask, T v, int arg, int width = 32) {
+  return from_bits<T>(warp_op(op, mask, to_bits(v), arg, width, file, line));
+}
+
+}  // namespace fsam::sim
+
+#define threadIdx (::fsam::sim::thread_index())
+#define blockIdx (::fsam::sim::block_index())
+#define blockDim (::fsam::sim::block_dim())
+#define gridDim (::fsam::sim::grid_dim())
+#define warpSize 32
+
+#define __syncthreads() ::fsam::sim::sync_threads(__FILE__, __LINE__)
+#define __shfl_sync(...) ::fsam::sim::shuffle(::fsam::sim::WarpOp::kShfl, __FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_up_sync(...) ::fsam::sim::shuffle(::fsam::sim::WarpOp::kShflUp, __FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_down_sync(...) ::fsam::sim::shuffle(::fsam::sim::WarpOp::kShflDown, __FILE__, __LINE__, __VA_ARGS__)
+#define __ballot_sync(mask, predicate)                                                                       \
+  static_cast<unsigned>(::fsam::sim::warp_op(::fsam::sim::WarpOp::kBallot, mask, (predicate) ? 1u : 0u, 0, 32, \
+                                             __FILE__, __LINE__))
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(unsigned x) { return x == 0 ? 32 : __builtin_clz(x); }  // CUDA defines clz(0)
+inline int __clzll(unsigned long long x) { return x == 0 ? 64 : __builtin_clzll(x); }
+
+// Device atomics (relaxed, as CUDA's): on shared memory they are what the race check lets several
+// threads do to one word in one barrier interval.
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+
+// CUDA's device min and max for arithmetic types.
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+T min(T a, T b) {
+  return b < a ? b : a;
+}
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+T max(T a, T b) {
+  return a < b ? b : a;
+}
