@@ -65,7 +65,7 @@ def _extension():
 
 def _sim_extension():
     """fsam_kernels._sim: each csrc/cuda/*.cu compiled as C++ (through a one-line wrapper, since a
-    .cu source would go to nvcc) with csrc/sim/simt.h forced in.  -fsanitize=thread only inserts
+    .cu source would go to nvcc) with csrc/sim/simt.h forced in (nvcc's #pragma unroll is ignored).  -fsanitize=thread only inserts
     the calls of its instrumentation; csrc/sim/runtime.cpp defines them (the shared-memory race
     check) and no sanitizer runtime is linked."""
     wrappers = os.path.join(HERE, "build", "sim_sources")
@@ -80,7 +80,7 @@ def _sim_extension():
         sources.append(os.path.relpath(name, HERE))
     sources += sorted(glob.glob(os.path.join("csrc", "sim", "*.cpp")))
     cxx = ["-O2", "-DFSAM_SIM", "-include", os.path.join(HERE, "csrc", "sim", "simt.h"), "-fsanitize=thread",
-           "--param=tsan-instrument-func-entry-exit=0"] + HOST_MATH + _warnings()
+           "--param=tsan-instrument-func-entry-exit=0"] + HOST_MATH + _warnings() + ["-Wno-unknown-pragmas"]
     return CppExtension("fsam_kernels._sim", sources, extra_compile_args={"cxx": cxx},
                         include_dirs=[os.path.join(HERE, "csrc", d) for d in ("include", "cuda")])
 

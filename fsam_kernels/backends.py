@@ -68,13 +68,14 @@ def resolve(backend, device):
     return backend
 
 
+# The torch.ops namespace of each compiled backend's ops (the schemas of _schemas.py in each).
+NAMESPACES = {"cpu": "fsam", "cuda": "fsam", "triton": "fsam_triton", "cuda-sim": "fsam_sim"}
+
+
 def op(name, backend):
     """The implementation of op `name` (e.g. "topk_mask") for a resolved backend."""
     if backend == "reference":
         return getattr(reference, name)
     if backend == "triton":
         from .triton_kernels import library  # noqa: F401  (defines torch.ops.fsam_triton)
-        return getattr(torch.ops.fsam_triton, name)
-    if backend == "cuda-sim":
-        return getattr(torch.ops.fsam_sim, name)
-    return getattr(torch.ops.fsam, name)
+    return getattr(getattr(torch.ops, NAMESPACES[backend]), name)

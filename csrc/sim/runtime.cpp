@@ -48,13 +48,30 @@ constexpr size_t kStackBytes = size_t{64} << 10;  // per fiber, below a guard pa
 enum class Order { kInOrder, kReversed, kRandom };
 
 struct Site {
-  std::string file;  // a suffix of __FILE__
+  std::string file;  // a suffix of the source's path
   int line;
-  FSAM_SIM_UNCHECKED bool matches(const char* f, int l) const {
-    const size_t n = std::strlen(f);
-    return l == line && n >= file.size() && file.compare(0, file.size(), f + n - file.size()) == 0;
+  FSAM_SIM_UNCHECKED bool matches(const std::source_location& at) const {
+    const size_t n = std::strlen(at.file_name());
+    return static_cast<int>(at.line()) == line && n >= file.size() &&
+           file.compare(0, file.size(), at.file_name() + n - file.size()) == 0;
   }
 };
+
+FSAM_SIM_UNCHECKED bool same_call(const std::source_location& a, const std::source_location& b) {
+  return a.line() == b.line() && a.column() == b.column() && std::strcmp(a.file_name(), b.file_name()) == 0;
+}
+
+FSAM_SIM_UNCHECKED std::string str(const std::source_location& at) {
+  const char* slash = std::strrchr(at.file_name(), '/');
+  return std::string(slash != nullptr ? slash + 1 : at.file_name()) + ":" + std::to_string(at.line()) + ":" +
+         std::to_string(at.column());
+}
+
+FSAM_SIM_UNCHECKED std::string hex(unsigned x) {
+  std::ostringstream s;
+  s << "0x" << std::hex << x;
+  return s.str();
+}
 
 struct Config {
   int sms = 2;
@@ -62,6 +79,7 @@ struct Config {
   bool eager = true;
   uint64_t seed = 0;
   unsigned workers = 2;
+  bool race_check = true;
   // Mutations, to prove the checks can fail: barriers skipped, shuffles reading one lane further.
   std::vector<Site> skipped_barriers, shifted_shuffles;
 };
@@ -103,6 +121,7 @@ FSAM_SIM_UNCHECKED Config read_config() {
   c.sms = static_cast<int>(env_int("FSAM_SIM_SMS", c.sms, 1, 4096));
   c.seed = static_cast<uint64_t>(env_int("FSAM_SIM_SEED", 0, 0, INT64_MAX));
   c.workers = static_cast<unsigned>(env_int("FSAM_SIM_WORKERS", c.workers, 1, 256));
+  c.race_check = env_int("FSAM_SIM_RACECHECK", 1, 0, 1) == 1;
   if (const char* o = env("FSAM_SIM_ORDER")) {
     const std::string s(o);
     TORCH_CHECK(s == "in-order" || s == "reversed" || s == "random",
@@ -221,8 +240,7 @@ struct Thread {
   Context context;
   Index index;
   State state;
-  const char* file;  // where it waits
-  int line;
+  std::source_location at;  // the barrier or warp op it waits at
   WarpOp op;
   unsigned mask;
   int arg, width;
@@ -235,8 +253,6 @@ struct Shadow {
   uint32_t interval;  // the barrier interval of the accesses below
   int16_t writer;     // -1 none, -2 several threads (atomically)
   int16_t reader;     // -1 none, -2 several threads
-  uint32_t write_sync, read_sync;  // their warp's op count at the access (readers: the latest)
-  int8_t read_warp;   // -1: readers in several warps
   bool written, atomic_write;
 };
 
@@ -287,7 +303,6 @@ FSAM_SIM_UNCHECKED int find_tls_block(dl_phdr_info* info, size_t, void* data) {
 
 struct Worker {
   Config config;
-  const char* kernel = nullptr;
   const std::function<void()>* body = nullptr;
   unsigned threads = 0;
   Index block_index{}, block_dim{}, grid_dim{};
@@ -303,7 +318,6 @@ struct Worker {
   uintptr_t shared_lo = 0, shared_hi = 0, own_lo = 0, own_hi = 0;
   std::vector<Shadow> shadow;
   uint32_t generation = 0, interval = 0;
-  uint32_t warp_sync[kMaxThreads / kWarp];
 
   FSAM_SIM_UNCHECKED Worker() {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -321,9 +335,14 @@ struct Worker {
   }
 
   FSAM_SIM_UNCHECKED std::string where(const Thread& t) const {
-    std::ostringstream s;
-    s << "block " << block_index.x << " thread " << t.index.x;
-    return s.str();
+    return "block " + std::to_string(block_index.x) + " thread " + std::to_string(t.index.x);
+  }
+
+  // Where thread t waits, e.g. "__shfl_sync at perturb.cu:45:29 (mask 0xffffffff)".
+  FSAM_SIM_UNCHECKED static std::string waiting(const Thread& t) {
+    if (t.state == State::kBarrier) return "__syncthreads at " + str(t.at);
+    if (t.state == State::kWarp) return std::string(op_name(t.op)) + " at " + str(t.at) + " (mask " + hex(t.mask) + ")";
+    return t.state == State::kExited ? "returned" : "running";
   }
 
   // The module's thread-local block in this OS thread: where its __shared__ arrays are.
@@ -354,6 +373,15 @@ struct Worker {
     switch_context(t.context, home);
   }
 
+  // Called by the running fiber when it broke a rule: the block fails, and a failed block's
+  // fibers are never resumed.
+  [[noreturn]] FSAM_SIM_UNCHECKED void abandon(const std::string& what) {
+    fail(what);
+    current->state = State::kExited;
+    yield();
+    __builtin_unreachable();
+  }
+
   FSAM_SIM_UNCHECKED void make_order(unsigned n) {
     for (unsigned i = 0; i < n; ++i) order[i] = static_cast<int>(i);
     if (config.order == Order::kReversed) std::reverse(order, order + n);
@@ -371,8 +399,7 @@ struct Worker {
       if (!((first->mask >> l) & 1u)) continue;
       const Thread& t = thread[w * kWarp + l];
       if (t.state == State::kExited) {
-        fail(where(*first) + ": " + op_name(first->op) + " at " + first->file + ":" + std::to_string(first->line) +
-             " names lane " + std::to_string(l) + ", which has returned");
+        fail(where(*first) + ": " + waiting(*first) + " names lane " + std::to_string(l) + ", which has returned");
         return false;
       }
       if (t.state != State::kWarp) return false;
@@ -390,25 +417,22 @@ struct Worker {
       arrived |= 1u << l;
       if (first == nullptr) first = &lane[l];
       const Thread& t = lane[l];
-      if (t.op != first->op || t.mask != first->mask || t.line != first->line || std::strcmp(t.file, first->file) != 0) {
-        fail(where(t) + " is at " + op_name(t.op) + " (" + t.file + ":" + std::to_string(t.line) + ", mask " +
-             std::to_string(t.mask) + ") while lane " + std::to_string(first->index.x % kWarp) + " is at " +
-             op_name(first->op) + " (" + first->file + ":" + std::to_string(first->line) + ", mask " +
-             std::to_string(first->mask) + "): a divergent warp op");
+      if (t.op != first->op || t.mask != first->mask || !same_call(t.at, first->at)) {
+        fail(where(t) + " is at " + waiting(t) + ", " + where(*first) + " at " + waiting(*first) +
+             ": a divergent warp op");
         return;
       }
       if (t.width != kWarp) {
-        fail(where(t) + ": " + op_name(t.op) + " with width " + std::to_string(t.width) + " (only 32 is emulated)");
+        fail(where(t) + ": " + waiting(t) + " with width " + std::to_string(t.width) + " (only 32 is emulated)");
         return;
       }
     }
     if (arrived != first->mask) {
-      fail(where(*first) + ": " + op_name(first->op) + " at " + first->file + ":" + std::to_string(first->line) +
-           " with mask " + std::to_string(first->mask) + " but lanes " + std::to_string(arrived) + " arrived");
+      fail(where(*first) + ": " + waiting(*first) + " but lanes " + hex(arrived) + " are there");
       return;
     }
     bool shifted = false;
-    for (const Site& s : config.shifted_shuffles) shifted = shifted || s.matches(first->file, first->line);
+    for (const Site& s : config.shifted_shuffles) shifted = shifted || s.matches(first->at);
     uint64_t ballot = 0;
     for (unsigned l = 0; l < kWarp; ++l) ballot |= (lane[l].state == State::kWarp && lane[l].value != 0 ? 1ull : 0ull) << l;
     for (unsigned l = 0; l < kWarp; ++l) {
@@ -423,15 +447,13 @@ struct Worker {
         case WarpOp::kBallot: break;
       }
       if (!((arrived >> src) & 1u)) {
-        fail(where(t) + ": " + op_name(t.op) + " at " + t.file + ":" + std::to_string(t.line) + " reads lane " +
-             std::to_string(src) + ", outside the mask");
+        fail(where(t) + ": " + waiting(t) + " reads lane " + std::to_string(src) + ", outside the mask");
         return;
       }
       t.result = t.op == WarpOp::kBallot ? ballot : lane[src].value;
     }
     for (unsigned l = 0; l < kWarp; ++l)
       if (lane[l].state == State::kWarp) lane[l].state = State::kRunnable;
-    ++warp_sync[w];
   }
 
   // Runs thread i until it waits; with eager release, a warp it completes goes on at once.
@@ -456,9 +478,9 @@ struct Worker {
       if (t.state == State::kExited) continue;
       if (t.state != State::kBarrier) return false;
       if (first == nullptr) first = &t;
-      if (t.line != first->line || std::strcmp(t.file, first->file) != 0) {
-        fail(where(t) + " waits at __syncthreads " + t.file + ":" + std::to_string(t.line) + ", " + where(*first) +
-             " at " + first->file + ":" + std::to_string(first->line) + ": a divergent barrier");
+      if (!same_call(t.at, first->at)) {
+        fail(where(t) + " waits at " + waiting(t) + ", " + where(*first) + " at " + waiting(*first) +
+             ": a divergent barrier");
         return false;
       }
     }
@@ -470,17 +492,11 @@ struct Worker {
   }
 
   FSAM_SIM_UNCHECKED std::string stuck() const {
-    std::ostringstream s;
-    s << "block " << block_index.x << " cannot go on:";
-    for (unsigned i = 0; i < threads; ++i) {
-      const Thread& t = thread[i];
-      if (t.state == State::kExited) continue;
-      s << " thread " << i << (t.state == State::kBarrier ? " at __syncthreads " : " at ")
-        << (t.state == State::kWarp ? op_name(t.op) : "") << (t.state == State::kWarp ? " " : "") << t.file << ":"
-        << t.line << ";";
-      if (s.tellp() > 600) break;
-    }
-    return s.str() + " (a barrier or warp op not reached by every thread it waits for)";
+    std::string s = "block " + std::to_string(block_index.x) + " cannot go on (a barrier or warp op that not every "
+                    "thread it waits for reaches):";
+    for (unsigned i = 0; i < threads && s.size() < 800; ++i)
+      if (thread[i].state != State::kExited) s += " thread " + std::to_string(i) + " " + waiting(thread[i]) + ";";
+    return s;
   }
 
   FSAM_SIM_UNCHECKED void run_block(unsigned b) {
@@ -488,13 +504,10 @@ struct Worker {
     rng.seed(config.seed * 0x9E3779B97F4A7C15ull + b);
     ++generation;
     interval = 0;
-    std::fill(std::begin(warp_sync), std::end(warp_sync), 0u);
     for (unsigned i = 0; i < threads; ++i) {
       Thread& t = thread[i];
       t.index = {i, 0, 0};
       t.state = State::kRunnable;
-      t.file = "";
-      t.line = 0;
       make_context(t.context, stacks + i * stack_stride, stack_stride, &fiber_main, this);
     }
     while (error.empty()) {
@@ -526,71 +539,49 @@ struct Worker {
     t_worker = nullptr;
   }
 
-  // ---- the race check
+  // ---- the race check: only a barrier orders the shared-memory accesses of two threads (a warp
+  // op synchronises its lanes but is no memory fence)
 
   FSAM_SIM_UNCHECKED void race(const char* what, const Thread& t, int other, uintptr_t addr, const void* pc) {
     Dl_info info;
     const auto module = dladdr(pc, &info) != 0 ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0;
     std::ostringstream s;
-    s << "a data race on shared memory: " << where(t) << " " << what;
-    if (other >= 0) s << " thread " << other;
-    if (other == -2) s << " several threads";
-    s << " in one barrier interval (shared offset " << (addr - shared_lo) << ", code at _sim+0x" << std::hex
+    s << "a data race on shared memory: " << where(t) << " " << what
+      << (other == -2 ? " several threads" : " thread " + std::to_string(other))
+      << " in one barrier interval (shared offset " << (addr - shared_lo) << ", code at _sim+0x" << std::hex
       << (reinterpret_cast<uintptr_t>(pc) - module) << ")";
     fail(s.str());
   }
 
   enum Access { kRead, kWrite, kAtomic };
 
-  // Whether another thread's access (several: -2) at its warp's op count s is unordered with one
-  // by thread tid at count sync: not the same thread, nor the same warp with a warp op between.
-  static FSAM_SIM_UNCHECKED bool unordered(int tid, uint32_t sync, int other, uint32_t s) {
-    return other == -2 || (other >= 0 && other != tid && !(other / kWarp == tid / kWarp && s < sync));
-  }
-
   FSAM_SIM_UNCHECKED void access(uintptr_t addr, size_t size, Access kind, const void* pc) {
     const Thread& t = *current;
-    const int tid = static_cast<int>(t.index.x), warp = tid / kWarp;
-    const uint32_t sync = warp_sync[warp];
+    const int tid = static_cast<int>(t.index.x);
+    const auto other = [tid](int who) { return who == -2 || (who >= 0 && who != tid); };
     const size_t last = std::min((addr + size - 1 - shared_lo) / 4, shadow.size() - 1);
-    for (size_t g = (addr - shared_lo) / 4; g <= last; ++g) {
+    for (size_t g = (addr - shared_lo) / 4; g <= last && error.empty(); ++g) {
       Shadow& e = shadow[g];
-      if (e.block != generation) e = Shadow{generation, interval, -1, -1, 0, 0, -1, false, false};
-      if (e.interval != interval) e = Shadow{generation, interval, -1, -1, 0, 0, -1, e.written, false};
+      if (e.block != generation) e = Shadow{generation, interval, -1, -1, false, false};
+      if (e.interval != interval) e = Shadow{generation, interval, -1, -1, e.written, false};
       if (kind != kWrite && !e.written) {
-        std::ostringstream s;
-        s << where(t) << " reads shared memory that no thread of the block has written (offset "
-          << (addr - shared_lo) << ")";
-        fail(s.str());
-        return;
-      }
-      if (kind == kAtomic) {
-        if (!e.atomic_write && unordered(tid, sync, e.writer, e.write_sync)) return race("updates atomically what was written by", t, e.writer, addr, pc);
-        if (unordered(tid, sync, e.reader, e.read_sync) && !(e.reader == -2 && e.read_warp == warp && e.read_sync < sync))
-          return race("updates atomically what was read by", t, e.reader, addr, pc);
+        fail(where(t) + " reads shared memory that no thread of the block has written (offset " +
+             std::to_string(addr - shared_lo) + ")");
+      } else if (kind == kAtomic) {
+        if (!e.atomic_write && other(e.writer)) race("updates atomically what was written by", t, e.writer, addr, pc);
+        if (other(e.reader)) race("updates atomically what was read by", t, e.reader, addr, pc);
         e.writer = e.writer == -1 || e.writer == tid ? static_cast<int16_t>(tid) : int16_t{-2};
-        e.write_sync = sync;
-        e.atomic_write = e.written = true;
-        continue;
+        e.atomic_write = true;
+      } else if (kind == kRead) {
+        if (other(e.writer)) race("reads what was written by", t, e.writer, addr, pc);
+        e.reader = e.reader == -1 || e.reader == tid ? static_cast<int16_t>(tid) : int16_t{-2};
+      } else {
+        if (other(e.writer)) race("writes what was written by", t, e.writer, addr, pc);
+        if (other(e.reader)) race("writes what was read by", t, e.reader, addr, pc);
+        e.writer = static_cast<int16_t>(tid);
+        e.atomic_write = false;
+        e.written = true;
       }
-      if (unordered(tid, sync, e.writer, e.write_sync)) return race(kind == kRead ? "reads what was written by" : "writes what was written by", t, e.writer, addr, pc);
-      if (kind == kRead) {
-        if (e.reader == -1) {
-          e.reader = static_cast<int16_t>(tid);
-          e.read_warp = static_cast<int8_t>(warp);
-        } else if (e.reader != tid) {
-          e.reader = -2;
-          if (e.read_warp != warp) e.read_warp = -1;
-        }
-        e.read_sync = std::max(e.read_sync, sync);
-        continue;
-      }
-      if (unordered(tid, sync, e.reader, e.read_sync) && !(e.reader == -2 && e.read_warp == warp && e.read_sync < sync))
-        return race("writes what was read by", t, e.reader, addr, pc);
-      e.writer = static_cast<int16_t>(tid);
-      e.write_sync = sync;
-      e.atomic_write = false;
-      e.written = true;
     }
   }
 };
@@ -604,7 +595,7 @@ FSAM_SIM_UNCHECKED void fiber_main(void* worker) {
   }
   w->current->state = State::kExited;
   w->yield();
-  __builtin_unreachable();  // an exited fiber is never resumed
+  __builtin_unreachable();  // a returned thread is never resumed
 }
 
 FSAM_SIM_UNCHECKED Worker& worker() {
@@ -621,7 +612,7 @@ std::vector<std::unique_ptr<Worker>> g_workers;
 FSAM_SIM_UNCHECKED inline void check(const volatile void* p, size_t size, Worker::Access kind, const void* pc) {
   if (g_launches.load(std::memory_order_relaxed) == 0) return;
   Worker* w = t_worker;
-  if (w == nullptr || w->current == nullptr) return;
+  if (w == nullptr || w->current == nullptr || !w->config.race_check) return;
   const auto a = reinterpret_cast<uintptr_t>(p);
   if (a < w->shared_lo || a >= w->shared_hi || (a < w->own_hi && a + size > w->own_lo)) return;
   w->access(a, size, kind, pc);
@@ -634,36 +625,47 @@ FSAM_SIM_UNCHECKED const Index& block_index() { return worker().block_index; }
 FSAM_SIM_UNCHECKED const Index& block_dim() { return worker().block_dim; }
 FSAM_SIM_UNCHECKED const Index& grid_dim() { return worker().grid_dim; }
 
-FSAM_SIM_UNCHECKED void sync_threads(const char* file, int line) {
+FSAM_SIM_UNCHECKED void sync_threads(std::source_location at) {
   Worker& w = worker();
   for (const Site& s : w.config.skipped_barriers)
-    if (s.matches(file, line)) return;
+    if (s.matches(at)) return;
   Thread& t = *w.current;
   t.state = State::kBarrier;
-  t.file = file;
-  t.line = line;
+  t.at = at;
   w.yield();
 }
 
-FSAM_SIM_UNCHECKED uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file,
-                                    int line) {
+FSAM_SIM_UNCHECKED uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width,
+                                    std::source_location at) {
   Worker& w = worker();
   Thread& t = *w.current;
+  if (!((mask >> (t.index.x % kWarp)) & 1u))  // CUDA: every calling lane is in the mask
+    w.abandon(w.where(t) + ": " + op_name(op) + " at " + str(at) + " with mask " + hex(mask) +
+              ", which does not name the calling lane");
   t.state = State::kWarp;
   t.op = op;
   t.mask = mask;
   t.value = value;
   t.arg = arg;
   t.width = width;
-  t.file = file;
-  t.line = line;
+  t.at = at;
   w.yield();
   return t.result;
 }
 
 FSAM_SIM_UNCHECKED int sm_count() { return static_cast<int>(env_int("FSAM_SIM_SMS", Config{}.sms, 1, 4096)); }
 
-FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* kernel, const std::function<void()>& body) {
+// The kernel's name in the launch helper's signature ("... [with auto kKernel = NAME; ...]").
+FSAM_SIM_UNCHECKED std::string kernel_name(const char* signature) {
+  const std::string s(signature), key = "kKernel = ";
+  const size_t at = s.find(key);
+  if (at == std::string::npos) return s;
+  return s.substr(at + key.size(), s.find_first_of(";]", at) - at - key.size());
+}
+
+FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* signature,
+                               const std::function<void()>& body) {
+  const std::string kernel = kernel_name(signature);
   // What a GPU refuses at launch.
   TORCH_CHECK(grid >= 1 && grid <= 0x7fffffffu, "cuda-sim: ", kernel, " launched with ", grid,
               " blocks (a grid has 1 to 2^31 - 1)");
@@ -677,7 +679,6 @@ FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* kernel
   for (unsigned i = 0; i < n; ++i) {
     Worker& w = *g_workers[i];
     w.config = config;
-    w.kernel = kernel;
     w.body = &body;
     w.threads = block;
     w.block_dim = {block, 1, 1};

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <source_location>
 #include <type_traits>
 
 #define __global__
@@ -29,17 +30,18 @@ const Index& block_index();
 const Index& block_dim();
 const Index& grid_dim();
 
-// A block-wide barrier over the threads that have not returned; `file` and `line` name the call.
-void sync_threads(const char* file, int line);
+// A block-wide barrier over the threads that have not returned; `at` names the call.
+void sync_threads(std::source_location at);
 
 enum class WarpOp { kShfl, kShflUp, kShflDown, kBallot };
 // Deposits this lane's 8 bytes, waits until every lane named by `mask` has arrived at the same
 // call (anything else is an error), and returns what this lane receives.
-uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
+uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, std::source_location at);
 
 // Runs body() in every thread of `grid` blocks of `block` threads; returns when all have finished
-// and raises if the emulator saw an error (divergence, a data race on shared memory).
-void launch(unsigned grid, unsigned block, const char* kernel, const std::function<void()>& body);
+// and raises if the emulator saw an error (divergence, a data race on shared memory).  `signature`:
+// the launching function's __PRETTY_FUNCTION__, which names the kernel.
+void launch(unsigned grid, unsigned block, const char* signature, const std::function<void()>& body);
 
 int sm_count();  // the emulated device's SMs (FSAM_SIM_SMS)
 
@@ -59,8 +61,8 @@ T from_bits(uint64_t u) {
 }
 
 template <typename T>
-T shuffle(WarpOp op, const char* file, int line, unsigned mask, T v, int arg, int width = 32) {
-  return from_bits<T>(warp_op(op, mask, to_bits(v), arg, width, file, line));
+T shuffle(WarpOp op, std::source_location at, unsigned mask, T v, int arg, int width = 32) {
+  return from_bits<T>(warp_op(op, mask, to_bits(v), arg, width, at));
 }
 
 }  // namespace fsam::sim
@@ -71,13 +73,14 @@ T shuffle(WarpOp op, const char* file, int line, unsigned mask, T v, int arg, in
 #define gridDim (::fsam::sim::grid_dim())
 #define warpSize 32
 
-#define __syncthreads() ::fsam::sim::sync_threads(__FILE__, __LINE__)
-#define __shfl_sync(...) ::fsam::sim::shuffle(::fsam::sim::WarpOp::kShfl, __FILE__, __LINE__, __VA_ARGS__)
-#define __shfl_up_sync(...) ::fsam::sim::shuffle(::fsam::sim::WarpOp::kShflUp, __FILE__, __LINE__, __VA_ARGS__)
-#define __shfl_down_sync(...) ::fsam::sim::shuffle(::fsam::sim::WarpOp::kShflDown, __FILE__, __LINE__, __VA_ARGS__)
-#define __ballot_sync(mask, predicate)                                                                       \
-  static_cast<unsigned>(::fsam::sim::warp_op(::fsam::sim::WarpOp::kBallot, mask, (predicate) ? 1u : 0u, 0, 32, \
-                                             __FILE__, __LINE__))
+#define FSAM_SIM_HERE std::source_location::current()
+#define __syncthreads() ::fsam::sim::sync_threads(FSAM_SIM_HERE)
+#define __shfl_sync(...) ::fsam::sim::shuffle(::fsam::sim::WarpOp::kShfl, FSAM_SIM_HERE, __VA_ARGS__)
+#define __shfl_up_sync(...) ::fsam::sim::shuffle(::fsam::sim::WarpOp::kShflUp, FSAM_SIM_HERE, __VA_ARGS__)
+#define __shfl_down_sync(...) ::fsam::sim::shuffle(::fsam::sim::WarpOp::kShflDown, FSAM_SIM_HERE, __VA_ARGS__)
+#define __ballot_sync(mask, predicate) \
+  static_cast<unsigned>(               \
+      ::fsam::sim::warp_op(::fsam::sim::WarpOp::kBallot, mask, (predicate) ? 1u : 0u, 0, 32, FSAM_SIM_HERE))
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }

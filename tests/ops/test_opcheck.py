@@ -8,7 +8,7 @@ from fsam_kernels._layout import RADIX_HIST_SIZES, RADIX_STATE_SIZE, STATE_K_LEF
 from conftest import compiled_backends
 
 # (namespace of the ops, device) for every compiled backend; `reference` is plain eager code.
-NAMESPACES = [({"triton": "fsam_triton"}.get(b, "fsam"), d) for b, d in compiled_backends()]
+NAMESPACES = [(backends.NAMESPACES[b], d) for b, d in compiled_backends()]
 CASES = pytest.mark.parametrize("namespace,device", NAMESPACES or [pytest.param(
     None, None, marks=pytest.mark.skip(reason="no compiled backend built"))])
 
@@ -23,7 +23,7 @@ def inputs(device):
 
 
 def namespace_ops(namespace):
-    backends.op("grad_sumsq", "triton" if namespace == "fsam_triton" else "cpu")  # defines the namespace
+    backends.op("grad_sumsq", {v: k for k, v in backends.NAMESPACES.items()}[namespace])  # defines the namespace
     return getattr(torch.ops, namespace)
 
 

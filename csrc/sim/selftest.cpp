@@ -1,0 +1,100 @@
+// Kernels that each break one rule of the CUDA programming model, and two that keep the rules
+// where an emulator could wrongly object, run by fsam_sim::sim_selftest(kernel, grid) for
+// tests/sim: the emulator must refuse each broken one with its own message and run the others.
+#include "device.cuh"
+
+#include <ATen/ops/full.h>
+
+#include <string>
+
+namespace fsam::sim::selftest {
+namespace {
+
+using fsam::cuda::kBlock;
+
+__global__ void divergent_shuffle(int* out) {  // half the warp at one shuffle, half at another
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  out[threadIdx.x] = lane < 16 ? __shfl_sync(0xffffffffu, lane, 0) : __shfl_sync(0xffffffffu, lane, 0);
+}
+
+__global__ void partial_mask(int* out) {  // every lane arrives, the mask names half of them
+  out[threadIdx.x] = __shfl_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 0);
+}
+
+__global__ void returned_lane(int* out) {  // the mask names a lane that has returned
+  if (threadIdx.x % 32 == 31) return;
+  out[threadIdx.x] = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x), 0);
+}
+
+__global__ void divergent_barrier(int* out) {  // two __syncthreads calls, half the block at each
+  if (threadIdx.x < kBlock / 2) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+__global__ void missing_barrier(int* out) {  // reads another thread's write of the same interval
+  __shared__ int s[kBlock];
+  s[threadIdx.x] = 1;
+  __syncthreads();
+  s[threadIdx.x] = static_cast<int>(threadIdx.x);
+  out[threadIdx.x] = s[kBlock - 1 - threadIdx.x];
+}
+
+__global__ void shuffle_is_no_fence(int* out) {  // a warp op synchronises lanes, orders no memory
+  __shared__ int s[kBlock / 32];
+  if (threadIdx.x % 32 == 0) s[threadIdx.x / 32] = 7;
+  const int one = __shfl_sync(0xffffffffu, 1, 0);
+  out[threadIdx.x] = s[threadIdx.x / 32] + one;
+}
+
+__global__ void uninitialised_read(int* out) {  // shared memory starts undefined in every block
+  __shared__ int s[kBlock];
+  if (threadIdx.x < kBlock / 2) s[threadIdx.x] = 1;
+  __syncthreads();
+  out[threadIdx.x] = s[kBlock - 1 - threadIdx.x];
+}
+
+__global__ void shared_atomics(int* out) {  // kept: a zeroed counter, atomics, a barrier, reads
+  __shared__ int count;
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  atomicAdd(&count, static_cast<int>(blockIdx.x) + 1);
+  __syncthreads();
+  out[blockIdx.x * kBlock + threadIdx.x] = count;
+}
+
+__global__ void warp_ops(int* out) {  // kept: a ballot and the three shuffles
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const unsigned odd = __ballot_sync(0xffffffffu, lane % 2 == 1);
+  const int down = __shfl_down_sync(0xffffffffu, lane, 3), up = __shfl_up_sync(0xffffffffu, lane, 5);
+  const int from = __shfl_sync(0xffffffffu, lane * 10, 31 - lane);
+  out[blockIdx.x * kBlock + threadIdx.x] = static_cast<int>(odd == 0xaaaaaaaau) + 2 * down + 100 * up + 10000 * from;
+}
+
+at::Tensor sim_selftest(const std::string& kernel, int64_t grid) {
+  TORCH_CHECK(grid >= 0 && grid <= 1024, "sim_selftest: grid must be in [0, 1024], got ", grid);
+  auto out = at::full({std::max<int64_t>(grid, 1) * kBlock}, -1, at::TensorOptions().dtype(at::kInt));
+  int* p = out.data_ptr<int>();
+  const auto g = static_cast<unsigned>(grid);
+  using cuda::launch;
+  if (kernel == "divergent_shuffle") launch<divergent_shuffle>(g, {}, p);
+  else if (kernel == "partial_mask") launch<partial_mask>(g, {}, p);
+  else if (kernel == "returned_lane") launch<returned_lane>(g, {}, p);
+  else if (kernel == "divergent_barrier") launch<divergent_barrier>(g, {}, p);
+  else if (kernel == "missing_barrier") launch<missing_barrier>(g, {}, p);
+  else if (kernel == "shuffle_is_no_fence") launch<shuffle_is_no_fence>(g, {}, p);
+  else if (kernel == "uninitialised_read") launch<uninitialised_read>(g, {}, p);
+  else if (kernel == "shared_atomics") launch<shared_atomics>(g, {}, p);
+  else if (kernel == "warp_ops") launch<warp_ops>(g, {}, p);
+  else TORCH_CHECK(false, "sim_selftest: no kernel named '", kernel, "'");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fsam_sim, m) { m.def("sim_selftest(str kernel, int grid) -> Tensor", &sim_selftest); }
+
+}  // namespace fsam::sim::selftest

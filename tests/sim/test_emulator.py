@@ -1,0 +1,88 @@
+"""The SIMT emulator of the cuda-sim backend on kernels written to break one rule of the CUDA
+programming model each (csrc/sim/selftest.cpp): each must be refused with its own message, under
+every schedule, and the kernels that keep the rules must run and give the hardware's results."""
+import pytest
+import torch
+
+import fsam_kernels
+from fsam_kernels import _extension, backends
+
+pytestmark = pytest.mark.skipif(not _extension.SIM_LOADED, reason="the emulated build (fsam_kernels._sim) is absent")
+
+BLOCK = 256
+ORDERS = ["in-order", "reversed", "random"]
+RELEASES = ["eager", "pass"]
+SCHEDULES = pytest.mark.parametrize("order,release", [(o, r) for o in ORDERS for r in RELEASES])
+
+BROKEN = {
+    "divergent_shuffle": "a divergent warp op",
+    "partial_mask": "with mask 0xffff, which does not name the calling lane",
+    "returned_lane": "names lane 31, which has returned",
+    "divergent_barrier": "a divergent barrier",
+    "missing_barrier": "a data race on shared memory",
+    "shuffle_is_no_fence": "a data race on shared memory",
+    "uninitialised_read": "reads shared memory that no thread of the block has written",
+}
+
+
+def selftest(kernel, grid):
+    return torch.ops.fsam_sim.sim_selftest(kernel, grid)
+
+
+@pytest.fixture
+def schedule(monkeypatch):
+    def use(order, release):
+        monkeypatch.setenv("FSAM_SIM_ORDER", order)
+        monkeypatch.setenv("FSAM_SIM_RELEASE", release)
+    return use
+
+
+@SCHEDULES
+@pytest.mark.parametrize("kernel", list(BROKEN))
+def test_a_broken_rule_is_refused(kernel, order, release, schedule):
+    schedule(order, release)
+    with pytest.raises(RuntimeError, match=f"cuda-sim: .*{kernel}: .*{BROKEN[kernel]}"):
+        selftest(kernel, 3)
+
+
+def expected_warp_ops(grid):
+    lane = torch.arange(BLOCK) % 32
+    down = torch.where(lane + 3 < 32, lane + 3, lane)
+    up = torch.where(lane >= 5, lane - 5, lane)
+    one_block = 1 + 2 * down + 100 * up + 10000 * (31 - lane) * 10
+    return one_block.repeat(grid).int()
+
+
+@SCHEDULES
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_kept_rules_run_with_the_hardwares_results(order, release, workers, schedule, monkeypatch):
+    schedule(order, release)
+    monkeypatch.setenv("FSAM_SIM_WORKERS", workers)
+    grid = 5
+    assert torch.equal(selftest("shared_atomics", grid), (torch.arange(grid) + 1).repeat_interleave(BLOCK).int() * BLOCK)
+    assert torch.equal(selftest("warp_ops", grid), expected_warp_ops(grid))
+
+
+def test_an_empty_grid_is_refused_as_on_a_gpu():
+    with pytest.raises(RuntimeError, match="warp_ops launched with 0 blocks"):
+        selftest("warp_ops", 0)
+    with pytest.raises(RuntimeError, match="no kernel named 'nothing'"):
+        selftest("nothing", 1)
+
+
+@pytest.mark.parametrize("name,value", [("FSAM_SIM_ORDER", "sideways"), ("FSAM_SIM_RELEASE", "late"),
+                                        ("FSAM_SIM_SMS", "0"), ("FSAM_SIM_WORKERS", "x"),
+                                        ("FSAM_SIM_RACECHECK", "2"), ("FSAM_SIM_MUTATE", "barrier@nowhere")])
+def test_a_bad_setting_is_refused_by_name(name, value, monkeypatch):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=name):
+        selftest("warp_ops", 1)
+
+
+def test_listed_and_accepted_but_never_chosen_by_auto():
+    assert "cuda-sim" in fsam_kernels.available_backends()
+    assert "cuda-sim" not in backends.native_backends("cpu")
+    assert backends.resolve("auto", "cpu") != "cuda-sim"
+    assert backends.resolve("cuda-sim", "cpu") == "cuda-sim"
+    with pytest.raises(ValueError, match="runs on cpu tensors"):
+        backends.resolve("cuda-sim", "cuda")
