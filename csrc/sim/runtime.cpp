@@ -6,11 +6,13 @@
 // of the pass).  A barrier releases when every thread that has not returned waits at it.
 //
 // Races on shared memory are seen directly: this build is compiled with -fsanitize=thread, whose
-// instrumentation calls the __tsan_* functions defined here (no sanitizer runtime is linked) for
+// instrumentation calls the functions of tsan_callbacks.cpp (no sanitizer runtime is linked) at
 // every access.  Accesses by a fiber to this module's thread-local block (where __shared__ arrays
 // live) go through a shadow of 4-byte words: two threads touching a word in one barrier interval,
-// one of them writing, not both atomically and not ordered by a warp op of their common warp, is
-// an error; so is reading a word no thread of the block has written.
+// one of them writing, not both atomically, is a data race; so is reading a word no thread of the
+// block has written.
+#include "fiber.h"
+
 #include <c10/util/Exception.h>
 
 #include <dlfcn.h>
@@ -28,13 +30,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#if !defined(__x86_64__)
-#include <ucontext.h>
-#endif
-
-// The emulator's own code is not checked (and the callbacks must not call themselves).
-#define FSAM_SIM_UNCHECKED __attribute__((no_sanitize("thread")))
 
 namespace fsam::sim {
 namespace {
@@ -137,101 +132,6 @@ FSAM_SIM_UNCHECKED Config read_config() {
   return c;
 }
 
-// ---- fibers: a stack pointer and the callee-saved registers (x86-64), else ucontext
-
-#if defined(__x86_64__)
-extern "C" void fsam_sim_switch(void** save_sp, void* load_sp);
-extern "C" void fsam_sim_start();
-// fsam_sim_switch saves rbp, rbx, r12-r15, MXCSR and the x87 control word on the stack, stores the
-// stack pointer, loads the other and restores the same; a new fiber's stack holds fsam_sim_start
-// as the return address, which calls r13(r12).
-asm(R"(
-  .text
-  .p2align 4
-  .globl fsam_sim_switch
-  .hidden fsam_sim_switch
-  .type fsam_sim_switch, @function
-fsam_sim_switch:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-  .size fsam_sim_switch, .-fsam_sim_switch
-
-  .p2align 4
-  .globl fsam_sim_start
-  .hidden fsam_sim_start
-  .type fsam_sim_start, @function
-fsam_sim_start:
-  movq %r12, %rdi
-  callq *%r13
-  ud2
-  .size fsam_sim_start, .-fsam_sim_start
-)");
-
-struct Context {
-  void* sp = nullptr;
-};
-
-FSAM_SIM_UNCHECKED void make_context(Context& c, char* stack, size_t bytes, void (*entry)(void*), void* arg) {
-  uint32_t mxcsr = __builtin_ia32_stmxcsr();
-  uint16_t fcw = 0;
-  asm volatile("fnstcw %0" : "=m"(fcw));
-  auto* top = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15}) - 16);
-  uint64_t* sp = top - 8;  // 16-byte aligned: after the pops and ret, rsp is too
-  sp[0] = mxcsr | (uint64_t{fcw} << 32);
-  sp[1] = sp[2] = 0;                           // r15, r14
-  sp[3] = reinterpret_cast<uint64_t>(entry);   // r13
-  sp[4] = reinterpret_cast<uint64_t>(arg);     // r12
-  sp[5] = sp[6] = 0;                           // rbx, rbp
-  sp[7] = reinterpret_cast<uint64_t>(&fsam_sim_start);
-  c.sp = sp;
-}
-
-FSAM_SIM_UNCHECKED inline void switch_context(Context& from, Context& to) { fsam_sim_switch(&from.sp, to.sp); }
-
-#else
-
-struct Context {
-  ucontext_t uc;
-};
-
-FSAM_SIM_UNCHECKED void trampoline(unsigned hi, unsigned lo, unsigned ehi, unsigned elo) {
-  auto* entry = reinterpret_cast<void (*)(void*)>((uint64_t{ehi} << 32) | elo);
-  entry(reinterpret_cast<void*>((uint64_t{hi} << 32) | lo));
-}
-
-FSAM_SIM_UNCHECKED void make_context(Context& c, char* stack, size_t bytes, void (*entry)(void*), void* arg) {
-  getcontext(&c.uc);
-  c.uc.uc_stack.ss_sp = stack;
-  c.uc.uc_stack.ss_size = bytes;
-  c.uc.uc_link = nullptr;
-  const auto a = reinterpret_cast<uint64_t>(arg), e = reinterpret_cast<uint64_t>(entry);
-  makecontext(&c.uc, reinterpret_cast<void (*)()>(&trampoline), 4, unsigned(a >> 32), unsigned(a), unsigned(e >> 32),
-              unsigned(e));
-}
-
-FSAM_SIM_UNCHECKED inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
-
-#endif
-
 // ---- a worker: one block at a time
 
 enum class State : uint8_t { kRunnable, kBarrier, kWarp, kExited };
@@ -275,7 +175,12 @@ struct Blocks {
   std::atomic<unsigned> next{0};
   std::atomic<bool> stop{false};
 };
-std::atomic<int> g_launches{0};  // the callbacks do nothing while no launch runs
+std::atomic<int> g_launches{0};  // the race check does nothing while no launch runs
+
+struct Running {  // a launch in progress, for the race check
+  FSAM_SIM_UNCHECKED Running() { g_launches.fetch_add(1); }
+  FSAM_SIM_UNCHECKED ~Running() { g_launches.fetch_sub(1); }
+};
 
 FSAM_SIM_UNCHECKED void fiber_main(void* worker);
 
@@ -553,8 +458,6 @@ struct Worker {
     fail(s.str());
   }
 
-  enum Access { kRead, kWrite, kAtomic };
-
   FSAM_SIM_UNCHECKED void access(uintptr_t addr, size_t size, Access kind, const void* pc) {
     const Thread& t = *current;
     const int tid = static_cast<int>(t.index.x);
@@ -564,15 +467,15 @@ struct Worker {
       Shadow& e = shadow[g];
       if (e.block != generation) e = Shadow{generation, interval, -1, -1, false, false};
       if (e.interval != interval) e = Shadow{generation, interval, -1, -1, e.written, false};
-      if (kind != kWrite && !e.written) {
+      if (kind != Access::kWrite && !e.written) {
         fail(where(t) + " reads shared memory that no thread of the block has written (offset " +
              std::to_string(addr - shared_lo) + ")");
-      } else if (kind == kAtomic) {
+      } else if (kind == Access::kAtomic) {
         if (!e.atomic_write && other(e.writer)) race("updates atomically what was written by", t, e.writer, addr, pc);
         if (other(e.reader)) race("updates atomically what was read by", t, e.reader, addr, pc);
         e.writer = e.writer == -1 || e.writer == tid ? static_cast<int16_t>(tid) : int16_t{-2};
         e.atomic_write = true;
-      } else if (kind == kRead) {
+      } else if (kind == Access::kRead) {
         if (other(e.writer)) race("reads what was written by", t, e.writer, addr, pc);
         e.reader = e.reader == -1 || e.reader == tid ? static_cast<int16_t>(tid) : int16_t{-2};
       } else {
@@ -608,8 +511,9 @@ FSAM_SIM_UNCHECKED Worker& worker() {
 std::mutex g_launch_mutex;
 std::vector<std::unique_ptr<Worker>> g_workers;
 
-// Called by the instrumentation: the running fiber's accesses to shared memory.
-FSAM_SIM_UNCHECKED inline void check(const volatile void* p, size_t size, Worker::Access kind, const void* pc) {
+}  // namespace
+
+FSAM_SIM_UNCHECKED void on_access(const volatile void* p, size_t size, Access kind, const void* pc) {
   if (g_launches.load(std::memory_order_relaxed) == 0) return;
   Worker* w = t_worker;
   if (w == nullptr || w->current == nullptr || !w->config.race_check) return;
@@ -617,8 +521,6 @@ FSAM_SIM_UNCHECKED inline void check(const volatile void* p, size_t size, Worker
   if (a < w->shared_lo || a >= w->shared_hi || (a < w->own_hi && a + size > w->own_lo)) return;
   w->access(a, size, kind, pc);
 }
-
-}  // namespace
 
 FSAM_SIM_UNCHECKED const Index& thread_index() { return worker().current->index; }
 FSAM_SIM_UNCHECKED const Index& block_index() { return worker().block_index; }
@@ -685,95 +587,16 @@ FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* signat
     w.grid_dim = {grid, 1, 1};
     w.error.clear();
   }
-  g_launches.fetch_add(1);
-  std::vector<std::thread> others;
-  for (unsigned i = 1; i < n; ++i) others.emplace_back(&Worker::work, g_workers[i].get(), std::ref(blocks));
-  g_workers[0]->work(blocks);
-  for (auto& t : others) t.join();
-  g_launches.fetch_sub(1);
+  {
+    const Running running;
+    std::vector<std::thread> others;
+    for (unsigned i = 1; i < n; ++i) others.emplace_back(&Worker::work, g_workers[i].get(), std::ref(blocks));
+    g_workers[0]->work(blocks);
+    for (auto& t : others) t.join();
+  }
   for (unsigned i = 0; i < n; ++i)
     TORCH_CHECK(g_workers[i]->error.empty(), "cuda-sim: ", kernel, ": ", g_workers[i]->error);
 }
 
 }  // namespace fsam::sim
 
-// ---- the callbacks of -fsanitize=thread's instrumentation (their signatures are GCC's built-in ones)
-
-#define FSAM_SIM_PC __builtin_return_address(0)
-using fsam::sim::check;
-using Kind = fsam::sim::Worker::Access;
-
-extern "C" {
-FSAM_SIM_UNCHECKED void __tsan_init() {}
-FSAM_SIM_UNCHECKED void __tsan_func_entry(void*) {}
-FSAM_SIM_UNCHECKED void __tsan_func_exit() {}
-FSAM_SIM_UNCHECKED void __tsan_vptr_update(void*, void*) {}
-FSAM_SIM_UNCHECKED void __tsan_vptr_read(void*) {}
-
-#define FSAM_SIM_ACCESS(N)                                                                                          \
-  FSAM_SIM_UNCHECKED void __tsan_read##N(void* p) { check(p, N, Kind::kRead, FSAM_SIM_PC); }                       \
-  FSAM_SIM_UNCHECKED void __tsan_write##N(void* p) { check(p, N, Kind::kWrite, FSAM_SIM_PC); }                     \
-  FSAM_SIM_UNCHECKED void __tsan_unaligned_read##N(void* p) { check(p, N, Kind::kRead, FSAM_SIM_PC); }             \
-  FSAM_SIM_UNCHECKED void __tsan_unaligned_write##N(void* p) { check(p, N, Kind::kWrite, FSAM_SIM_PC); }           \
-  FSAM_SIM_UNCHECKED void __tsan_volatile_read##N(void* p) { check(p, N, Kind::kRead, FSAM_SIM_PC); }              \
-  FSAM_SIM_UNCHECKED void __tsan_volatile_write##N(void* p) { check(p, N, Kind::kWrite, FSAM_SIM_PC); }            \
-  FSAM_SIM_UNCHECKED void __tsan_unaligned_volatile_read##N(void* p) { check(p, N, Kind::kRead, FSAM_SIM_PC); }    \
-  FSAM_SIM_UNCHECKED void __tsan_unaligned_volatile_write##N(void* p) { check(p, N, Kind::kWrite, FSAM_SIM_PC); }
-FSAM_SIM_ACCESS(1)
-FSAM_SIM_ACCESS(2)
-FSAM_SIM_ACCESS(4)
-FSAM_SIM_ACCESS(8)
-FSAM_SIM_ACCESS(16)
-FSAM_SIM_UNCHECKED void __tsan_read_range(void* p, unsigned long n) { check(p, n, Kind::kRead, FSAM_SIM_PC); }
-FSAM_SIM_UNCHECKED void __tsan_write_range(void* p, unsigned long n) { check(p, n, Kind::kWrite, FSAM_SIM_PC); }
-
-// Atomics: performed (sequentially consistent, at least what was asked), and seen as atomic.
-#define FSAM_SIM_ATOMIC(N, T)                                                                                       \
-  FSAM_SIM_UNCHECKED T __tsan_atomic##N##_load(const volatile void* p, int) {                                      \
-    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
-    return __atomic_load_n(static_cast<const volatile T*>(p), __ATOMIC_SEQ_CST);                                   \
-  }                                                                                                                 \
-  FSAM_SIM_UNCHECKED void __tsan_atomic##N##_store(volatile void* p, T v, int) {                                   \
-    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
-    __atomic_store_n(static_cast<volatile T*>(p), v, __ATOMIC_SEQ_CST);                                            \
-  }                                                                                                                 \
-  FSAM_SIM_UNCHECKED T __tsan_atomic##N##_exchange(volatile void* p, T v, int) {                                   \
-    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
-    return __atomic_exchange_n(static_cast<volatile T*>(p), v, __ATOMIC_SEQ_CST);                                  \
-  }                                                                                                                 \
-  FSAM_SIM_ATOMIC_RMW(N, T, fetch_add)                                                                             \
-  FSAM_SIM_ATOMIC_RMW(N, T, fetch_sub)                                                                             \
-  FSAM_SIM_ATOMIC_RMW(N, T, fetch_and)                                                                             \
-  FSAM_SIM_ATOMIC_RMW(N, T, fetch_or)                                                                              \
-  FSAM_SIM_ATOMIC_RMW(N, T, fetch_xor)                                                                             \
-  FSAM_SIM_ATOMIC_RMW(N, T, fetch_nand)                                                                            \
-  FSAM_SIM_UNCHECKED int __tsan_atomic##N##_compare_exchange_strong(volatile void* p, void* expected, T desired,  \
-                                                                    int, int) {                                    \
-    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
-    return __atomic_compare_exchange_n(static_cast<volatile T*>(p), static_cast<T*>(expected), desired, false,     \
-                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                                         \
-  }                                                                                                                 \
-  FSAM_SIM_UNCHECKED int __tsan_atomic##N##_compare_exchange_weak(volatile void* p, void* expected, T desired,    \
-                                                                  int, int) {                                      \
-    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
-    return __atomic_compare_exchange_n(static_cast<volatile T*>(p), static_cast<T*>(expected), desired, true,      \
-                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                                         \
-  }                                                                                                                 \
-  FSAM_SIM_UNCHECKED T __tsan_atomic##N##_compare_exchange_val(volatile void* p, T expected, T desired, int, int) { \
-    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
-    __atomic_compare_exchange_n(static_cast<volatile T*>(p), &expected, desired, false, __ATOMIC_SEQ_CST,          \
-                                __ATOMIC_SEQ_CST);                                                                  \
-    return expected;                                                                                                \
-  }
-#define FSAM_SIM_ATOMIC_RMW(N, T, OP)                                                   \
-  FSAM_SIM_UNCHECKED T __tsan_atomic##N##_##OP(volatile void* p, T v, int) {           \
-    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                        \
-    return __atomic_##OP(static_cast<volatile T*>(p), v, __ATOMIC_SEQ_CST);            \
-  }
-FSAM_SIM_ATOMIC(8, unsigned char)
-FSAM_SIM_ATOMIC(16, unsigned short)
-FSAM_SIM_ATOMIC(32, unsigned int)
-FSAM_SIM_ATOMIC(64, unsigned long long)
-FSAM_SIM_UNCHECKED void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-FSAM_SIM_UNCHECKED void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
-}
