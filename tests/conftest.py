@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -55,8 +56,23 @@ def randn(shapes_, dtype, device, seed):
 
 def seed_of(*parts):
     """A seed that differs per test case and is stable across runs."""
-    import zlib
     return zlib.crc32(repr(parts).encode()) % 100_000
+
+
+# The emulator's schedules (thread order, warp release) and SM counts (docs/cuda_sim.md).
+SIM_SCHEDULES = [{"FSAM_SIM_ORDER": order, "FSAM_SIM_RELEASE": release, "FSAM_SIM_SMS": sms}
+                 for order in ("in-order", "reversed", "random") for release in ("eager", "pass")
+                 for sms in ("1", "3", "132")]
+
+
+@pytest.fixture(autouse=True)
+def sim_schedule(request, monkeypatch):
+    """Each test runs the emulated CUDA kernels (cuda-sim) under one of SIM_SCHEDULES, chosen by
+    its id, so that the parity tests together cover all of them; settings given in the
+    environment are kept."""
+    if not any(name in os.environ for name in SIM_SCHEDULES[0]):
+        for name, value in SIM_SCHEDULES[zlib.crc32(request.node.nodeid.encode()) % len(SIM_SCHEDULES)].items():
+            monkeypatch.setenv(name, value)
 
 
 @pytest.fixture

@@ -37,8 +37,8 @@ def nvcc():
 
 
 def block_size():
-    """kBlock of csrc/cuda/multi_tensor.cuh: every kernel's block size."""
-    text = open(os.path.join(ROOT, "csrc", "cuda", "multi_tensor.cuh")).read()
+    """kBlock of csrc/cuda/device.cuh: every kernel's block size."""
+    text = open(os.path.join(ROOT, "csrc", "cuda", "device.cuh")).read()
     return int(re.search(r"constexpr int kBlock = (\d+);", text).group(1))
 
 

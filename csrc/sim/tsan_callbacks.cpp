@@ -58,23 +58,20 @@ FSAM_SIM_UNCHECKED void __tsan_write_range(void* p, unsigned long n) { check(p, 
   FSAM_SIM_ATOMIC_RMW(N, T, fetch_or)                                                                              \
   FSAM_SIM_ATOMIC_RMW(N, T, fetch_xor)                                                                             \
   FSAM_SIM_ATOMIC_RMW(N, T, fetch_nand)                                                                            \
-  FSAM_SIM_UNCHECKED int __tsan_atomic##N##_compare_exchange_strong(volatile void* p, void* expected, T desired,  \
-                                                                    int, int) {                                    \
-    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
-    return __atomic_compare_exchange_n(static_cast<volatile T*>(p), static_cast<T*>(expected), desired, false,     \
-                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                                         \
-  }                                                                                                                 \
-  FSAM_SIM_UNCHECKED int __tsan_atomic##N##_compare_exchange_weak(volatile void* p, void* expected, T desired,    \
-                                                                  int, int) {                                      \
-    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
-    return __atomic_compare_exchange_n(static_cast<volatile T*>(p), static_cast<T*>(expected), desired, true,      \
-                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                                         \
-  }                                                                                                                 \
+  FSAM_SIM_ATOMIC_CAS(N, T, strong, false)                                                                         \
+  FSAM_SIM_ATOMIC_CAS(N, T, weak, true)                                                                            \
   FSAM_SIM_UNCHECKED T __tsan_atomic##N##_compare_exchange_val(volatile void* p, T expected, T desired, int, int) { \
     check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                    \
     __atomic_compare_exchange_n(static_cast<volatile T*>(p), &expected, desired, false, __ATOMIC_SEQ_CST,          \
                                 __ATOMIC_SEQ_CST);                                                                  \
     return expected;                                                                                                \
+  }
+#define FSAM_SIM_ATOMIC_CAS(N, T, KIND, WEAK)                                                                      \
+  FSAM_SIM_UNCHECKED int __tsan_atomic##N##_compare_exchange_##KIND(volatile void* p, void* expected, T desired, int, \
+                                                                    int) {                                          \
+    check(p, N / 8, Kind::kAtomic, FSAM_SIM_PC);                                                                     \
+    return __atomic_compare_exchange_n(static_cast<volatile T*>(p), static_cast<T*>(expected), desired, WEAK,       \
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                                          \
   }
 #define FSAM_SIM_ATOMIC_RMW(N, T, OP)                                                   \
   FSAM_SIM_UNCHECKED T __tsan_atomic##N##_##OP(volatile void* p, T v, int) {           \

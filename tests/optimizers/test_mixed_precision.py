@@ -5,15 +5,16 @@ import torch
 
 from fsam_kernels import FSAM, SAM
 from fsam_kernels.training import sharpness_step
+from conftest import compiled_backends
 from models import assert_bits_equal, batch, loss_of, overflow_backward, snapshot, tiny_bert, train
 
 KW = dict(rho=0.05, sparsity=0.8, mask_interval=2, lr=1e-3)
 
 
-def make(cls=FSAM, seed=0, **kw):
+def make(cls=FSAM, seed=0, backend="reference", **kw):
     model = tiny_bert(seed)
     kw = {**KW, **kw} if cls is FSAM else {"rho": KW["rho"], "lr": KW["lr"], **kw}
-    return model, cls(model.named_parameters(), torch.optim.AdamW, backend="reference", **kw)
+    return model, cls(model.named_parameters(), torch.optim.AdamW, backend=backend, **kw)
 
 
 def scaler(init_scale=2.0**12):
@@ -162,3 +163,19 @@ def test_sharpness_step_scaler_with_clipping_matches_unscaled(mode):
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
     assert sc.get_scale() == 2.0**12
+
+
+@pytest.mark.parametrize("backend", [b for b, d in compiled_backends() if d == "cpu"])
+@pytest.mark.parametrize("cls", [FSAM, SAM])
+def test_sharpness_step_takes_the_references_steps(backend, cls):
+    """Two micro-batches, a GradScaler and component-wise clipping: every CPU-tensor backend
+    (the emulated CUDA kernels too) takes the reference's steps bit for bit."""
+    runs = []
+    for b in ("reference", backend):
+        model, opt = make(cls, backend=b)
+        sc = scaler()
+        for s in range(3):
+            sharpness_step(opt, [batch(2 * s), batch(2 * s + 1)], lambda bt: model(**bt).loss, scaler=sc,
+                           max_grad_norm=0.5, clip="componentwise")
+        runs.append(snapshot(model))
+    assert_bits_equal(runs[1], runs[0])
