@@ -12,8 +12,9 @@ namespace fsam::sim {
 
 enum class Access { kRead, kWrite, kAtomic };
 
-// An access of `size` bytes at p by code at `pc`; ignored unless a fiber runs and p is in its
-// worker's shared memory.
-FSAM_SIM_UNCHECKED void on_access(const volatile void* p, size_t size, Access kind, const void* pc);
+// An access of `size` bytes at p by code at `pc`, which the compiler emitted for an address that is
+// a multiple of `align` (a GPU faults on any other).  Ignored unless a fiber runs; checked for races
+// where p is in its worker's shared memory.
+FSAM_SIM_UNCHECKED void on_access(const volatile void* p, size_t size, size_t align, Access kind, const void* pc);
 
 }  // namespace fsam::sim

@@ -62,6 +62,12 @@ FSAM_SIM_UNCHECKED std::string str(const std::source_location& at) {
          std::to_string(at.column());
 }
 
+// Where code is in this module (for addr2line -e fsam_kernels/_sim*.so).
+FSAM_SIM_UNCHECKED uintptr_t module_offset(const void* pc) {
+  Dl_info info;
+  return reinterpret_cast<uintptr_t>(pc) - (dladdr(pc, &info) != 0 ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0);
+}
+
 FSAM_SIM_UNCHECKED std::string hex(unsigned x) {
   std::ostringstream s;
   s << "0x" << std::hex << x;
@@ -103,10 +109,12 @@ FSAM_SIM_UNCHECKED void parse_mutations(Config& c) {
   while (std::getline(all, item, ',')) {
     const size_t at = item.find('@'), colon = item.rfind(':');
     const std::string kind = item.substr(0, at);
-    TORCH_CHECK(at != std::string::npos && colon != std::string::npos && colon > at + 1 &&
-                    (kind == "barrier" || kind == "shuffle"),
+    char* end = nullptr;
+    const long line = colon == std::string::npos ? 0 : std::strtol(item.c_str() + colon + 1, &end, 10);
+    TORCH_CHECK(at != std::string::npos && colon != std::string::npos && colon > at + 1 && *end == '\0' &&
+                    line > 0 && (kind == "barrier" || kind == "shuffle"),
                 "cuda-sim: FSAM_SIM_MUTATE entries are barrier@FILE:LINE or shuffle@FILE:LINE, got '", item, "'");
-    const Site site{item.substr(at + 1, colon - at - 1), std::atoi(item.c_str() + colon + 1)};
+    const Site site{item.substr(at + 1, colon - at - 1), static_cast<int>(line)};
     (kind == "barrier" ? c.skipped_barriers : c.shifted_shuffles).push_back(site);
   }
 }
@@ -448,13 +456,11 @@ struct Worker {
   // op synchronises its lanes but is no memory fence)
 
   FSAM_SIM_UNCHECKED void race(const char* what, const Thread& t, int other, uintptr_t addr, const void* pc) {
-    Dl_info info;
-    const auto module = dladdr(pc, &info) != 0 ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0;
     std::ostringstream s;
     s << "a data race on shared memory: " << where(t) << " " << what
       << (other == -2 ? " several threads" : " thread " + std::to_string(other))
       << " in one barrier interval (shared offset " << (addr - shared_lo) << ", code at _sim+0x" << std::hex
-      << (reinterpret_cast<uintptr_t>(pc) - module) << ")";
+      << module_offset(pc) << ")";
     fail(s.str());
   }
 
@@ -513,11 +519,18 @@ std::vector<std::unique_ptr<Worker>> g_workers;
 
 }  // namespace
 
-FSAM_SIM_UNCHECKED void on_access(const volatile void* p, size_t size, Access kind, const void* pc) {
+FSAM_SIM_UNCHECKED void on_access(const volatile void* p, size_t size, size_t align, Access kind, const void* pc) {
   if (g_launches.load(std::memory_order_relaxed) == 0) return;
   Worker* w = t_worker;
-  if (w == nullptr || w->current == nullptr || !w->config.race_check) return;
+  if (w == nullptr || w->current == nullptr) return;
   const auto a = reinterpret_cast<uintptr_t>(p);
+  if (a % align != 0) {
+    std::ostringstream s;
+    s << w->where(*w->current) << ": a " << size << "-byte access at 0x" << std::hex << a << ", not a multiple of "
+      << std::dec << align << " (a GPU faults), code at _sim+0x" << std::hex << module_offset(pc);
+    w->abandon(s.str());  // nor may the host run it (an aligned vector load faults here too)
+  }
+  if (!w->config.race_check) return;
   if (a < w->shared_lo || a >= w->shared_hi || (a < w->own_hi && a + size > w->own_lo)) return;
   w->access(a, size, kind, pc);
 }
@@ -555,7 +568,7 @@ FSAM_SIM_UNCHECKED uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, in
   return t.result;
 }
 
-FSAM_SIM_UNCHECKED int sm_count() { return static_cast<int>(env_int("FSAM_SIM_SMS", Config{}.sms, 1, 4096)); }
+FSAM_SIM_UNCHECKED int sm_count() { return read_config().sms; }
 
 // The kernel's name in the launch helper's signature ("... [with auto kKernel = NAME; ...]").
 FSAM_SIM_UNCHECKED std::string kernel_name(const char* signature) {

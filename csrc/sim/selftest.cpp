@@ -50,6 +50,14 @@ __global__ void shuffle_is_no_fence(int* out) {  // a warp op synchronises lanes
   out[threadIdx.x] = s[threadIdx.x / 32] + one;
 }
 
+struct alignas(16) Four {
+  int v[4];
+};
+
+__global__ void misaligned_vector_load(int* out) {  // a 16-byte load from an address 4 bytes past one
+  if (threadIdx.x == 0) *reinterpret_cast<Four*>(out + 8) = *reinterpret_cast<const Four*>(out + 1);
+}
+
 __global__ void uninitialised_read(int* out) {  // shared memory starts undefined in every block
   __shared__ int s[kBlock];
   if (threadIdx.x < kBlock / 2) s[threadIdx.x] = 1;
@@ -86,6 +94,7 @@ at::Tensor sim_selftest(const std::string& kernel, int64_t grid) {
   else if (kernel == "divergent_barrier") launch<divergent_barrier>(g, {}, p);
   else if (kernel == "missing_barrier") launch<missing_barrier>(g, {}, p);
   else if (kernel == "shuffle_is_no_fence") launch<shuffle_is_no_fence>(g, {}, p);
+  else if (kernel == "misaligned_vector_load") launch<misaligned_vector_load>(g, {}, p);
   else if (kernel == "uninitialised_read") launch<uninitialised_read>(g, {}, p);
   else if (kernel == "shared_atomics") launch<shared_atomics>(g, {}, p);
   else if (kernel == "warp_ops") launch<warp_ops>(g, {}, p);

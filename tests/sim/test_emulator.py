@@ -22,6 +22,7 @@ BROKEN = {
     "missing_barrier": "a data race on shared memory",
     "shuffle_is_no_fence": "a data race on shared memory",
     "uninitialised_read": "reads shared memory that no thread of the block has written",
+    "misaligned_vector_load": "a 16-byte access at 0x[0-9a-f]+, not a multiple of 16",
 }
 
 
@@ -72,7 +73,8 @@ def test_an_empty_grid_is_refused_as_on_a_gpu():
 
 @pytest.mark.parametrize("name,value", [("FSAM_SIM_ORDER", "sideways"), ("FSAM_SIM_RELEASE", "late"),
                                         ("FSAM_SIM_SMS", "0"), ("FSAM_SIM_WORKERS", "x"),
-                                        ("FSAM_SIM_RACECHECK", "2"), ("FSAM_SIM_MUTATE", "barrier@nowhere")])
+                                        ("FSAM_SIM_RACECHECK", "2"), ("FSAM_SIM_MUTATE", "barrier@nowhere"),
+                                        ("FSAM_SIM_MUTATE", "shuffle@topk.cu:x1")])
 def test_a_bad_setting_is_refused_by_name(name, value, monkeypatch):
     monkeypatch.setenv(name, value)
     with pytest.raises(RuntimeError, match=name):
