@@ -455,13 +455,15 @@ struct Worker {
   // ---- the race check: only a barrier orders the shared-memory accesses of two threads (a warp
   // op synchronises its lanes but is no memory fence)
 
-  FSAM_SIM_UNCHECKED void race(const char* what, const Thread& t, int other, uintptr_t addr, const void* pc) {
+  // The running thread stops at its first racy access, before the host runs it.
+  [[noreturn]] FSAM_SIM_UNCHECKED void race(const char* what, const Thread& t, int other, uintptr_t addr,
+                                            const void* pc) {
     std::ostringstream s;
     s << "a data race on shared memory: " << where(t) << " " << what
       << (other == -2 ? " several threads" : " thread " + std::to_string(other))
       << " in one barrier interval (shared offset " << (addr - shared_lo) << ", code at _sim+0x" << std::hex
       << module_offset(pc) << ")";
-    fail(s.str());
+    abandon(s.str());
   }
 
   FSAM_SIM_UNCHECKED void access(uintptr_t addr, size_t size, Access kind, const void* pc) {
@@ -469,13 +471,13 @@ struct Worker {
     const int tid = static_cast<int>(t.index.x);
     const auto other = [tid](int who) { return who == -2 || (who >= 0 && who != tid); };
     const size_t last = std::min((addr + size - 1 - shared_lo) / 4, shadow.size() - 1);
-    for (size_t g = (addr - shared_lo) / 4; g <= last && error.empty(); ++g) {
+    for (size_t g = (addr - shared_lo) / 4; g <= last; ++g) {
       Shadow& e = shadow[g];
       if (e.block != generation) e = Shadow{generation, interval, -1, -1, false, false};
       if (e.interval != interval) e = Shadow{generation, interval, -1, -1, e.written, false};
       if (kind != Access::kWrite && !e.written) {
-        fail(where(t) + " reads shared memory that no thread of the block has written (offset " +
-             std::to_string(addr - shared_lo) + ")");
+        abandon(where(t) + " reads shared memory that no thread of the block has written (offset " +
+                std::to_string(addr - shared_lo) + ")");
       } else if (kind == Access::kAtomic) {
         if (!e.atomic_write && other(e.writer)) race("updates atomically what was written by", t, e.writer, addr, pc);
         if (other(e.reader)) race("updates atomically what was read by", t, e.reader, addr, pc);
