@@ -99,12 +99,12 @@ inline unsigned resident_grid(int64_t items, int64_t max_per_block, int sms) {
                                         (items + max_per_block - 1) / max_per_block));
 }
 
-// Calls launch(dtype, table, grid) once per dtype of `dtypes` (one per list position), with the
+// Calls per_group(dtype, table, grid) once per dtype of `dtypes` (one per list position), with the
 // table of that group's non-empty members and their pointers addr[role][position].
 template <typename F>
 void for_each_group(const ListChunks& list, const std::vector<at::ScalarType>& dtypes,
                     const std::array<std::vector<const void*>, kRoles>& addr, const c10::Device& device,
-                    const F& launch) {
+                    const F& per_group) {
   std::vector<at::ScalarType> seen;
   for (const auto d : dtypes)
     if (std::find(seen.begin(), seen.end(), d) == seen.end()) seen.push_back(d);
@@ -133,7 +133,7 @@ void for_each_group(const ListChunks& list, const std::vector<at::ScalarType>& d
     const int64_t* d = table.const_data_ptr<int64_t>();
     TensorTable t{d, d + m + 1, d + 2 * m + 1, d + 3 * m + 1, {}, m, chunks};
     for (int r = 0; r < kRoles; ++r) t.addr[r] = d + (4 + r) * m + 1;
-    launch(dtype, t, resident_grid(chunks, kMaxChunksPerBlock, sms));
+    per_group(dtype, t, resident_grid(chunks, kMaxChunksPerBlock, sms));
   }
 }
 
