@@ -268,7 +268,8 @@ struct Worker {
     TORCH_CHECK(found.hi > found.lo, "cuda-sim: cannot find the thread-local block of its module");
     shared_lo = found.lo & ~uintptr_t{3};
     shared_hi = found.hi;
-    shadow.assign((shared_hi - shared_lo + 3) / 4, Shadow{});
+    const size_t words = (shared_hi - shared_lo + 3) / 4;  // the same each time: stale entries have
+    if (shadow.size() != words) shadow.assign(words, Shadow{});  // an older block generation
   }
 
   // ---- scheduling
