@@ -39,8 +39,11 @@ def _flag(name):
     return value
 
 
+WERROR = os.environ.get("FSAM_WERROR") == "1"
+
+
 def _warnings():
-    return ["-Wall"] + (["-Werror"] if os.environ.get("FSAM_WERROR") == "1" else [])
+    return ["-Wall"] + (["-Werror"] if WERROR else [])
 
 
 # No FMA contraction: the kernels round in the same order as the reference backend.  Neither
@@ -51,10 +54,9 @@ HOST_MATH = ["-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    werror = os.environ.get("FSAM_WERROR") == "1"
     cxx = ["-O3", "-fopenmp"] + HOST_MATH + _warnings()
     nvcc = ["-O3", "-lineinfo", "--fmad=false", "-Xcompiler", "-Wall"] + (
-        ["-Werror", "all-warnings", "-Xcompiler", "-Werror"] if werror else [])
+        ["-Werror", "all-warnings", "-Xcompiler", "-Werror"] if WERROR else [])
     common = dict(include_dirs=[os.path.join(HERE, "csrc", "include")], extra_link_args=["-fopenmp"])
     if _build_cuda(cuda_sources):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -65,9 +67,10 @@ def _extension():
 
 def _sim_extension():
     """fsam_kernels._sim: each csrc/cuda/*.cu compiled as C++ (through a one-line wrapper, since a
-    .cu source would go to nvcc) with csrc/sim/simt.h forced in (nvcc's #pragma unroll is ignored).  -fsanitize=thread only inserts
-    the calls of its instrumentation; csrc/sim/runtime.cpp defines them (the shared-memory race
-    check) and no sanitizer runtime is linked."""
+    .cu source would go to nvcc) with csrc/sim/simt.h forced in (nvcc's #pragma unroll is
+    ignored).  -fsanitize=thread only inserts the calls of its instrumentation;
+    csrc/sim/tsan_callbacks.cpp defines them (the shared-memory race check) and no sanitizer
+    runtime is linked."""
     wrappers = os.path.join(HERE, "build", "sim_sources")
     os.makedirs(wrappers, exist_ok=True)
     sources = []

@@ -60,9 +60,9 @@ def seed_of(*parts):
 
 
 # The emulator's schedules (thread order, warp release) and SM counts (docs/cuda_sim.md).
-SIM_SCHEDULES = [{"FSAM_SIM_ORDER": order, "FSAM_SIM_RELEASE": release, "FSAM_SIM_SMS": sms}
-                 for order in ("in-order", "reversed", "random") for release in ("eager", "pass")
-                 for sms in ("1", "3", "132")]
+SIM_ORDERS = [{"FSAM_SIM_ORDER": order, "FSAM_SIM_RELEASE": release}
+              for order in ("in-order", "reversed", "random") for release in ("eager", "pass")]
+SIM_SCHEDULES = [{**order, "FSAM_SIM_SMS": sms} for order in SIM_ORDERS for sms in ("1", "3", "132")]
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #ifndef FSAM_SIM

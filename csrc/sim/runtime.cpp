@@ -224,7 +224,8 @@ struct Worker {
   Thread* current = nullptr;  // the running fiber; null in the scheduler
   std::string error;
   std::mt19937_64 rng;
-  int order[kMaxThreads];
+  int order[kMaxThreads];       // this pass's order of the block's threads
+  int lane_order[kMaxThreads];  // the same order, warp by warp: warp w's lanes at [32 w, 32 w + 32)
   char* stacks = nullptr;
   size_t stack_stride = 0;
   // the race check
@@ -300,6 +301,11 @@ struct Worker {
     for (unsigned i = 0; i < n; ++i) order[i] = static_cast<int>(i);
     if (config.order == Order::kReversed) std::reverse(order, order + n);
     if (config.order == Order::kRandom) std::shuffle(order, order + n, rng);
+    unsigned filled[kMaxThreads / kWarp] = {};
+    for (unsigned k = 0; k < n; ++k) {
+      const unsigned w = static_cast<unsigned>(order[k]) / kWarp;
+      lane_order[w * kWarp + filled[w]++] = order[k];
+    }
   }
 
   // Whether every lane that the first waiting lane's mask names waits at a warp op; a lane it
@@ -377,9 +383,9 @@ struct Worker {
     const unsigned w = i / kWarp;
     while (error.empty() && warp_complete(w)) {
       resolve(w);
-      for (unsigned k = 0; k < threads && error.empty(); ++k) {
-        const unsigned j = static_cast<unsigned>(order[k]);
-        if (j / kWarp == w && thread[j].state == State::kRunnable) resume(thread[j]);
+      for (unsigned l = 0; l < kWarp && error.empty(); ++l) {
+        Thread& t = thread[lane_order[w * kWarp + l]];
+        if (t.state == State::kRunnable) resume(t);
       }
     }
   }

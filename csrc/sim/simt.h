@@ -95,12 +95,8 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
   return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
 
-// CUDA's device min and max for arithmetic types.
+// CUDA's device min for arithmetic types (the kernels use no other).
 template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
 T min(T a, T b) {
   return b < a ? b : a;
-}
-template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
-T max(T a, T b) {
-  return a < b ? b : a;
 }

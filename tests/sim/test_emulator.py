@@ -6,13 +6,12 @@ import torch
 
 import fsam_kernels
 from fsam_kernels import _extension, backends
+from conftest import SIM_ORDERS
 
 pytestmark = pytest.mark.skipif(not _extension.SIM_LOADED, reason="the emulated build (fsam_kernels._sim) is absent")
 
 BLOCK = 256
-ORDERS = ["in-order", "reversed", "random"]
-RELEASES = ["eager", "pass"]
-SCHEDULES = pytest.mark.parametrize("order,release", [(o, r) for o in ORDERS for r in RELEASES])
+SCHEDULES = pytest.mark.parametrize("schedule", SIM_ORDERS, ids=lambda s: "-".join(s.values()))
 
 BROKEN = {
     "divergent_shuffle": "a divergent warp op",
@@ -30,18 +29,11 @@ def selftest(kernel, grid):
     return torch.ops.fsam_sim.sim_selftest(kernel, grid)
 
 
-@pytest.fixture
-def schedule(monkeypatch):
-    def use(order, release):
-        monkeypatch.setenv("FSAM_SIM_ORDER", order)
-        monkeypatch.setenv("FSAM_SIM_RELEASE", release)
-    return use
-
-
 @SCHEDULES
 @pytest.mark.parametrize("kernel", list(BROKEN))
-def test_a_broken_rule_is_refused(kernel, order, release, schedule):
-    schedule(order, release)
+def test_a_broken_rule_is_refused(kernel, schedule, monkeypatch):
+    for name, value in schedule.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(RuntimeError, match=f"cuda-sim: .*{kernel}: .*{BROKEN[kernel]}"):
         selftest(kernel, 3)
 
@@ -56,9 +48,9 @@ def expected_warp_ops(grid):
 
 @SCHEDULES
 @pytest.mark.parametrize("workers", ["1", "3"])
-def test_kept_rules_run_with_the_hardwares_results(order, release, workers, schedule, monkeypatch):
-    schedule(order, release)
-    monkeypatch.setenv("FSAM_SIM_WORKERS", workers)
+def test_kept_rules_run_with_the_hardwares_results(schedule, workers, monkeypatch):
+    for name, value in {**schedule, "FSAM_SIM_WORKERS": workers}.items():
+        monkeypatch.setenv(name, value)
     grid = 5
     assert torch.equal(selftest("shared_atomics", grid), (torch.arange(grid) + 1).repeat_interleave(BLOCK).int() * BLOCK)
     assert torch.equal(selftest("warp_ops", grid), expected_warp_ops(grid))

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from fsam_kernels import _extension
-from conftest import ROOT
+from conftest import ROOT, SIM_ORDERS
 
 pytestmark = pytest.mark.skipif(not _extension.SIM_LOADED, reason="the emulated build (fsam_kernels._sim) is absent")
 
@@ -29,8 +29,6 @@ SHUFFLES = {
     "warp_exclusive_scan's shuffle": ("multi_tensor.cuh", "warp_exclusive_scan(", "__shfl_up_sync"),
     "select_kernel's shuffle": ("topk.cu", "select_kernel(", "__shfl_down_sync"),
 }
-SCHEDULES = [{"FSAM_SIM_ORDER": order, "FSAM_SIM_RELEASE": release}
-             for order in ("in-order", "reversed", "random") for release in ("eager", "pass")]
 
 # Runs workload.run_all under each setting of argv[1] (a JSON list of environments) and prints, per
 # setting, "" (the unmutated bits), "changed ..." or "refused: ...".
@@ -83,7 +81,7 @@ def test_a_missing_barrier_is_seen(name):
     source, function, nth = BARRIERS[name]
     race_check, *schedules = run_mutant("barrier@" + call_site(source, function, "__syncthreads()", nth),
                                         [{"FSAM_SIM_RACECHECK": "1"}] + [{"FSAM_SIM_RACECHECK": "0", **s}
-                                                                         for s in SCHEDULES])
+                                                                         for s in SIM_ORDERS])
     assert "a data race on shared memory" in race_check or "that no thread of the block has written" in race_check
     assert any(schedules) and not any("data race" in s for s in schedules)
 

@@ -6,6 +6,7 @@ share every rounding (the PAC noise's transcendentals are each backend's own).""
 import pytest
 
 from fsam_kernels import _extension
+from conftest import SIM_ORDERS
 from workload import differences, run_all
 
 pytestmark = pytest.mark.skipif(not _extension.SIM_LOADED, reason="the emulated build (fsam_kernels._sim) is absent")
@@ -22,12 +23,10 @@ def baseline():
         return run_all("cuda-sim")
 
 
-@pytest.mark.parametrize("order", ["in-order", "reversed", "random"])
-@pytest.mark.parametrize("release", ["eager", "pass"])
-def test_every_schedule_gives_the_same_bits(order, release, baseline, monkeypatch):
-    monkeypatch.setenv("FSAM_SIM_ORDER", order)
-    monkeypatch.setenv("FSAM_SIM_RELEASE", release)
-    monkeypatch.setenv("FSAM_SIM_SEED", "11")
+@pytest.mark.parametrize("schedule", SIM_ORDERS, ids=lambda s: "-".join(s.values()))
+def test_every_schedule_gives_the_same_bits(schedule, baseline, monkeypatch):
+    for name, value in {**schedule, "FSAM_SIM_SEED": "11"}.items():
+        monkeypatch.setenv(name, value)
     assert differences(run_all("cuda-sim"), baseline) == []
 
 
