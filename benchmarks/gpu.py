@@ -1,103 +1,213 @@
-"""The GPU proof, one command per step (`make gpu-test`, `gpu-sanitize`, `gpu-bench`, `gpu-glue`):
+"""The GPU proof, run on a machine with an NVIDIA GPU and its own python3 (no download, no install):
 
-    python -m benchmarks.gpu test       # the test suite on the GPU (every GPU backend against `reference`)
-    python -m benchmarks.gpu sanitize   # compute-sanitizer memcheck/racecheck/synccheck/initcheck over every op
-    python -m benchmarks.gpu bench      # python -m benchmarks.run --device cuda, within the time budget
-    python -m benchmarks.gpu glue       # GLUE fine-tuning, resumable: call it again to go on
-    python -m benchmarks.gpu fsdp       # the optimizers over FSDP2 at world size 1 against plain ones
+    python -m benchmarks.gpu first     # `make gpu-first`: the most valuable checks, inside 9 minutes
+    python -m benchmarks.gpu second    # `make gpu-second`: FSDP2 and a GLUE run, if the machine is still there
+    python -m benchmarks.gpu PART ...  # `make gpu-<part>`: parts one by one (PARTS below)
 
-Each step writes its log and a Markdown summary (with device, driver, versions and commit)
-under benchmarks/results/<gpu name>/ and prints the summary last.  Each stays within
---budget-s (a GPU machine runs a command for at most 10 minutes): the slow
-steps stop starting work once the budget is spent and say what they left.  The default, 480 s,
-leaves a minute of a 9-minute target for building the extension.  `--device cpu`
-runs the same plumbing on the CPU with small sizes (the CI dry runs)."""
+A plan runs its parts in order.  Each part has its own time allowance and is stopped at it; no
+part starts when the elapsed time plus its allowance would pass the plan's budget (--budget-s,
+9 minutes by default: the GPU machines end a command at 10).  Every part writes its log while it
+runs and the summary is rewritten after each part, so a command stopped at its limit still
+leaves what it did; the summary (device, driver, runtime, versions, commit, what ran, what was
+skipped and why) is printed last.  Results go to --out, else $OUT when set, else
+benchmarks/results/<gpu name>/.  `--device cpu` runs the same plan on the CPU with small sizes
+(the dry runs of the tests and of `make gpu-rehearsal`).
+
+This module imports nothing of fsam_kernels before the build part has run."""
 import argparse
+import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from . import fewshot_glue
-from .run import _table
-from .timing import environment
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+BUILD_STAMP = os.path.join(ROOT, "build", "gpu_build.stamp")
+PLAN_BUDGET_S = 540.0  # 9 minutes: a GPU machine runs a command for at most 10
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 GLUE_TASKS = ("rte", "mrpc", "stsb", "cola", "sst2")  # small to large: the first calls finish whole tasks
-BENCH_LAST_JOB_S = 90  # the longest single benchmark job expected (a 1.3B-parameter step)
+# The op-level correctness tests: every op family against `reference` (poisoned outputs, ties, odd
+# sizes, each dtype), the multi-step FSAM and sharpness-step bit-identity runs, PAC-tuning, and the
+# no-host-sync tests; -k keeps the cases of the GPU backends (on the CPU: cuda-sim and Triton).
+OPS_TESTS = ("tests/ops", "tests/optimizers/test_optimizers.py", "tests/optimizers/test_mixed_precision.py",
+             "tests/optimizers/test_pac.py")
+OPS_FILTER = "cuda or triton"
+TRAINER_FSDP_TEST = "tests/optimizers/test_fsdp.py::test_trainer_under_fsdp2"
+BENCH_LAST_JOB_S = 90  # the longest single job of the full benchmark (a 1.3B-parameter step)
+# One small call of a CUDA op under a sanitizer; a runtime that refuses the tool fails here in seconds.
+SANITIZER_PROBE = ("import ctypes, sys; c = ctypes.CDLL('libcuda.so.1'); d = ctypes.c_int(); x = ctypes.c_void_p(); "
+                   "p = ctypes.c_uint64(); rc = c.cuInit(0) or c.cuDeviceGet(ctypes.byref(d), 0) or "
+                   "c.cuDevicePrimaryCtxRetain(ctypes.byref(x), d) or c.cuCtxSetCurrent(x) or "
+                   "c.cuMemAlloc_v2(ctypes.byref(p), 1024); print('probe: CUDA driver call returned', rc); "
+                   "sys.exit(0 if rc == 0 else 1)")
+SANITIZER_PROBE_S = 45
 
 
-def results_dir(device, out=None):
-    if out:
-        return out
-    tag = "cpu-dry-run" if device == "cpu" else torch.cuda.get_device_name().lower().replace(" ", "-")
-    return os.path.join(HERE, "results", tag)
+@dataclass
+class Outcome:
+    """What a part did: status is passed, failed, timeout, refused (the machine cannot run it)
+    or skipped; line is one sentence for the summary's table; body its own section."""
+    status: str
+    line: str
+    body: str = ""
+    seconds: float = 0.0
+    files: list = field(default_factory=list)
 
 
-def _environment(device):
-    env = environment(device)
-    if device == "cuda":
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True).stdout.strip() or None
-        except OSError:
-            env["driver"] = None
-    return env
+class Context:
+    def __init__(self, a, out):
+        self.a, self.device, self.out = a, a.device, out
+        self.cuda = a.device == "cuda"
+
+
+# ---------------------------------------------------------------- running and logging
 
 
 def _run_logged(cmd, log_path, env=None, timeout=None):
-    """Run cmd with its output to log_path; returns (exit code or "timeout", seconds, output)."""
+    """Run cmd with its output streamed into log_path (kept if this process is killed); returns
+    (exit code or "timeout", seconds, output)."""
     start = time.time()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
+        offset = log.tell()  # a log holds every call of its part; the output returned is this call's
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  timeout=timeout)
-            code, output = proc.returncode, proc.stdout
-        except subprocess.TimeoutExpired as exc:  # its partial output comes as bytes
-            code, output = "timeout", (exc.stdout or b"").decode(errors="replace")
-        log.write(output)
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the whole group: pytest's and the sanitizer's children too
+            proc.wait()
+            code = "timeout"
+            log.write(f"\n[stopped at its allowance of {timeout:.0f} s]\n")
+    with open(log_path, errors="replace") as f:
+        f.seek(offset)
+        output = f.read()
     return code, time.time() - start, output
 
 
-def _write_summary(out, step, env, body):
-    head = (f"# gpu {step}: {env['device']}\n\ndriver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env['torch']}, "
-            f"triton {env['triton']}, python {env['python']}, commit {env['commit']}"
-            f"{' (dirty)' if env.get('dirty') else ''}, backends {env['backends']}\n\n")
-    text = head + body + "\n"
-    with open(os.path.join(out, f"{step}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, f"{step}_environment.json"), "w") as f:
-        json.dump(env, f, indent=1)
-    print(text)
+def _status(code):
+    return "passed" if code == 0 else "timeout" if code == "timeout" else "failed"
 
 
-def step_test(a, env, out):
-    """pytest over the suite; a table per test file of passed / failed / skipped."""
-    junit = os.path.join(out, "test_junit.xml")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", f"--junitxml={junit}", "-p", "no:cacheprovider",
-           *(a.pytest_args or ["tests"])]
-    code, seconds, output = _run_logged(cmd, os.path.join(out, "test.log"), timeout=a.budget_s)
+def _table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def _last(pattern, text, default=""):
+    found = re.findall(pattern, text, flags=re.M)
+    return found[-1] if found else default
+
+
+# ---------------------------------------------------------------- the parts
+
+
+def _source_key(env):
+    """What the extension's build depends on: the sources, setup.py, this interpreter and torch,
+    and the build settings."""
+    h = hashlib.sha256()
+    for d, _, files in sorted(os.walk(os.path.join(ROOT, "csrc"))):
+        for name in sorted(files):
+            path = os.path.join(d, name)
+            h.update(os.path.relpath(path, ROOT).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    with open(os.path.join(ROOT, "setup.py"), "rb") as f:
+        h.update(f.read())
+    settings = [sys.executable, torch.__version__] + [env.get(k, "") for k in BUILD_SETTINGS]
+    h.update(repr(settings).encode())
+    return h.hexdigest()
+
+
+BUILD_SETTINGS = ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "FSAM_BUILD_SIM", "FSAM_BUILD_CUDA", "FSAM_WERROR")
+
+
+def build_env(base=None):
+    """The build's settings: sm_90 only, every core, no emulator (no GPU minutes on it); each can be
+    overridden from the environment."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    env.setdefault("FSAM_BUILD_SIM", "0")
+    return env
+
+
+def _backends():
+    out = subprocess.run([sys.executable, "-c", "import json, fsam_kernels; "
+                          "print(json.dumps(fsam_kernels.available_backends()))"],
+                         cwd=ROOT, capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return None
+
+
+def part_build(ctx, allowance):
+    """pip install -e . (setup.py build_ext --inplace if pip fails); skipped when the build stamp
+    says these sources were built with these settings by this interpreter."""
+    log = os.path.join(ctx.out, "build.log")
+    env = build_env()
+    key = _source_key(env)
+    if os.path.exists(BUILD_STAMP) and open(BUILD_STAMP).read() == key and _backends():
+        return Outcome("passed", f"already built from these sources (build stamp); backends {_backends()}")
+    if os.path.exists(BUILD_STAMP):
+        os.remove(BUILD_STAMP)
+    settings = ", ".join(f"{k}={env[k]}" for k in BUILD_SETTINGS if k in env)
+    started = time.time()
+    code, _, _ = _run_logged([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e",
+                              "."], log, env=env, timeout=allowance)
+    if code not in (0, "timeout"):
+        code, _, _ = _run_logged([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], log, env=env,
+                                 timeout=max(1.0, allowance - (time.time() - started)))
+    seconds = time.time() - started
+    found = _backends()
+    missing = [b for b in ("cuda", "triton") if ctx.cuda and b not in (found or [])]
+    if code == 0 and found and not missing:
+        os.makedirs(os.path.dirname(BUILD_STAMP), exist_ok=True)
+        with open(BUILD_STAMP, "w") as f:
+            f.write(key)
+    status = _status(code) if code != 0 or not missing and found else "failed"
+    why = f"; missing backends {missing}" if missing else ""
+    return Outcome(status, f"{seconds:.0f} s ({settings}); backends {found}{why}", files=["build.log"])
+
+
+def _pytest(ctx, name, targets, allowance, select=None):
+    junit = os.path.join(ctx.out, f"{name}_junit.xml")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", f"--junitxml={junit}", "-p", "no:cacheprovider", *targets]
+    if select:
+        cmd += ["-k", select]
+    if os.path.exists(junit):
+        os.remove(junit)
+    code, seconds, output = _run_logged(cmd, os.path.join(ctx.out, f"{name}.log"), timeout=allowance)
     rows = _junit_rows(junit) if os.path.exists(junit) else []
-    closing = [line for line in output.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
-    body = (f"`{' '.join(cmd[1:])}`: exit {code}, {seconds:.0f} s; {closing[-1] if closing else 'no pytest summary'}"
-            f"\n\n" + _table(["test file", "passed", "failed", "skipped", "seconds"], rows, markdown=True))
-    _write_summary(out, "test", env, body)
-    return 0 if code == 0 else 1
+    closing = _last(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$", output, "no pytest summary")
+    if code == 5:  # pytest: nothing collected
+        code = "nothing collected"
+    body = (f"`{' '.join(cmd[3:])}`: exit {code}, {seconds:.0f} s; {closing}\n\n"
+            + _table(["test file", "passed", "failed", "skipped", "seconds"], rows))
+    failures = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.M)
+    if failures:
+        body += "\n\nFailed:\n" + "\n".join(f"- `{f}`" for f in failures[:40])
+    return Outcome(_status(code), closing, body, files=[f"{name}.log", f"{name}_junit.xml"])
 
 
 def _junit_rows(path):
     import xml.etree.ElementTree as ET
     files = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError:
+        return []
+    for case in root.iter("testcase"):
         name = (case.get("classname") or "").split(".")[-1] or "?"
         row = files.setdefault(name, [name, 0, 0, 0, 0.0])
         outcome = 2 if case.find("failure") is not None or case.find("error") is not None else \
@@ -107,113 +217,276 @@ def _junit_rows(path):
     return [r[:4] + [f"{r[4]:.1f}"] for r in sorted(files.values())]
 
 
-def step_sanitize(a, env, out):
-    """Every op of every GPU backend under each compute-sanitizer tool (on CPU: the script alone)."""
-    script = [sys.executable, "-m", "benchmarks.sanitize_ops", "--device", a.device]
+def part_ops(ctx, allowance):
+    """The op-level correctness tests of the GPU backends (OPS_TESTS, -k OPS_FILTER)."""
+    return _pytest(ctx, "ops", ctx.a.pytest_args or list(OPS_TESTS), allowance,
+                   None if ctx.a.pytest_args else OPS_FILTER)
+
+
+def part_test(ctx, allowance):
+    """The whole test suite."""
+    return _pytest(ctx, "test", ctx.a.pytest_args or ["tests"], allowance)
+
+
+def part_sanitize(ctx, allowance):
+    """compute-sanitizer's tools over benchmarks/sanitize_ops.py (on the CPU: the workload alone).
+    A probe first: a runtime that refuses the sanitizer is recorded in seconds."""
+    quick = ctx.a.plan == "first"
+    script = [sys.executable, "-m", "benchmarks.sanitize_ops", "--device", ctx.device,
+              *(["--quick", "--backends", "cuda"] if quick and ctx.cuda else ["--quick"] if quick else [])]
     run_env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # every allocation its own, as the tools need
-    sanitizer = shutil.which("compute-sanitizer") if a.device == "cuda" else None
-    if a.device == "cuda" and sanitizer is None:
-        raise SystemExit("gpu sanitize: compute-sanitizer is not on PATH")
-    tools = a.tools if sanitizer else ["none"]
-    rows, failed, start = [], False, time.time()
+    started = time.time()
+    tools = ["none"]
+    if ctx.cuda:
+        sanitizer = shutil.which("compute-sanitizer")
+        if sanitizer is None:
+            return Outcome("refused", "compute-sanitizer is not on PATH")
+        code, _, output = _run_logged([sanitizer, "--tool=memcheck", "--error-exitcode=3", sys.executable, "-c",
+                                       SANITIZER_PROBE], os.path.join(ctx.out, "sanitize_probe.log"),
+                                      timeout=min(SANITIZER_PROBE_S, allowance))
+        if code != 0:
+            said = [x.strip("= ") for x in output.splitlines()[1:] if re.search(r"not supported|rror", x)]  # past the "$ cmd" line
+            why = said[0] if said else f"exit {code}"
+            return Outcome("refused", f"the sanitizer probe failed ({why}) in {time.time() - started:.0f} s; "
+                           "compute-sanitizer works only on the Firecracker runtime", files=["sanitize_probe.log"])
+        tools = ctx.a.tools or (["memcheck", "racecheck"] if quick else list(SANITIZER_TOOLS))
+    rows, failed, files = [], False, []
     for tool in tools:
-        if time.time() - start > a.budget_s:
-            rows.append([tool, "not run: over the time budget", "", ""])
+        left = allowance - (time.time() - started)
+        if left <= 0:
+            rows.append([tool, "not run: over the allowance", "", "", ""])
+            failed = True
             continue
-        cmd = script if tool == "none" else [sanitizer, f"--tool={tool}", "--error-exitcode=3",
-                                             "--target-processes=all", *script]
-        code, seconds, output = _run_logged(cmd, os.path.join(out, f"sanitize_{tool}.log"), env=run_env,
-                                            timeout=max(1, a.budget_s - (time.time() - start)))
+        cmd = script if tool == "none" else [shutil.which("compute-sanitizer"), f"--tool={tool}",
+                                             "--error-exitcode=3", "--target-processes=all", *script]
+        log = f"sanitize_{tool}.log"
+        code, seconds, output = _run_logged(cmd, os.path.join(ctx.out, log), env=run_env, timeout=left)
         summary = re.findall(r"ERROR SUMMARY: (\d+) error", output)
         errors = sum(map(int, summary)) if summary else ("n/a" if tool == "none" else "no summary")
-        ops_line = [x for x in output.splitlines() if x.startswith("sanitize_ops:")]
-        failed |= code != 0 or (errors not in (0, "n/a"))
-        rows.append([tool, errors, code, f"{seconds:.0f}", ops_line[-1][len("sanitize_ops: "):] if ops_line else ""])
-    body = _table(["tool", "errors", "exit", "seconds", "calls"], rows, markdown=True)
-    _write_summary(out, "sanitize", env, body)
-    return 1 if failed else 0
+        failed |= code != 0 or errors not in (0, "n/a")
+        rows.append([tool, errors, code, f"{seconds:.0f}", _last(r"^sanitize_ops: (.*)$", output)])
+        files.append(log)
+    line = "; ".join(f"{r[0]}: {r[1]} errors, exit {r[2]}" for r in rows)
+    return Outcome("failed" if failed else "passed", line, _table(["tool", "errors", "exit", "seconds", "calls"], rows),
+                   files=files)
 
 
-def step_bench(a, env, out):
-    from . import run
-    # benchmarks.run checks its budget before each job: leave the last job room to finish
-    argv = ["--device", a.device, "--out", out, "--budget-s", str(max(0.0, a.budget_s - BENCH_LAST_JOB_S)),
-            *(a.bench_args or [])]
-    run.main(argv)
-    with open(os.path.join(out, "report.md")) as f:
-        _write_summary(out, "bench", env, f.read().split("\n", 2)[-1])
-    return 0
+def part_bench(ctx, allowance):
+    """benchmarks.run in a child (a kernel fault cannot take the plan down): the first plan's
+    BERT-base kernels and step; alone, the whole benchmark.  The copy bandwidth is measured in
+    the same run; results are written after every job."""
+    out = os.path.join(ctx.out, "bench")
+    if ctx.a.plan == "first":
+        lists = "bert-base" if ctx.cuda else "200K"
+        args = ["--sizes", "", "--lists", lists, "--step-lists", lists, "--compile", "none"]
+        if not ctx.cuda:
+            args += ["--min-time", "0.01"]
+    else:
+        args = []
+    # the benchmark checks its budget before each job: leave the last job room to finish
+    last_job = min(BENCH_LAST_JOB_S, allowance / 3)
+    cmd = [sys.executable, "-m", "benchmarks.run", "--device", ctx.device, "--out", out, "--no-plots",
+           "--budget-s", f"{max(0.0, allowance - last_job):.0f}", *args, *(ctx.a.bench_args or [])]
+    code, seconds, output = _run_logged(cmd, os.path.join(ctx.out, "bench.log"), timeout=allowance)
+    report = os.path.join(out, "report.md")
+    body = open(report).read().split("\n", 2)[-1] if os.path.exists(report) else "(no report)"
+    bw = _last(r"measured copy bandwidth ([\d.]+ GB/s)", body, "?")
+    left = _last(r"^Not run, over the time budget: (.*)$", body)
+    line = f"copy bandwidth {bw}; {len(re.findall(r'^[|] ', body, flags=re.M))} table rows" + (
+        f"; not run: {left}" if left else "")
+    return Outcome(_status(code), line, body, files=["bench.log", "bench/"])
 
 
-def step_glue(a, env, out):
-    glue_dir = a.data_dir or os.environ.get("GLUE_DIR")
+def part_fsdp(ctx, allowance):
+    """benchmarks.fsdp_step at world size 1 (nccl on the GPU; gloo for the dry run), then, on a GPU,
+    the Trainer under FSDP2 (accelerate's plugin needs one)."""
+    started = time.time()
+    cmd = [sys.executable, "-m", "benchmarks.fsdp_step", "--device", ctx.device, "--worlds", "1", "--list",
+           ctx.a.fsdp_list or ("bert-base" if ctx.cuda else "300K"), "--out", ctx.out]
+    code, seconds, _ = _run_logged(cmd, os.path.join(ctx.out, "fsdp.log"), timeout=allowance)
+    md = os.path.join(ctx.out, "fsdp_step.md")
+    table = open(md).read().split("\n", 1)[-1] if code == 0 and os.path.exists(md) else "(no result)"
+    body = f"`{' '.join(cmd[1:])}`: exit {code}, {seconds:.0f} s\n{table}"
+    line = f"fsdp_step exit {code}"
+    status = _status(code)
+    if ctx.cuda:
+        trainer = _pytest(ctx, "trainer_fsdp", [TRAINER_FSDP_TEST], max(1.0, allowance - (time.time() - started)))
+        body += "\n\n### The Trainer under FSDP2\n\n" + trainer.body
+        line += f"; Trainer under FSDP2: {trainer.line}"
+        status = status if trainer.status == "passed" else trainer.status
+    return Outcome(status, line, body, files=["fsdp.log", "fsdp_step.md", "fsdp_step.json"])
+
+
+def part_glue(ctx, allowance):
+    """GLUE fine-tuning (benchmarks/finetune_glue.py), resumable: call it again to go on.  The
+    second plan: RTE with AdamW, SAM and FSAM, one seed; alone, the five tasks, seeds 0-2."""
+    from . import fewshot_glue
+    a = ctx.a
+    glue_dir = a.data_dir or os.environ.get("GLUE_DIR") or (os.path.join(ROOT, ".gpu", "glue")
+                                                             if os.path.isdir(os.path.join(ROOT, ".gpu", "glue")) else None)
     if not glue_dir:
-        raise SystemExit("gpu glue: set GLUE_DIR or pass --data-dir")
-    common = ["--data-dir", glue_dir, "--tasks", *a.tasks, "--budget-s", str(a.budget_s),
-              *(["--model-dir", a.model_dir] if a.model_dir else []), *(["--cpu"] if a.device == "cpu" else [])]
+        return Outcome("refused", "no GLUE data: set GLUE_DIR, pass --data-dir or carry .gpu/glue (make gpu-carry)")
+    model_dir = a.model_dir or (os.path.join(ROOT, ".gpu", "minilm-fp16")
+                                if os.path.isdir(os.path.join(ROOT, ".gpu", "minilm-fp16")) else None)
+    second = a.plan == "second"
+    tasks = a.tasks or (["rte"] if second else list(GLUE_TASKS))
+    common = ["--data-dir", glue_dir, "--tasks", *tasks, "--budget-s", f"{allowance * 0.9:.0f}",
+              *(["--model-dir", model_dir] if model_dir else []), *([] if ctx.cuda else ["--cpu"])]
     if a.fewshot:  # the few-shot study (benchmarks/fewshot_glue.py): every optimizer, the clip sweep
         name, md_name = "fewshot_glue", "fewshot.md"
         cmd = [sys.executable, "-m", "benchmarks.fewshot_glue", *common, "--seeds", *map(str, a.seeds or range(5)),
                "--sizes", *map(str, fewshot_glue.SIZES), "--epochs", *map(str, fewshot_glue.EPOCHS),
                "--optimizers", *FEWSHOT_OPTIMIZERS, "--clip-norms", *map(str, CLIP_NORMS),
-               "--out", os.path.join(out, name)]
+               "--out", os.path.join(ctx.out, name)]
     else:
         name, md_name = "glue", "glue.md"
-        cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *common, "--seeds", *map(str, a.seeds or range(3)),
-               "--epochs", str(a.epochs), "--out", os.path.join(out, name), "--resume"]
+        seeds = a.seeds or ([0] if second else range(3))
+        cmd = [sys.executable, "-m", "benchmarks.finetune_glue", *common, "--seeds", *map(str, seeds),
+               "--epochs", str(a.epochs), "--out", os.path.join(ctx.out, name), "--resume",
+               *(["--optimizers", "adamw", "sam", "fsam"] if second else [])]
     cmd += a.glue_args or []
-    code, seconds, output = _run_logged(cmd, os.path.join(out, f"{name}.log"))
-    md = os.path.join(out, name, md_name)
-    table = "(no run finished)"
-    if os.path.exists(md):
-        with open(md) as f:
-            table = f.read().split("\n\n", 2)[-1]
-    left = [x for x in output.splitlines() if x.startswith("left for the next call")]
-    _write_summary(out, name, env, f"exit {code}, {seconds:.0f} s in this call. {left[-1] if left else 'All runs done.'}"
-                                      f"\n\n{table}")
-    return 0 if code == 0 else 1
-
-
-def step_fsdp(a, env, out):
-    """benchmarks.fsdp_step at world size 1 (nccl, the machine's one GPU; gloo for the dry run): the
-    step time and held memory of FSAM, SAM and PAC-tuning over FSDP2 shards against the plain ones."""
-    cmd = [sys.executable, "-m", "benchmarks.fsdp_step", "--device", a.device, "--worlds", "1", "--list",
-           a.fsdp_list or ("bert-base" if a.device == "cuda" else "300K"), "--out", out]
-    code, seconds, _ = _run_logged(cmd, os.path.join(out, "fsdp.log"), timeout=a.budget_s)
-    md = os.path.join(out, "fsdp_step.md")
-    table = "(no result)"
-    if code == 0 and os.path.exists(md):
-        with open(md) as f:
-            table = f.read().split("\n", 1)[-1]
-    _write_summary(out, "fsdp", env, f"`{' '.join(cmd[1:])}`: exit {code}, {seconds:.0f} s\n{table}")
-    return 0 if code == 0 else 1
+    code, seconds, output = _run_logged(cmd, os.path.join(ctx.out, f"{name}.log"), timeout=allowance)
+    md = os.path.join(ctx.out, name, md_name)
+    table = open(md).read().split("\n\n", 2)[-1] if os.path.exists(md) else "(no run finished)"
+    left = _last(r"^left for the next call.*$", output, "All runs done.")
+    return Outcome(_status(code), f"{seconds:.0f} s in this call. {left}", table, files=[f"{name}.log", f"{name}/"])
 
 
 # The few-shot study's plan on a GPU: every task of GLUE_TASKS, its sizes and epochs, the papers' clip sweep.
 FEWSHOT_OPTIMIZERS = ("adamw", "sam", "fsam", "adamw-clip", "pac")
 CLIP_NORMS = (0.01, 0.05, 0.1, 0.5, 1.0)
 
-STEPS = {"test": step_test, "sanitize": step_sanitize, "bench": step_bench, "glue": step_glue, "fsdp": step_fsdp}
+PARTS = {"build": part_build, "ops": part_ops, "test": part_test, "sanitize": part_sanitize, "bench": part_bench,
+         "fsdp": part_fsdp, "glue": part_glue}
+# (part, seconds allowed on a GPU, seconds allowed for the CPU dry run).  gpu-first's 530 s of
+# allowances fit its 540 s budget; a part that ends early leaves its time to the next ones.
+PLANS = {
+    "first": [("build", 150, 1200), ("ops", 170, 1800), ("sanitize", 110, 300), ("bench", 100, 300)],
+    "second": [("build", 150, 1200), ("fsdp", 150, 300), ("glue", 230, 600)],
+}
+
+
+# ---------------------------------------------------------------- the plan and its summary
+
+
+def results_dir(device, out=None):
+    if out:
+        return out
+    if os.environ.get("OUT"):
+        return os.environ["OUT"]
+    tag = "cpu-dry-run" if device == "cpu" else torch.cuda.get_device_name().lower().replace(" ", "-")
+    return os.path.join(HERE, "results", tag)
+
+
+def environment(device):
+    from .timing import environment as measured_in
+    env = measured_in(device)
+    env["kernel"] = platform.release()  # 4.4.0 is gVisor; a Firecracker VM reports its own kernel
+    for name in ("transformers", "accelerate"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            env[name] = None
+    if device == "cuda":
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip() or None
+        except OSError:
+            env["driver"] = None
+        env["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+    return env
+
+
+def write_summary(ctx, env, done, started, final):
+    """summary.md (and summary.json) in the results folder: rewritten after every part."""
+    head = (f"# fsam_kernels on {env['device']}: `{' '.join(ctx.a.parts)}`\n\n"
+            f"driver {env.get('driver')}, CUDA runtime {env.get('cuda')}, kernel {env['kernel']}, torch {env['torch']}, "
+            f"triton {env['triton']}, transformers {env['transformers']}, accelerate {env['accelerate']}, "
+            f"python {env['python']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, "
+            f"backends {env['backends']}\n\n")
+    rows = [[name, o.status, f"{o.seconds:.0f}", f"{allowance:.0f}", o.line.replace("|", "/")]
+            for name, allowance, o in done]
+    state = (f"{time.time() - started:.0f} s in all" if final else
+             f"in progress: {time.time() - started:.0f} s so far")
+    text = head + f"{state}; results in `{ctx.out}`\n\n" + _table(["part", "status", "seconds", "allowed", "result"], rows)
+    for name, _, o in done:
+        if o.body:
+            text += f"\n\n## {name}\n\n{o.body}"
+    with open(os.path.join(ctx.out, "summary.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(ctx.out, "summary.json"), "w") as f:
+        json.dump({"environment": env, "parts": [{"part": n, "allowed_s": al, "status": o.status, "seconds": o.seconds,
+                                                  "result": o.line, "files": o.files} for n, al, o in done]}, f, indent=1)
+    return text
+
+
+def plan_of(a):
+    """[(part, allowance)]: a plan's parts with their own allowances; parts named on the command
+    line get what is left of the budget when they start (None here)."""
+    if a.plan:
+        column = 1 if a.device == "cuda" else 2
+        return [(row[0], row[column]) for row in PLANS[a.plan]]
+    return [(name, None) for name in a.parts]
+
+
+def run_plan(ctx, budget_s):
+    started = time.time()
+    done, env = [], None
+    for name, allowance in plan_of(ctx.a):
+        elapsed = time.time() - started
+        allowance = budget_s - elapsed if allowance is None else allowance
+        if name in (ctx.a.skip or []):
+            outcome = Outcome("skipped", "--skip")
+        elif allowance <= 0 or elapsed + allowance > budget_s:
+            outcome = Outcome("skipped", f"not started: {elapsed:.0f} s elapsed + its {allowance:.0f} s would pass "
+                                         f"the budget of {budget_s:.0f} s")
+        else:
+            print(f"benchmarks.gpu: {name} (allowed {allowance:.0f} s, {elapsed:.0f} s elapsed)", flush=True)
+            try:
+                outcome = PARTS[name](ctx, allowance)
+            except Exception as exc:  # noqa: BLE001  (a part's own error is its result; the plan goes on)
+                outcome = Outcome("failed", f"{type(exc).__name__}: {exc}")
+            outcome.seconds = time.time() - started - elapsed
+        done.append((name, allowance, outcome))
+        env = env or environment(ctx.device)  # after the build: the backends it built
+        write_summary(ctx, env, done, started, final=False)
+    return done, write_summary(ctx, env or environment(ctx.device), done, started, final=True)
+
+
+def default_budget(a):
+    if a.device == "cuda":
+        return PLAN_BUDGET_S
+    return sum(row[2] for row in PLANS[a.plan]) if a.plan else 3600.0
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=sorted(STEPS))
+    ap.add_argument("parts", nargs="+", metavar="PLAN_OR_PART", help=f"first, second, or parts of {sorted(PARTS)}")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the dry run")
-    ap.add_argument("--out", help="results folder (default benchmarks/results/<gpu name>)")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="seconds this call may take")
-    ap.add_argument("--tools", nargs="+", default=list(SANITIZER_TOOLS), choices=SANITIZER_TOOLS)
-    ap.add_argument("--data-dir", help="GLUE data (default: $GLUE_DIR)")
-    ap.add_argument("--model-dir", help="the MiniLM folder (e.g. the half-precision copy of `make gpu-carry`)")
-    ap.add_argument("--tasks", nargs="+", default=list(GLUE_TASKS))
-    ap.add_argument("--seeds", nargs="+", type=int, help="default 0 1 2 (the few-shot study: 0 to 4)")
+    ap.add_argument("--out", help="results folder (default $OUT, else benchmarks/results/<gpu name>)")
+    ap.add_argument("--budget-s", type=float, help=f"seconds the command may take (default {PLAN_BUDGET_S:.0f} on a "
+                                                   "GPU; for the dry run, a plan's allowances, else 3600)")
+    ap.add_argument("--skip", nargs="+", choices=sorted(PARTS), help="parts not to run (recorded as skipped)")
+    ap.add_argument("--tools", nargs="+", choices=SANITIZER_TOOLS, help="sanitize: the tools (default: all; "
+                                                                         "first: memcheck and racecheck)")
+    ap.add_argument("--data-dir", help="glue: the GLUE data (default: $GLUE_DIR, else .gpu/glue)")
+    ap.add_argument("--model-dir", help="glue: the MiniLM folder (default: .gpu/minilm-fp16 when carried)")
+    ap.add_argument("--tasks", nargs="+", choices=GLUE_TASKS)
+    ap.add_argument("--seeds", nargs="+", type=int, help="glue: default 0 1 2 (second: 0; the few-shot study: 0 to 4)")
     ap.add_argument("--fewshot", action="store_true", help="glue: the few-shot study instead of full training")
     ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--pytest-args", nargs=argparse.REMAINDER, help="test: what pytest runs (default: tests)")
+    ap.add_argument("--pytest-args", nargs="+", help="ops, test: what pytest runs instead of the default")
     ap.add_argument("--bench-args", nargs=argparse.REMAINDER, help="bench: more flags for benchmarks.run")
     ap.add_argument("--fsdp-list", help="fsdp: the parameter list (default bert-base; the dry run 300K)")
     ap.add_argument("--glue-args", nargs=argparse.REMAINDER, help="glue: more flags for benchmarks.finetune_glue")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    a.plan = a.parts[0] if a.parts[0] in PLANS else None
+    if a.plan and len(a.parts) > 1:
+        ap.error(f"a plan ({a.plan}) takes no parts after it")
+    unknown = [p for p in a.parts if p not in PARTS and p not in PLANS]
+    if unknown:
+        ap.error(f"unknown part(s) {unknown}: plans {sorted(PLANS)}, parts {sorted(PARTS)}")
+    return a
 
 
 def main(argv=None):
@@ -222,7 +495,10 @@ def main(argv=None):
         raise SystemExit("benchmarks.gpu: no GPU is visible (use --device cpu for the dry run)")
     out = results_dir(a.device, a.out)
     os.makedirs(out, exist_ok=True)
-    return STEPS[a.step](a, _environment(a.device), out)
+    ctx = Context(a, out)
+    done, text = run_plan(ctx, a.budget_s if a.budget_s is not None else default_budget(a))
+    print(text)
+    return 0 if all(o.status in ("passed", "skipped", "refused") for _, _, o in done) else 1
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ def main(argv=None):
                                        copy_gbps=bw, only=only)
         else:
             step_rows += step.run(spec, device, backends_here, min_time=min_time, only=only)
+        env["seconds"] = time.time() - started
+        write_results(out, env, kernel_rows, step_rows, plots=False)  # a run stopped from outside keeps its jobs
     env["seconds"] = time.time() - started
     write_results(out, env, kernel_rows, step_rows, plots=not args.no_plots)
     print(summary(env, kernel_rows, step_rows))

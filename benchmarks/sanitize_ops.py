@@ -77,14 +77,20 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--many", type=int, help="tensors in the many-tensor list (default 400; 20 on the CPU, whose "
                                              "Triton kernels run interpreted)")
+    ap.add_argument("--quick", action="store_true", help="the mixed shapes only: one small call of every op per dtype")
+    ap.add_argument("--backends", nargs="+", help="only these backends (default: every one built for --device)")
     a = ap.parse_args(argv)
     a.many = a.many or (400 if a.device == "cuda" else 20)
-    mine = [b for b in available_backends() if backends.device_of(b) == a.device]
+    mine = [b for b in available_backends() if backends.device_of(b) == a.device and b in (a.backends or [b])]
+    missing = sorted(set(a.backends or []) - set(mine))
+    if missing:
+        raise SystemExit(f"sanitize_ops: backend(s) {missing} not built for {a.device} (built: {available_backends()})")
     calls = 0
     for b in mine:
         for dtype in DTYPES:
             for i, (name, shapes) in enumerate(shape_sets(a.many).items()):
-                calls += each_op(b, a.device, dtype, shapes, seed=i)
+                if not a.quick or name == "mixed":
+                    calls += each_op(b, a.device, dtype, shapes, seed=i)
     print(f"sanitize_ops: {calls} op calls on {mine} ({a.device}), every result equal to reference")
 
 

@@ -78,8 +78,8 @@ def environment(device):
         env["cuda"] = torch.version.cuda
     else:
         env["device"] = f"CPU ({env['cpu']}, {env['threads']} threads)"
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
                                        text=True).stdout.strip() or None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
@@ -87,6 +87,11 @@ def environment(device):
         env["dirty"] = bool(dirty)
     except OSError:
         env["commit"] = None
+    carried = os.path.join(os.path.dirname(here), ".gpu", "commit")  # make gpu-carry's: a copy without .git
+    if env["commit"] is None and os.path.exists(carried):
+        with open(carried) as f:
+            words = f.read().split()
+        env["commit"], env["dirty"] = words[0], "dirty" in words[1:]
     import fsam_kernels
     env["backends"] = fsam_kernels.available_backends()
     return env
