@@ -15,6 +15,7 @@ benchmarks/results/<gpu name>/.  `--device cpu` runs the same plan on the CPU wi
 
 This module imports nothing of fsam_kernels before the build part has run."""
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ GLUE_TASKS = ("rte", "mrpc", "stsb", "cola", "sst2")  # small to large: the firs
 OPS_TESTS = ("tests/ops", "tests/optimizers/test_optimizers.py", "tests/optimizers/test_mixed_precision.py",
              "tests/optimizers/test_pac.py")
 OPS_FILTER = "cuda or triton"
+PYTEST_JOBS = min(8, os.cpu_count() or 1)
 TRAINER_FSDP_TEST = "tests/optimizers/test_fsdp.py::test_trainer_under_fsdp2"
 BENCH_LAST_JOB_S = 90  # the longest single job of the full benchmark (a 1.3B-parameter step)
 # One small call of a CUDA op under a sanitizer; a runtime that refuses the tool fails here in seconds.
@@ -71,27 +73,37 @@ class Context:
 # ---------------------------------------------------------------- running and logging
 
 
-def _run_logged(cmd, log_path, env=None, timeout=None):
-    """Run cmd with its output streamed into log_path (kept if this process is killed); returns
-    (exit code or "timeout", seconds, output)."""
-    start = time.time()
-    with open(log_path, "a") as log:
-        offset = log.tell()  # a log holds every call of its part; the output returned is this call's
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the whole group: pytest's and the sanitizer's children too
-            proc.wait()
-            code = "timeout"
-            log.write(f"\n[stopped at its allowance of {timeout:.0f} s]\n")
-    with open(log_path, errors="replace") as f:
+def _start(cmd, log_path, env=None):
+    """Start cmd in a process group of its own, its output streamed into log_path (kept if this
+    process is killed); a log holds every call of its part."""
+    log = open(log_path, "a")
+    offset = log.tell()
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, log, offset, time.time()
+
+
+def _wait(started, timeout):
+    """(exit code or "timeout", seconds, this call's output)."""
+    proc, log, offset, t0 = started
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the whole group: pytest's and the sanitizer's children too
+        proc.wait()
+        code = "timeout"
+        log.write(f"\n[stopped at its allowance of {timeout:.0f} s]\n")
+    log.close()
+    with open(log.name, errors="replace") as f:
         f.seek(offset)
         output = f.read()
-    return code, time.time() - start, output
+    return code, time.time() - t0, output
+
+
+def _run_logged(cmd, log_path, env=None, timeout=None):
+    return _wait(_start(cmd, log_path, env), timeout)
 
 
 def _status(code):
@@ -180,24 +192,63 @@ def part_build(ctx, allowance):
     return Outcome(status, f"{seconds:.0f} s ({settings}); backends {found}{why}", files=["build.log"])
 
 
+def _test_files(targets):
+    """Folders expanded to their test files; files and node ids kept."""
+    out = []
+    for t in targets:
+        path = os.path.join(ROOT, t)
+        out += sorted(os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(path, "**", "test_*.py"), recursive=True)) \
+            if os.path.isdir(path) else [t]
+    return out
+
+
+def _shards(files, jobs):
+    """Files in at most `jobs` groups of about equal size (largest first into the lightest)."""
+    groups = [[] for _ in range(max(1, min(jobs, len(files))))]
+    weight = [0] * len(groups)
+    for f in sorted(files, key=lambda f: -os.path.getsize(os.path.join(ROOT, f.split("::")[0]))):
+        i = weight.index(min(weight))
+        groups[i].append(f)
+        weight[i] += os.path.getsize(os.path.join(ROOT, f.split("::")[0]))
+    return [g for g in groups if g]
+
+
 def _pytest(ctx, name, targets, allowance, select=None):
-    junit = os.path.join(ctx.out, f"{name}_junit.xml")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", f"--junitxml={junit}", "-p", "no:cacheprovider", *targets]
-    if select:
-        cmd += ["-k", select]
-    if os.path.exists(junit):
-        os.remove(junit)
-    code, seconds, output = _run_logged(cmd, os.path.join(ctx.out, f"{name}.log"), timeout=allowance)
-    rows = _junit_rows(junit) if os.path.exists(junit) else []
-    closing = _last(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$", output, "no pytest summary")
+    """pytest over `targets` in parallel processes (the Triton JIT compiles and the imports are
+    per process: one process would spend most of the allowance on them), one file per process
+    at a time; -v so that a stopped run's log still says what passed."""
+    shards = _shards(_test_files(targets), PYTEST_JOBS)
+    runs = []
+    for i, files in enumerate(shards):
+        tag = name if len(shards) == 1 else f"{name}_{i}"
+        junit = os.path.join(ctx.out, f"{tag}_junit.xml")
+        if os.path.exists(junit):
+            os.remove(junit)
+        cmd = [sys.executable, "-m", "pytest", "-v", "-rfEs", f"--junitxml={junit}", "-p", "no:cacheprovider", *files,
+               *(["-k", select] if select else [])]
+        runs.append((tag, junit, cmd, _start(cmd, os.path.join(ctx.out, f"{tag}.log"))))
+    deadline = time.time() + allowance
+    codes, outputs, rows, seconds = [], [], [], 0.0
+    for tag, junit, cmd, started in runs:
+        code, took, output = _wait(started, max(0.1, deadline - time.time()))
+        codes.append(code)
+        outputs.append(output)
+        seconds = max(seconds, took)
+        rows += _junit_rows(junit) if os.path.exists(junit) else []
+    output = "\n".join(outputs)
+    counts = {k: len(re.findall(rf"^\S+::\S+ {k}\b", output, flags=re.M)) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    code = "timeout" if "timeout" in codes else next((c for c in codes if c not in (0, 5)), 0 if 0 in codes else 5)
     if code == 5:  # pytest: nothing collected
         code = "nothing collected"
-    body = (f"`{' '.join(cmd[3:])}`: exit {code}, {seconds:.0f} s; {closing}\n\n"
-            + _table(["test file", "passed", "failed", "skipped", "seconds"], rows))
-    failures = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.M)
+    closing = ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n or k == "PASSED")
+    select_text = f' -k "{select}"' if select else ""
+    body = (f"`pytest {' '.join(targets)}{select_text}` in {len(runs)} process(es): exit {code}, {seconds:.0f} s; "
+            f"{closing}\n\n" + _table(["test file", "passed", "failed", "skipped", "seconds"], sorted(rows)))
+    failures = sorted(set(re.findall(r"^(\S+::\S+) (?:FAILED|ERROR)\b", output, flags=re.M)))
     if failures:
         body += "\n\nFailed:\n" + "\n".join(f"- `{f}`" for f in failures[:40])
-    return Outcome(_status(code), closing, body, files=[f"{name}.log", f"{name}_junit.xml"])
+    files = [f"{tag}.log" for tag, *_ in runs] + [f"{tag}_junit.xml" for tag, *_ in runs]
+    return Outcome(_status(code), closing, body, files=files)
 
 
 def _junit_rows(path):

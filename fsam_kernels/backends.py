@@ -27,7 +27,7 @@ def _triton_usable():
 
 
 # The backends of CUDA tensors in the order "auto" tries them.  Triton comes first until the CUDA
-# C++ backend has passed the GPU suite (make gpu-test, gpu-sanitize): the run that sees it pass
+# C++ backend has passed the GPU proof (make gpu-first, docs/gpu.md): the run that sees it pass
 # puts the faster of the two first, by the measured benchmark, in the same commit as the results.
 CUDA_PREFERENCE = ("triton", "cuda")
 

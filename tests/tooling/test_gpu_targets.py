@@ -141,12 +141,17 @@ def test_the_op_selection_collects_the_gpu_backends_cases():
     assert all("cuda" in i or "triton" in i for i in ids)
 
 
-def test_test_part_reports_failures(tmp_path):
-    bad = tmp_path / "test_fails.py"
+def test_test_part_runs_files_in_parallel_and_reports_failures(tmp_path, monkeypatch):
+    bad, good = tmp_path / "test_fails.py", tmp_path / "test_passes.py"
     bad.write_text("def test_fails():\n    assert 1 == 2\n")
-    assert gpu.main(["test", "--device", "cpu", "--out", str(tmp_path), "--pytest-args", str(bad)]) == 1
+    good.write_text("import pytest\n\ndef test_passes():\n    pass\n\n@pytest.mark.skip\ndef test_skipped():\n    pass\n")
+    monkeypatch.setattr(gpu, "PYTEST_JOBS", 2)
+    assert gpu.main(["test", "--device", "cpu", "--out", str(tmp_path), "--pytest-args", str(bad), str(good)]) == 1
     text, parts = summary(tmp_path)
-    assert parts["test"]["status"] == "failed" and "| test_fails | 0 | 1 | 0 |" in text and "test_fails.py::" in text
+    assert parts["test"]["status"] == "failed" and parts["test"]["result"] == "1 passed, 1 failed, 1 skipped"
+    assert "| test_fails | 0 | 1 | 0 |" in text and "| test_passes | 1 | 0 | 1 |" in text
+    assert "in 2 process(es)" in text and "test_fails.py::test_fails`" in text
+    assert sorted(parts["test"]["files"]) == ["test_0.log", "test_0_junit.xml", "test_1.log", "test_1_junit.xml"]
 
 
 def test_bench_part_keeps_its_budget(tmp_path):
