@@ -90,7 +90,8 @@ def test_build_part_settings_and_stamp(tmp_path, monkeypatch):
     """sm_90 only, every core, no emulator (each overridable); a matching stamp skips the build;
     a GPU build without the cuda backend fails."""
     calls = []
-    monkeypatch.setattr(gpu, "_run_logged", lambda cmd, log, env=None, timeout=None: calls.append((cmd, env)) or (0, 1, ""))
+    monkeypatch.setattr(gpu, "_run_logged",
+                        lambda cmd, log, env=None, timeout=None: calls.append((cmd, env)) or (0, 1, ""))
     monkeypatch.setattr(gpu, "BUILD_STAMP", str(tmp_path / "stamp"))
     monkeypatch.setattr(gpu, "_backends", lambda: ["reference", "cpu"])
     for name in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "FSAM_BUILD_SIM"):
@@ -104,11 +105,14 @@ def test_build_part_settings_and_stamp(tmp_path, monkeypatch):
     assert "already built" in gpu.part_build(ctx, 100).line and len(calls) == 1
     monkeypatch.setenv("FSAM_BUILD_SIM", "1")  # another setting: built again, the setting kept
     assert gpu.part_build(ctx, 100).status == "passed" and len(calls) == 2 and calls[1][1]["FSAM_BUILD_SIM"] == "1"
-    ctx.cuda = True
-    monkeypatch.setenv("MAX_JOBS", "3")
+    ctx.cuda = True  # the stamp matches, but a GPU build must have the GPU backends
     outcome = gpu.part_build(ctx, 100)
-    assert outcome.status == "failed" and "missing backends ['cuda', 'triton']" in outcome.line
+    assert outcome.status == "failed" and "missing backends ['cuda', 'triton']" in outcome.line and len(calls) == 2
     assert not (tmp_path / "stamp").exists()
+    monkeypatch.setattr(gpu, "_backends", lambda: ["reference", "cpu", "cuda", "triton"])
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert gpu.part_build(ctx, 100).status == "passed" and len(calls) == 3 and calls[2][1]["MAX_JOBS"] == "3"
+    assert "already built" in gpu.part_build(ctx, 100).line and len(calls) == 3
 
 
 def test_sanitizer_refusal_is_recorded_in_seconds(tmp_path, monkeypatch):
@@ -144,7 +148,8 @@ def test_the_op_selection_collects_the_gpu_backends_cases():
 def test_test_part_runs_files_in_parallel_and_reports_failures(tmp_path, monkeypatch):
     bad, good = tmp_path / "test_fails.py", tmp_path / "test_passes.py"
     bad.write_text("def test_fails():\n    assert 1 == 2\n")
-    good.write_text("import pytest\n\ndef test_passes():\n    pass\n\n@pytest.mark.skip\ndef test_skipped():\n    pass\n")
+    good.write_text("import pytest\n\ndef test_passes():\n    pass\n\n"
+                    "@pytest.mark.skip\ndef test_skipped():\n    pass\n")
     monkeypatch.setattr(gpu, "PYTEST_JOBS", 2)
     assert gpu.main(["test", "--device", "cpu", "--out", str(tmp_path), "--pytest-args", str(bad), str(good)]) == 1
     text, parts = summary(tmp_path)
@@ -187,6 +192,17 @@ def test_glue_part_has_a_fewshot_mode(tmp_path, data_dir):
     assert "benchmarks.fewshot_glue" in log and "--clip-norms 0.01 0.05 0.1 0.5 1.0" in log
     assert "--seeds 0 1 2 3 4" in log and "--sizes 100 1000" in log
     assert "left for the next call" in log and "left for the next call" in summary(tmp_path / "res")[0]
+
+
+def test_the_docs_give_the_plans_allowances():
+    """docs/gpu.md's table and sentence against PLANS (the one place they are set)."""
+    text = open(os.path.join(ROOT, "docs", "gpu.md")).read()
+    for name, gpu_s, _ in gpu.PLANS["first"]:
+        assert f"| {name} | {gpu_s} s |" in text, name
+    for name, gpu_s, _ in gpu.PLANS["second"]:
+        assert f"**{name}** ({gpu_s} s" in text or f"runs {name} ({gpu_s} s" in text, name
+    assert f"would pass {gpu.PLAN_BUDGET_S:.0f} s" in text
+    assert sum(s for _, s, _ in gpu.PLANS["first"]) <= gpu.PLAN_BUDGET_S
 
 
 def test_bad_command_lines():
