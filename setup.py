@@ -82,8 +82,11 @@ def _sim_extension():
                 f.write(text)
         sources.append(os.path.relpath(name, HERE))
     sources += sorted(glob.glob(os.path.join("csrc", "sim", "*.cpp")))
-    cxx = ["-O2", "-DFSAM_SIM", "-include", os.path.join(HERE, "csrc", "sim", "simt.h"), "-fsanitize=thread",
-           "--param=tsan-instrument-func-entry-exit=0"] + HOST_MATH + _warnings() + ["-Wno-unknown-pragmas"]
+    # -std=c++20: the emulator names call sites with std::source_location, and torch 2.11 builds
+    # extensions as C++17 unless told otherwise (2.14 as C++20)
+    cxx = ["-O2", "-std=c++20", "-DFSAM_SIM", "-include", os.path.join(HERE, "csrc", "sim", "simt.h"),
+           "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"] + HOST_MATH + _warnings() + [
+        "-Wno-unknown-pragmas"]
     return CppExtension("fsam_kernels._sim", sources, extra_compile_args={"cxx": cxx},
                         include_dirs=[os.path.join(HERE, "csrc", d) for d in ("include", "cuda")])
 

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,14 +77,27 @@ def test_plan_starts_no_part_that_would_pass_the_budget(tmp_path, monkeypatch):
     assert [n for n, _ in ran] == ["build", "ops"] and 49 < ran[0][1] <= 50 and ran[1][1] <= ran[0][1]
 
 
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
 def test_a_part_is_stopped_at_its_allowance_and_keeps_its_log(tmp_path):
     """The child and its own children are killed; what it wrote before is in the log."""
-    child = ("import subprocess, sys; print('started', flush=True); "
-             "subprocess.run([sys.executable, '-c', 'import os; os.read(os.pipe()[0], 1)'])")  # blocks for ever
+    grandchild = "import os; print('grandchild', os.getpid(), flush=True); os.read(os.pipe()[0], 1)"  # blocks for ever
+    child = f"import subprocess, sys; print('started', flush=True); subprocess.run([sys.executable, '-c', {grandchild!r}])"
     log = tmp_path / "part.log"
     code, seconds, output = gpu._run_logged([sys.executable, "-c", child], str(log), timeout=2)
     assert code == "timeout" and seconds < 30
     assert "started" in output and "[stopped at its allowance of 2 s]" in log.read_text()
+    pid = int(output.split("grandchild ")[1].split()[0])
+    deadline = time.time() + 10  # SIGKILL is delivered, not yet acted on, when killpg returns
+    while _alive(pid) and time.time() < deadline:
+        os.sched_yield()
+    assert not _alive(pid)
 
 
 def test_build_part_settings_and_stamp(tmp_path, monkeypatch):
