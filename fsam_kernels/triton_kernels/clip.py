@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import num_chunks
 from . import tables
 from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, member_ptr, round_to, tl_dtype
 from .perturb import _sumsq_kernel
@@ -13,15 +14,17 @@ SEGMENT_BLOCK = 1024  # chunk partials a program adds at once
 
 
 @triton.jit
-def _tensor_sums_kernel(partials, first, sums, count, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+def _tensor_sums_kernel(partials, first, sums, count, STRIDE: tl.constexpr, BLOCK: tl.constexpr,
+                        ITERS: tl.constexpr):
     """sums[col * count + t] = column col (program axis 1) of tensor t's fp64 chunk partials (rows
-    of STRIDE values), in a fixed order."""
+    of STRIDE values), in a fixed order.  ITERS blocks cover the longest tensor: a loop bound that
+    is a runtime value (loaded or an argument) fails in Triton 3.6's interpreter under NumPy 2.5."""
     t = tl.program_id(0)
     col = tl.program_id(1)
     lo, hi = tl.load(first + t), tl.load(first + t + 1)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
-    for start in range(lo, hi, BLOCK):
-        c = start + tl.arange(0, BLOCK)
+    for i in range(ITERS):
+        c = lo + i * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(partials + STRIDE * c + col, mask=c < hi, other=0.0)
     tl.store(sums + col * count + t, tl.sum(acc, 0))
 
@@ -30,8 +33,11 @@ def tensor_sums(partials, tensors, columns):
     """float64 [columns, len(tensors)]: the first `columns` columns of the chunk partials summed
     per tensor in a fixed order (deterministic, unlike an atomic or index_add reduction)."""
     sums = torch.empty(columns, len(tensors), dtype=torch.float64, device=partials.device)
+    span = max((num_chunks(t.numel()) for t in tensors), default=0)
+    # a power of two: a few compiled variants whatever the lists (one per doubling of the longest)
+    iters = triton.next_power_of_2(max(1, -(-span // SEGMENT_BLOCK)))
     _tensor_sums_kernel[(len(tensors), columns)](partials, tables.first_chunks(tensors), sums, len(tensors),
-                                                 STRIDE=partials.shape[1], BLOCK=SEGMENT_BLOCK)
+                                                 STRIDE=partials.shape[1], BLOCK=SEGMENT_BLOCK, ITERS=iters)
     return sums
 
 
