@@ -1,5 +1,5 @@
-"""What the kernels are measured against (SPEC section 3): the published code's eager way, and
-the best of plain PyTorch.  Each is written as its authors' code does it, not improved."""
+"""What the kernels are measured against (docs/algorithm.md, "What is measured against what"):
+the published code's eager way, and the best of plain PyTorch.  Each is written as its authors' code does it, not improved."""
 import torch
 
 

@@ -17,12 +17,12 @@ FAMILIES = ("fisher", "topk", "perturb", "restore", "clip", "pac")
 DENSITY = 0.1  # keep 10 % (s = 0.9)
 RHO = 0.05
 CLIP = 1e-3  # below every tensor's norm: each one is scaled
-PAC_STD = 1e-2  # the noise's std: 19 % of fp32 entries are not restored by w - n (SPEC)
+PAC_STD = 1e-2  # the noise's std: 19 % of fp32 entries are not restored by w - n (docs/algorithm.md)
 PAC_INEXACT = 0.19
 
 
 def bytes_per_param(family):
-    """The bytes each family must move per fp32 parameter (SPEC section 2)."""
+    """The bytes each family must move per fp32 parameter (docs/algorithm.md, "The kernels")."""
     return {
         "fisher": 12.0,                               # read g, read F, write F
         "topk": 4.0 + 1 / 8,                          # one read of the scores + the mask write (the floor)

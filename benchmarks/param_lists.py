@@ -1,4 +1,4 @@
-"""Parameter lists to benchmark on: the real models of SPEC section 3 (shapes from
+"""Parameter lists to benchmark on: the real models the package is for (shapes from
 `transformers` configs built on the meta device: no weights, no downloads) and synthetic
 totals cut into layer-sized tensors."""
 import torch

@@ -1,7 +1,7 @@
 """The main benchmark: `python -m benchmarks.run` (what `make bench` runs).
 
 Kernel microbenchmarks for every family and the whole optimizer step, every provider side by
-side in one run, on synthetic sizes and the real parameter lists of SPEC section 3.  Writes
+side in one run, on synthetic sizes and the real parameter lists of benchmarks/param_lists.py.  Writes
 JSON, CSV, a markdown report and PNG plots under benchmarks/results/<device>/ and prints a
 summary.  `--help` lists the flags."""
 import argparse
@@ -144,7 +144,7 @@ def summary(env, kernel_rows, step_rows, markdown=False):
                  f"{r['full_reads']:.1f}" if r["family"] == "topk" else "",
                  f"{r['speedup_vs_published']:.1f}x" if r["speedup_vs_published"] else "")
                 for r in kernel_rows]
-        parts.append(("## " if markdown else "") + "Kernels (median ms; GB/s from SPEC section 2's bytes)\n")
+        parts.append(("## " if markdown else "") + "Kernels (median ms; GB/s from the bytes each family must move, docs/algorithm.md)\n")
         parts.append(_table(["family", "list", "params", "provider", "ms", "p25-p75", "GB/s", "% copy BW",
                              "full reads", "vs published"], rows, markdown))
     if step_rows:

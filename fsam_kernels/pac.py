@@ -386,7 +386,7 @@ class PACTuning(torch.optim.Optimizer):
 
     def _bound_and_grad(self, sums, prior):
         """The bound 1.5 K(e^mean b)^2 gamma + (KL + 10 + 3T) / (n gamma) and its gradient in b,
-        float64 on the device (SPEC section 1, PAC-tuning)."""
+        float64 on the device (docs/algorithm.md, PAC-tuning)."""
         s, d, _, p_sum = sums
         b = prior.double()
         t = self._numels

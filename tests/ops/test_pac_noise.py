@@ -153,7 +153,7 @@ def test_mask_marks_exactly_the_inexact_entries_of_every_value(backend, device, 
 
 @PAC
 def test_inexact_fraction_matches_spec(backend, device):
-    """SPEC: about 5 % of fp32 entries at std 1e-3 and 19 % at 1e-2 are not restored by w - n."""
+    """docs/algorithm.md (PAC-tuning): about 5 % of fp32 entries at std 1e-3 and 19 % at 1e-2 are not restored by w - n."""
     params = [p * 0.04 for p in randn([(CHUNK * 8 + 5,)], torch.float32, device, seed_of("fraction"))]
     for std, expected in ((1e-3, 0.05), (1e-2, 0.19)):
         s = [t.to(device) for t in log_stds_for(params, std, 0, per_tensor=True)]
