@@ -9,7 +9,7 @@ import glob
 import os
 import shutil
 
-from setuptools import find_packages, setup
+from setuptools import setup
 import torch
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
@@ -91,13 +91,8 @@ def _sim_extension():
                         include_dirs=[os.path.join(HERE, "csrc", d) for d in ("include", "cuda")])
 
 
+# The project's metadata is pyproject.toml's; this file adds what it cannot say: the extensions.
 setup(
-    name="fsam_kernels",
-    version="0.1.0",
-    description="Compiled kernels for Fisher-mask SAM (FSAM) and SAM fine-tuning",
-    packages=find_packages(include=["fsam_kernels", "fsam_kernels.*"]),
     ext_modules=[_extension()] + ([] if _flag("FSAM_BUILD_SIM") == "0" else [_sim_extension()]),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
 )
