@@ -145,9 +145,11 @@ class FSAM(SharpnessAwareOptimizer):
     g^2 over the gradients given to accumulate_fisher() and rebuilds only on update_mask()
     (before the first update_mask() the current batch gradient builds the mask).
 
-    pool: None (every parameter), "fsam4plm" (all but biases and embeddings: the official
-    code) or a callable (name, param) -> bool; outside_pool="dense" perturbs the others
+    pool: None (every trainable parameter), "fsam4plm" (all but biases and embeddings: the
+    official code) or a callable (name, param) -> bool; outside_pool="dense" perturbs the others
     densely, "none" leaves them unperturbed (their gradients still count in the norm).
+    Parameters frozen at construction (requires_grad=False) are never perturbed and count in
+    neither the pool nor k.
     """
 
     def __init__(self, params, base_optimizer, *, rho=0.05, sparsity=0.9, mask_interval=100, fisher="batch",
@@ -171,15 +173,19 @@ class FSAM(SharpnessAwareOptimizer):
         super().__init__(params, base_optimizer, backend=backend, base_kwargs=base_kwargs)
         if predicate is not None and isinstance(pool, str) and None in self._names:
             raise ValueError(f"pool={pool!r} selects by parameter name: pass model.named_parameters()")
-        in_pool = [predicate is None or bool(predicate(name, p)) for name, p in zip(self._names, self._params)]
+        # Frozen parameters (requires_grad=False at construction) are in no pool and no count.
+        in_pool = [p.requires_grad and (predicate is None or bool(predicate(name, p)))
+                   for name, p in zip(self._names, self._params)]
         if not any(in_pool):
-            raise ValueError("pool selects no parameter")
+            raise ValueError("pool selects no trainable parameter")
         outside = "dense" if outside_pool == "dense" else "norm_only"
+        roles = ["masked" if keep else outside if p.requires_grad else "norm_only"
+                 for p, keep in zip(self._params, in_pool)]
         pool_params = [p for p, keep in zip(self._params, in_pool) if keep]
         # Exact decimal arithmetic: 0.1 * 100 must give 10, not 9.999... -> 9.
         n = sum(p.numel() for p in pool_params)
         k = math.floor((1 - Fraction(sparsity).limit_denominator(10**9)) * n)
-        self._compose(["masked" if keep else outside for keep in in_pool],
+        self._compose(roles,
                       FisherMask(k=k, mask_interval=mask_interval, fisher=fisher, fisher_decay=float(fisher_decay),
                                  backend=self.backend, pool=[t for t, keep in zip(self._locals, in_pool) if keep],
                                  **scale))

@@ -28,10 +28,11 @@ class SharpnessScale(Perturbation):
 
 class SAM(SharpnessAwareOptimizer):
     """SAM (Foret et al., 2021), or ASAM (Kwon et al., 2021) with adaptive=True: every
-    parameter with a gradient is perturbed by rho * T^2 g / ||T g||."""
+    parameter with a gradient is perturbed by rho * T^2 g / ||T g||.  Parameters frozen at
+    construction (requires_grad=False) are never perturbed, and no copy of them is kept."""
 
     def __init__(self, params, base_optimizer, *, rho=0.05, adaptive=False, eta=0.0, norm_eps=1e-12,
                  backend="auto", **base_kwargs):
         scale = SharpnessScale(rho=rho, adaptive=adaptive, eta=eta, norm_eps=norm_eps)
         super().__init__(params, base_optimizer, backend=backend, base_kwargs=base_kwargs)
-        self._compose(["dense"] * len(self._params), scale)
+        self._compose(["dense" if p.requires_grad else "norm_only" for p in self._params], scale)

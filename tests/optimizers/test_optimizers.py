@@ -298,7 +298,7 @@ GOOD = dict(rho=0.05)
     ({"backend": "tpu"}, ValueError, "backend"),
     ({"pool": "everything"}, ValueError, "pool"),
     ({"pool": 3}, TypeError, "pool"),
-    ({"pool": lambda n, p: False}, ValueError, "pool selects no parameter"),
+    ({"pool": lambda n, p: False}, ValueError, "pool selects no trainable parameter"),
     ({"outside_pool": "sparse"}, ValueError, "outside_pool"),
     ({"norm_eps": -1.0}, ValueError, "norm_eps"),
 ])
@@ -320,6 +320,38 @@ def test_bad_params():
         SAM([torch.zeros(3, dtype=torch.float64, requires_grad=True)], torch.optim.SGD, lr=0.1)
     with pytest.raises(RuntimeError, match="not available"):
         FSAM(model.parameters(), torch.optim.AdamW, backend="cuda" if torch.cuda.is_available() is False else "x")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_frozen_parameters_are_in_no_pool_and_no_count(backend):
+    """A frozen embedding and a trainable head (as users fine-tune): FSAM's k and pool are the
+    head's, the mask sits on the head only, the embedding is never perturbed and not copied; SAM
+    keeps no copy of it either."""
+    device = backends.device_of(backend) or "cpu"
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(1000, 16).to(device), torch.nn.Linear(16, 4).to(device)
+    emb.weight.requires_grad_(False)
+    params = list(emb.named_parameters()) + list(head.named_parameters())
+    frozen = emb.weight.detach().clone()
+    for p in head.parameters():
+        p.grad = torch.randn_like(p)
+    n_head = sum(p.numel() for p in head.parameters())
+    opt = FSAM(params, torch.optim.SGD, sparsity=0.9, backend=backend, lr=0.1)
+    assert opt.k == math.floor(0.1 * n_head)
+    before = [p.detach().clone() for p in head.parameters()]
+    opt.first_step()
+    assert opt.mask_density() == opt.k / n_head and opt.mask_of(emb.weight) is None
+    assert sum(int(opt.mask_of(p).sum()) for p in head.parameters()) == opt.k
+    moved = sum(int((p != b).sum()) for p, b in zip(head.parameters(), before))
+    assert 0 < moved <= opt.k and torch.equal(emb.weight, frozen)
+    assert opt.roles.dense_saved.numel() == 0  # no copy of the frozen table
+    opt.second_step()
+    sam = SAM(params, torch.optim.SGD, backend=backend, lr=0.1)
+    sam.first_step()
+    assert torch.equal(emb.weight, frozen) and sam.roles.dense_saved.numel() <= 8 * n_head
+    sam.second_step()
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        FSAM(emb.parameters(), torch.optim.SGD, backend=backend, lr=0.1)
 
 
 @pytest.mark.parametrize("backend", ALL)
