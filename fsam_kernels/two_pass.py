@@ -10,6 +10,8 @@ The shape is davda54/sam's: `Optimizer(params, base_optimizer_class, rho=..., **
 `first_step`, `second_step`, `step(closure)`, with `param_groups` shared with the base optimizer
 so LR schedulers work on either object.
 """
+import inspect
+
 import torch
 
 from . import backends
@@ -59,6 +61,7 @@ def init_composed(optimizer, groups, names, base_optimizer, base_kwargs):
     _params, _locals, _sharding, _names and _device."""
     if not callable(base_optimizer):
         raise TypeError(f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}")
+    check_base_kwargs(type(optimizer), base_optimizer, base_kwargs)
     torch.optim.Optimizer.__init__(optimizer, groups, {})
     optimizer.base_optimizer = base_optimizer(optimizer.param_groups, **base_kwargs)
     optimizer.param_groups = optimizer.base_optimizer.param_groups
@@ -77,6 +80,30 @@ def init_composed(optimizer, groups, names, base_optimizer, base_kwargs):
             raise ValueError(f"parameter {name} is not contiguous; the kernels update it in place")
     optimizer._sharding = sharding_of(optimizer._params, names)
     optimizer._locals = [local(p) for p in optimizer._params]
+
+
+def _keywords(fn):
+    """(the keyword names fn takes, whether it takes any others through **kwargs); (None, True)
+    when it cannot be inspected."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None, True
+    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def check_base_kwargs(method, base_optimizer, base_kwargs):
+    """A keyword neither the method nor the base optimizer takes is named as unknown to both (the
+    base optimizer alone would blame itself for a misspelt method option)."""
+    base_options, any_other = _keywords(base_optimizer)
+    unknown = [] if any_other else [k for k in base_kwargs if k not in base_options]
+    if unknown:
+        own = [k for k in _keywords(method.__init__)[0] if k not in ("self", "params", "base_optimizer")]
+        base_name = getattr(base_optimizer, "__name__", type(base_optimizer).__name__)
+        raise TypeError(f"{method.__name__}: unknown keyword argument(s) {', '.join(map(repr, unknown))}: not an "
+                        f"option of {method.__name__} ({', '.join(own)}) nor of {base_name} "
+                        f"({', '.join(k for k in base_options if k != 'params')})")
 
 
 def base_step(optimizer, base_optimizer, scaler=None, skip=None):

@@ -308,6 +308,25 @@ def test_bad_constructor_arguments(kwargs, error, match):
         FSAM(model.named_parameters(), torch.optim.AdamW, **{**GOOD, **kwargs})
 
 
+def test_unknown_keyword_is_unknown_to_both():
+    """A misspelt method option is not blamed on the base optimizer: both lists are given."""
+    from fsam_kernels import PACTuning
+    model = tiny_bert()
+    with pytest.raises(TypeError, match=r"FSAM: unknown keyword argument\(s\) 'sparsty': not an option of FSAM "
+                                        r"\(rho, sparsity, .*\) nor of AdamW \(lr, betas, "):
+        FSAM(model.parameters(), torch.optim.AdamW, sparsty=0.5)
+    with pytest.raises(TypeError, match=r"SAM: unknown keyword argument\(s\) 'rhoo', 'x'"):
+        SAM(model.parameters(), torch.optim.SGD, rhoo=0.1, lr=0.1, x=1)
+    with pytest.raises(TypeError, match=r"PACTuning: .*'seeed'.*\(num_examples, stage1_steps, gamma, seed, "):
+        PACTuning(model.parameters(), torch.optim.AdamW, num_examples=10, stage1_steps=1, seeed=3)
+
+    class Lenient(torch.optim.SGD):  # takes anything: its own error stands
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sparsty'"):
+        FSAM(model.parameters(), Lenient, sparsty=0.5, lr=0.1)
+
+
 def test_bad_params():
     model = tiny_bert()
     with pytest.raises(TypeError, match="optimizer class"):
