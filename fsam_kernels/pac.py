@@ -20,7 +20,7 @@ from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, gradients_of
 from .sharding import local, shard_like, sharding_of
 from .training import noise_passes
-from .two_pass import init_composed
+from .two_pass import init_composed, load_with_hooks, state_dict_with_hooks
 
 __all__ = ["PACTuning", "KTable", "estimate_k", "DEFAULT_PRIOR_GRID"]
 
@@ -474,9 +474,12 @@ class PACTuning(torch.optim.Optimizer):
                 "k_table": None if self.k_table is None else self.k_table.state()}
 
     def state_dict(self):
-        return {"base": self.base_optimizer.state_dict(), "pac": self._own_state()}
+        return state_dict_with_hooks(self, lambda: {"base": self.base_optimizer.state_dict(), "pac": self._own_state()})
 
     def load_state_dict(self, state_dict):
+        load_with_hooks(self, state_dict, self._load)
+
+    def _load(self, state_dict):
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "pac"}:
             raise ValueError("load_state_dict expects a dict made by PACTuning.state_dict() (keys 'base', 'pac')")
         self._load_parts(state_dict["pac"], lambda: self.base_optimizer.load_state_dict(state_dict["base"]))

@@ -106,6 +106,29 @@ def check_base_kwargs(method, base_optimizer, base_kwargs):
                         f"({', '.join(k for k in base_options if k != 'params')})")
 
 
+def state_dict_with_hooks(optimizer, make):
+    """make()'s state dict between torch.optim's state-dict pre- and post-hooks of `optimizer`
+    (a post-hook may return a replacement), as Optimizer.state_dict runs them."""
+    for hook in optimizer._optimizer_state_dict_pre_hooks.values():
+        hook(optimizer)
+    state = make()
+    for hook in optimizer._optimizer_state_dict_post_hooks.values():
+        result = hook(optimizer, state)
+        state = state if result is None else result
+    return state
+
+
+def load_with_hooks(optimizer, state, load):
+    """load(state) between torch.optim's load-state-dict pre-hooks (which may return a replacement)
+    and post-hooks of `optimizer`, as Optimizer.load_state_dict runs them."""
+    for hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(optimizer, state)
+        state = state if result is None else result
+    load(state)
+    for hook in optimizer._optimizer_load_state_dict_post_hooks.values():
+        hook(optimizer)
+
+
 def base_step(optimizer, base_optimizer, scaler=None, skip=None):
     """The base optimizer's step of a composed optimizer (through `scaler` when given; not at all
     when the 0-dim bool tensor `skip` is True, read with one sync), then what LR schedulers check
@@ -130,6 +153,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._first_finite = None  # first_step's finite flag while its second_step is pending
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         self._step_count = 0
+        self._in_step = False  # inside step(closure), whose wrapper runs the step hooks
 
     def _compose(self, role_of, perturbation):
         """Fix the roles (one per parameter, fsam_kernels/roles.py) and the perturbation policy,
@@ -165,6 +189,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         perturbation (reading it syncs)."""
         if self.roles.perturbed:
             raise RuntimeError("first_step() called twice: call second_step() to restore the weights first")
+        self._step_hooks(pre=True)
         if scaler is not None:
             scaler.unscale_(self)
         policy = self.perturbation
@@ -206,6 +231,24 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._first_finite = None
         if zero_grad:
             self.zero_grad()
+        self._step_hooks(pre=False)
+
+    def _step_hooks(self, pre):
+        """torch.optim's step pre-hooks (global, then this optimizer's) or post-hooks, once per
+        optimizer step: step(closure) runs them through torch's wrapper; first_step() and
+        second_step() called by hand run the pre-hooks at the first and the post-hooks at the
+        second.  Hooks get (optimizer, (), {})."""
+        if self._in_step:
+            return
+        from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+        if pre:
+            for hook in [*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()]:
+                if hook(self, (), {}) is not None:
+                    raise RuntimeError("a step pre-hook that returns new arguments needs step(closure): "
+                                       "first_step() takes none")
+        else:
+            for hook in [*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()]:
+                hook(self, (), {})
 
     def step(self, closure=None):
         """davda54/sam's step: the gradients of a first forward/backward must be in .grad;
@@ -215,15 +258,19 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                              "step(closure), or call first_step() and second_step() yourself")
         if all(p.grad is None for p in self._params):
             raise RuntimeError("no gradients: run the first forward/backward before step(closure)")
-        self.first_step(zero_grad=True)
+        self._in_step = True
         try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            with torch.no_grad():
-                self.roles.restore()  # leave the model as it was, not perturbed
-            raise
-        self.second_step()
+            self.first_step(zero_grad=True)
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except BaseException:
+                with torch.no_grad():
+                    self.roles.restore()  # leave the model as it was, not perturbed
+                raise
+            self.second_step()
+        finally:
+            self._in_step = False
         return loss
 
     def zero_grad(self, set_to_none=True):
@@ -246,9 +293,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return extra
 
     def state_dict(self):
-        return {"base": self.base_optimizer.state_dict(), "sharpness": self._own_state()}
+        return state_dict_with_hooks(self, lambda: {"base": self.base_optimizer.state_dict(),
+                                                    "sharpness": self._own_state()})
 
     def load_state_dict(self, state_dict):
+        load_with_hooks(self, state_dict, self._load)
+
+    def _load(self, state_dict):
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "sharpness"}:
             raise ValueError("load_state_dict expects a dict made by SAM/FSAM.state_dict() (keys 'base', 'sharpness')")
         self._load_parts(state_dict["sharpness"], lambda: self.base_optimizer.load_state_dict(state_dict["base"]))

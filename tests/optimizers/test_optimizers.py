@@ -327,6 +327,55 @@ def test_unknown_keyword_is_unknown_to_both():
         FSAM(model.parameters(), Lenient, sparsty=0.5, lr=0.1)
 
 
+@pytest.mark.parametrize("cls", [FSAM, SAM])
+def test_step_hooks_fire_once_per_step_whichever_form(cls):
+    """step(closure), first_step() + second_step(), and the Trainer's first_step() + restore() +
+    second_step(): torch.optim's step pre- and post-hooks (per optimizer and global) once each."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    model, opt = make(cls, "reference", base=torch.optim.SGD, lr=0.1)
+    calls = []
+    handles = [opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o))),
+               opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o))),
+               register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", o)) if o is opt else None),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", o)) if o is opt else None)]
+    once = [("global pre", opt), ("pre", opt), ("post", opt), ("global post", opt)]
+    try:
+        loss_of(model, 0).backward()
+        opt.step(lambda: loss_of(model, 0).backward())
+        assert calls == once
+        for restore_first in (False, True):
+            calls.clear()
+            loss_of(model, 1).backward()
+            opt.first_step(zero_grad=True)
+            assert calls == once[:2]
+            loss_of(model, 1).backward()
+            if restore_first:
+                opt.restore()
+            opt.second_step(zero_grad=True)
+            assert calls == once
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_state_dict_hooks_fire():
+    """torch.optim's state-dict hooks: a post-hook's replacement is returned, a load pre-hook's is
+    loaded (FSAM and PACTuning)."""
+    from fsam_kernels import PACTuning
+    for opt in (make(FSAM, "reference")[1],
+                PACTuning(tiny_bert().parameters(), torch.optim.AdamW, num_examples=10, stage1_steps=1,
+                          backend="reference", lr=1e-3)):
+        seen = []
+        opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "tag": 1})
+        state = opt.state_dict()
+        assert seen == ["pre"] and state["tag"] == 1
+        opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "tag"})
+        opt.register_load_state_dict_post_hook(lambda o: seen.append("loaded"))
+        opt.load_state_dict(state)
+        assert seen == ["pre", "loaded"]
+
+
 def test_bad_params():
     model = tiny_bert()
     with pytest.raises(TypeError, match="optimizer class"):
