@@ -6,6 +6,7 @@ FSAM_BUILD_SIM=0 skips it.  FSAM_WERROR=1 (set by `make test`) makes every warni
 host and device; it is off for other builds, so that another compiler's or torch's new warnings
 cannot stop an install."""
 import glob
+import json
 import os
 import shutil
 
@@ -91,8 +92,28 @@ def _sim_extension():
                         include_dirs=[os.path.join(HERE, "csrc", d) for d in ("include", "cuda")])
 
 
+class BuildWithRecord(BuildExtension):
+    """BuildExtension that records, next to each extension it builds, what went into it
+    (_build_info.json, one entry per extension file: `python -m fsam_kernels` reports it)."""
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        path = self.get_ext_fullpath(ext.name)
+        record = os.path.join(os.path.dirname(path), "_build_info.json")
+        entries = {}
+        if os.path.exists(record):
+            with open(record) as f:
+                entries = json.load(f)
+        cuda = any(s.endswith(".cu") for s in ext.sources)
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";") if cuda else []
+        entries[os.path.basename(path)] = {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+                                           "cuda_archs": [a for a in archs if a]}
+        with open(record, "w") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
+
+
 # The project's metadata is pyproject.toml's; this file adds what it cannot say: the extensions.
 setup(
     ext_modules=[_extension()] + ([] if _flag("FSAM_BUILD_SIM") == "0" else [_sim_extension()]),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithRecord.with_options(use_ninja=True)},
 )

@@ -3,6 +3,7 @@ it installs, built from this tree into a fresh virtual environment (torch taken 
 with FSAM_BUILD_CUDA=0 and no emulator to keep CI's time, then imported from outside the tree
 and used for one FSAM step on its C++ backend."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,3 +80,7 @@ def test_sdist_installs_and_takes_a_step(sdist, tmp_path):
     ran = subprocess.run([python, "-c", step], cwd=tmp_path, capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert ran.returncode == 0 and "stepped" in ran.stdout, ran.stdout[-3000:] + ran.stderr[-3000:]
+    report = subprocess.run([python, "-m", "fsam_kernels"], cwd=tmp_path, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert re.search(rf"extension built with +torch {re.escape(torch.__version__)}, CUDA not built\n", report.stdout), \
+        report.stdout
