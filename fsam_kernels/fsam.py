@@ -171,25 +171,45 @@ class FSAM(SharpnessAwareOptimizer):
         scale = dict(rho=rho, adaptive=adaptive, eta=eta, norm_eps=norm_eps, renormalize=renormalize)
         SharpnessScale(**scale)  # its checks, before the base optimizer is built
         super().__init__(params, base_optimizer, backend=backend, base_kwargs=base_kwargs)
-        if predicate is not None and isinstance(pool, str) and None in self._names:
-            raise ValueError(f"pool={pool!r} selects by parameter name: pass model.named_parameters()")
-        # Frozen parameters (requires_grad=False at construction) are in no pool and no count.
-        in_pool = [p.requires_grad and (predicate is None or bool(predicate(name, p)))
-                   for name, p in zip(self._names, self._params)]
-        if not any(in_pool):
-            raise ValueError("pool selects no trainable parameter")
-        outside = "dense" if outside_pool == "dense" else "norm_only"
-        roles = ["masked" if keep else outside if p.requires_grad else "norm_only"
-                 for p, keep in zip(self._params, in_pool)]
-        pool_params = [p for p, keep in zip(self._params, in_pool) if keep]
-        # Exact decimal arithmetic: 0.1 * 100 must give 10, not 9.999... -> 9.
-        n = sum(p.numel() for p in pool_params)
-        k = math.floor((1 - Fraction(sparsity).limit_denominator(10**9)) * n)
+        self.sparsity, self.outside_pool = float(sparsity), outside_pool
+        self._pool, self._predicate = pool, predicate
+        roles, k = self._roles_and_k()
+        in_pool = [r == "masked" for r in roles]
         self._compose(roles,
                       FisherMask(k=k, mask_interval=mask_interval, fisher=fisher, fisher_decay=float(fisher_decay),
                                  backend=self.backend, pool=[t for t, keep in zip(self._locals, in_pool) if keep],
                                  **scale))
-        self.sparsity, self.outside_pool = float(sparsity), outside_pool
+
+    def _roles_and_k(self):
+        """Each parameter's role and the mask's k.  Frozen parameters (requires_grad=False when
+        they are added) are in no pool and no count."""
+        if self._predicate is not None and isinstance(self._pool, str) and None in self._names:
+            raise ValueError(f"pool={self._pool!r} selects by parameter name: pass model.named_parameters()")
+        in_pool = [p.requires_grad and (self._predicate is None or bool(self._predicate(name, p)))
+                   for name, p in zip(self._names, self._params)]
+        if not any(in_pool):
+            raise ValueError("pool selects no trainable parameter")
+        outside = "dense" if self.outside_pool == "dense" else "norm_only"
+        roles = ["masked" if keep else outside if p.requires_grad else "norm_only"
+                 for p, keep in zip(self._params, in_pool)]
+        # Exact decimal arithmetic: 0.1 * 100 must give 10, not 9.999... -> 9.
+        n = sum(p.numel() for p, keep in zip(self._params, in_pool) if keep)
+        return roles, math.floor((1 - Fraction(self.sparsity).limit_denominator(10**9)) * n)
+
+    def _plan_roles(self):
+        return self._roles_and_k()
+
+    def _apply_roles(self, plan):
+        """After add_param_group: the new pool parameters join the pool (Fisher estimates from 0),
+        k is that of the larger pool, and the next step builds the mask anew."""
+        roles, k = plan
+        policy, old = self.perturbation, self.roles.params["masked"]
+        if policy.estimate is not None:
+            kept = {id(p): f for p, f in zip(old, policy.estimate)}
+            policy.estimate = [kept[id(p)] if id(p) in kept else torch.zeros_like(t, dtype=torch.float32)
+                               for p, t, r in zip(self._params, self._locals, roles) if r == "masked"]
+        policy.k = k
+        self._compose(roles, policy)  # new roles: no mask yet
 
     @property
     def k(self):

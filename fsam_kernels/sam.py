@@ -35,4 +35,10 @@ class SAM(SharpnessAwareOptimizer):
                  backend="auto", **base_kwargs):
         scale = SharpnessScale(rho=rho, adaptive=adaptive, eta=eta, norm_eps=norm_eps)
         super().__init__(params, base_optimizer, backend=backend, base_kwargs=base_kwargs)
-        self._compose(["dense" if p.requires_grad else "norm_only" for p in self._params], scale)
+        self._compose(self._plan_roles(), scale)
+
+    def _plan_roles(self):
+        return ["dense" if p.requires_grad else "norm_only" for p in self._params]
+
+    def _apply_roles(self, plan):
+        self._compose(plan, self.perturbation)

@@ -66,20 +66,28 @@ def init_composed(optimizer, groups, names, base_optimizer, base_kwargs):
     optimizer.base_optimizer = base_optimizer(optimizer.param_groups, **base_kwargs)
     optimizer.param_groups = optimizer.base_optimizer.param_groups
     optimizer.defaults.update(optimizer.base_optimizer.defaults)
-    optimizer._params = [p for g in optimizer.param_groups for p in g["params"]]
-    optimizer._names = names
-    devices = {p.device for p in optimizer._params}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    devices = {p.device for p in params}
     if len(devices) != 1:
         raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
     optimizer._device = devices.pop()
-    for i, p in enumerate(optimizer._params):
+    optimizer._sharding = check_params(params, names, optimizer._device)
+    optimizer._params, optimizer._names = params, names
+    optimizer._locals = [local(p) for p in params]
+
+
+def check_params(params, names, device, first=0):
+    """The checks every parameter of a composed optimizer passes (params[first:] are checked: the
+    others passed already); returns the list's Sharding."""
+    for i, p in enumerate(params[first:], first):
         name = names[i] if names[i] is not None else f"#{i}"
+        if p.device != device:
+            raise ValueError(f"parameter {name} is on {p.device}; the others are on {device}")
         if p.dtype not in FLOAT_DTYPES:
             raise TypeError(f"parameter {name} is {p.dtype}; float32, bfloat16 and float16 are supported")
         if not p.is_contiguous():
             raise ValueError(f"parameter {name} is not contiguous; the kernels update it in place")
-    optimizer._sharding = sharding_of(optimizer._params, names)
-    optimizer._locals = [local(p) for p in optimizer._params]
+    return sharding_of(params, names)
 
 
 def _keywords(fn):
@@ -156,16 +164,41 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._in_step = False  # inside step(closure), whose wrapper runs the step hooks
 
     def _compose(self, role_of, perturbation):
-        """Fix the roles (one per parameter, fsam_kernels/roles.py) and the perturbation policy,
-        once: the dense role costs a full copy, so no provisional split."""
+        """Fix the roles (one per parameter, fsam_kernels/roles.py) and the perturbation policy
+        (again after add_param_group): the dense role costs a full copy, so no provisional split."""
         self.roles = ParamRoles(self._params, role_of, self.backend, self._device, self._sharding)
         self.perturbation = perturbation
 
+    def _plan_roles(self):
+        """The roles (and what else the policy needs) of self._params, without changing anything:
+        raises if they cannot be given (subclasses)."""
+        raise NotImplementedError
+
+    def _apply_roles(self, plan):
+        """Take _plan_roles()'s plan after add_param_group (subclasses)."""
+        raise NotImplementedError
+
     def add_param_group(self, param_group):
-        if hasattr(self, "roles"):  # after construction: the roles, the mask layout and the base are fixed
-            raise RuntimeError("add_param_group() after construction is not supported: build a new optimizer "
-                               "over all the parameters")
-        super().add_param_group(param_group)
+        """torch.optim's add_param_group: the base optimizer gets the group (its defaults filled in,
+        a parameter already there refused), and the new parameters take their roles at once (for
+        FSAM: they join the pool and k grows, and the next step builds a new mask)."""
+        if not hasattr(self, "roles"):  # Optimizer.__init__ adding the constructor's groups
+            return super().add_param_group(param_group)
+        if self.roles.perturbed:
+            raise RuntimeError("add_param_group() between first_step() and second_step()")
+        (group,), names = param_groups_with_names([param_group])
+        params, names = self._params + list(group["params"]), self._names + names
+        sharding = check_params(params, names, self._device, first=len(self._params))
+        before = self._params, self._names, self._sharding, self._locals
+        self._params, self._names, self._sharding = params, names, sharding
+        self._locals = [local(p) for p in params]
+        try:
+            plan = self._plan_roles()
+            self.base_optimizer.add_param_group(group)  # param_groups is the base's list: it grows there
+        except BaseException:
+            self._params, self._names, self._sharding, self._locals = before  # a refused group changes nothing
+            raise
+        self._apply_roles(plan)
 
     @property
     def rho(self):

@@ -457,10 +457,69 @@ def test_misuse_raises_before_any_change(backend):
         opt.first_step()
     with pytest.raises(RuntimeError, match="perturbed"):
         opt.state_dict()
+    with pytest.raises(RuntimeError, match="add_param_group.. between first_step"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
     opt.second_step()
     with pytest.raises(RuntimeError, match="fisher='samples'"):
         opt.accumulate_fisher()
-    with pytest.raises(RuntimeError, match="add_param_group"):
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_add_param_group(backend):
+    """New parameters join at once: FSAM's pool and k grow, the next step builds the mask over
+    both groups, the EMA Fisher of the old parameters is kept; SAM perturbs them densely; a refused
+    group (a parameter already there, an unnamed one for a name-based pool) changes nothing."""
+    device = backends.device_of(backend) or "cpu"
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(12, 8).to(device), torch.nn.Linear(8, 3).to(device)
+    opt = FSAM(head.named_parameters(), torch.optim.SGD, sparsity=0.75, fisher="ema", mask_interval=100,
+               backend=backend, lr=0.1, momentum=0.9)
+    x = torch.randn(5, 12, device=device)
+
+    def backward():
+        opt.zero_grad()
+        head(body(x)).square().sum().backward()
+    backward()
+    opt.first_step()
+    opt.second_step()
+    ema = [f.clone() for f in opt.perturbation.estimate]
+    roles, k = opt.roles, opt.k
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [head.weight]})
+    assert opt.roles is roles and opt.k == k and len(opt.param_groups) == 1 and len(opt._params) == 2
+    opt.add_param_group({"params": list(body.named_parameters()), "lr": 0.01})
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01] and opt.param_groups[1]["momentum"] == 0.9
+    n = sum(p.numel() for p in [*head.parameters(), *body.parameters()])
+    assert opt.k == n // 4 and opt.mask_bits is None  # the next step builds the mask over both
+    assert all(torch.equal(a, b) for a, b in zip(opt.perturbation.estimate, ema))
+    assert all(not f.any() for f in opt.perturbation.estimate[2:])
+    backward()
+    opt.first_step()
+    assert sum(int(opt.mask_of(p).sum()) for p in [*head.parameters(), *body.parameters()]) == opt.k
+    opt.second_step()
+    restored = FSAM([{"params": list(head.named_parameters())}, {"params": list(body.named_parameters()), "lr": 0.01}],
+                    torch.optim.SGD, sparsity=0.75, fisher="ema", mask_interval=100, backend=backend, lr=0.1,
+                    momentum=0.9)
+    restored.load_state_dict(opt.state_dict())  # the same layout as an optimizer built over both groups
+    assert torch.equal(restored.mask_bits, opt.mask_bits)
+    named = FSAM(head.named_parameters(), torch.optim.SGD, pool="fsam4plm", backend=backend, lr=0.1)
+    with pytest.raises(ValueError, match="named_parameters"):
+        named.add_param_group({"params": list(body.parameters())})
+    assert len(named.param_groups) == 1 and len(named._params) == 2
+    sam = SAM(head.parameters(), torch.optim.SGD, backend=backend, lr=0.1)
+    sam.add_param_group({"params": list(body.parameters())})
+    backward()
+    before = [p.detach().clone() for p in body.parameters()]
+    sam.first_step()
+    assert all(not torch.equal(p, b) for p, b in zip(body.parameters(), before))
+    sam.second_step()
+
+
+def test_pac_tuning_refuses_add_param_group():
+    from fsam_kernels import PACTuning
+    opt = PACTuning(tiny_bert().parameters(), torch.optim.AdamW, num_examples=10, stage1_steps=1,
+                    backend="reference", lr=1e-3)
+    with pytest.raises(RuntimeError, match="add_param_group.. after construction is not supported"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
 
 
