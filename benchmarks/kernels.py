@@ -11,7 +11,7 @@ from fsam_kernels.pac import perturb_with_noise
 
 from . import anchors
 from .param_lists import dtype_of, random_tensors, shapes_for
-from .timing import measure, rotation
+from .timing import measure, rotation, unsteady
 
 FAMILIES = ("fisher", "topk", "perturb", "restore", "clip", "pac")
 DENSITY = 0.1  # keep 10 % (s = 0.9)
@@ -165,4 +165,5 @@ def run(family, spec, device, ours, *, with_compile, min_time, copy_gbps, only=N
     for r in rows:
         r["speedup_vs_published"] = (published[0]["median_ms"] / r["median_ms"] if published and not r.get("oom")
                                      else None)
+        r["ratio_unsteady"] = bool(r["speedup_vs_published"]) and (unsteady(r) or unsteady(published[0]))
     return rows

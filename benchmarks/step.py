@@ -7,7 +7,7 @@ from fsam_kernels.sharding import is_sharded, local
 
 from . import anchors
 from .param_lists import random_tensors, shapes_for
-from .timing import measure
+from .timing import measure, unsteady
 
 LR, RHO, SPARSITY = 1e-5, 0.05, 0.9
 NEVER = 10**9
@@ -118,4 +118,5 @@ def run(spec, device, ours, *, min_time, only=None):
     adamw = next((r for r in rows if r["optimizer"] == "adamw"), None)
     for r in rows:
         r["vs_adamw"] = r["median_ms"] / adamw["median_ms"] if adamw else None
+        r["ratio_unsteady"] = bool(adamw) and (unsteady(r) or unsteady(adamw))
     return rows

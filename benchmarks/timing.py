@@ -13,17 +13,17 @@ def sync(device):
 
 
 def measure(fn, device, min_time=0.5):
-    """Median, 25th and 75th percentile of fn's time in ms, after a warm-up call.
+    """Median, 25th and 75th percentile of fn's time in ms and the number of timed samples, after a
+    warm-up call.
 
-    CPU: torch.utils.benchmark (blocked_autorange); CUDA: triton.testing.do_bench when
-    Triton is there, else CUDA events over repeated calls."""
+    CPU: torch.utils.benchmark (blocked_autorange: a sample is a block's mean); CUDA:
+    triton.testing.do_bench's every timed call when Triton is there, else CUDA events over 50 calls."""
     fn()
     sync(device)
     if torch.device(device).type == "cuda":
         try:
             from triton.testing import do_bench
-            q = do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)), quantiles=[0.5, 0.25, 0.75])
-            return {"median_ms": q[0], "p25_ms": q[1], "p75_ms": q[2]}
+            return _quantiles(do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)), return_mode="all"))
         except ImportError:
             times = []
             for _ in range(50):
@@ -40,12 +40,24 @@ def measure(fn, device, min_time=0.5):
     return _quantiles([t * 1e3 for t in m.times])
 
 
+# A ratio of medians means little when either time's interquartile range is this wide against its
+# median, or when it rests on fewer samples than this.
+WIDE_SPREAD, FEW_SAMPLES = 0.25, 5
+
+
 def _quantiles(times):
     times = sorted(times)
     if len(times) < 4:
-        return {"median_ms": statistics.median(times), "p25_ms": times[0], "p75_ms": times[-1]}
-    q = statistics.quantiles(times, n=4)
-    return {"median_ms": q[1], "p25_ms": q[0], "p75_ms": q[2]}
+        q = {"median_ms": statistics.median(times), "p25_ms": times[0], "p75_ms": times[-1]}
+    else:
+        p25, median, p75 = statistics.quantiles(times, n=4)
+        q = {"median_ms": median, "p25_ms": p25, "p75_ms": p75}
+    return {**q, "samples": len(times)}
+
+
+def unsteady(row):
+    """Whether a measured row's spread or sample count makes ratios against it meaningless."""
+    return row["samples"] < FEW_SAMPLES or (row["p75_ms"] - row["p25_ms"]) > WIDE_SPREAD * row["median_ms"]
 
 
 def copy_bandwidth(device, nbytes=None):

@@ -2,7 +2,7 @@
 import json
 import os
 
-from benchmarks import kernels, run
+from benchmarks import kernels, run, timing
 
 
 def test_tiny_benchmark_run(tmp_path):
@@ -24,6 +24,36 @@ def test_tiny_benchmark_run(tmp_path):
     assert steps["published-sam (davda54)"]["held_bytes_per_param"] >= 4
     fsam = [r for name, r in steps.items() if name.startswith("fsam-") and "mask" not in name]
     assert fsam and all(r["held_bytes_per_param"] < 1.5 for r in fsam)
+    # every row says how many samples its times rest on, and a ratio they cannot carry is flagged
+    rows = data["kernels"] + data["step"]
+    assert all(r["samples"] >= 1 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"] for r in rows)
+    report = (out / "report.md").read_text()
+    assert "| n |" in report
+    for r in data["kernels"]:
+        anchor = next(a for a in data["kernels"] if a["family"] == r["family"] and a["provider"].startswith("published"))
+        assert r["ratio_unsteady"] == (timing.unsteady(r) or timing.unsteady(anchor))
+    for r in data["step"]:
+        assert r["ratio_unsteady"] == (timing.unsteady(r) or timing.unsteady(steps["adamw"]))
+    flagged = [r for r in rows if r["ratio_unsteady"]]
+    assert ("(?) after a ratio" in report) == bool(flagged) and report.count(" (?) |") == len(flagged)
+
+
+def test_unsteady_rows_and_the_defaults(monkeypatch):
+    row = {"median_ms": 10.0, "p25_ms": 9.0, "p75_ms": 11.0, "samples": 20}
+    assert not timing.unsteady(row)
+    assert timing.unsteady({**row, "samples": timing.FEW_SAMPLES - 1})
+    assert timing.unsteady({**row, "p75_ms": 9.0 + 10.0 * timing.WIDE_SPREAD + 0.01})
+    assert timing._quantiles([3.0, 1.0, 2.0]) == {"median_ms": 2.0, "p25_ms": 1.0, "p75_ms": 3.0, "samples": 3}
+    # make bench writes a new folder; --quick narrows what no flag sets
+    seen = {}
+    monkeypatch.setattr(run, "write_results", lambda out, *a, **k: seen.setdefault("out", out))
+    monkeypatch.setattr(run, "summary", lambda *a, **k: "")
+    monkeypatch.setattr(run, "copy_bandwidth", lambda device: 1.0)
+    monkeypatch.setattr(run.kernels, "run", lambda family, spec, *a, **k: seen.setdefault("jobs", []).append(spec) or [])
+    monkeypatch.setattr(run.step, "run", lambda spec, *a, **k: seen.setdefault("steps", []).append(spec) or [])
+    monkeypatch.setattr(run.os, "makedirs", lambda *a, **k: None)
+    run.main(["--device", "cpu", "--quick", "--families", "fisher"])
+    assert "/results/local/cpu-" in seen["out"] and seen["jobs"] == ["1M"] and seen["steps"] == ["1M"]
 
 
 def test_fsdp_step_benchmark(tmp_path):
