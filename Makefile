@@ -15,7 +15,7 @@ GPU_PY ?= python3
 GPU_ARGS ?=
 
 .PHONY: test bench glue build clean gpu-carry gpu-first gpu-second gpu-build gpu-test gpu-ops gpu-sanitize gpu-bench \
-	gpu-glue gpu-fsdp gpu-rehearsal
+	gpu-glue gpu-fsdp gpu-rehearsal versions
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,11 @@ $(REHEARSAL_VENV)/.installed: requirements-dev.txt
 gpu-rehearsal: $(REHEARSAL_VENV)/.installed
 	FSAM_BUILD_SIM=1 $(REHEARSAL_PY) -m benchmarks.gpu first --device cpu --out $(REHEARSAL_VENV)/results $(GPU_ARGS)
 	$(REHEARSAL_PY) -m pytest -q -p no:cacheprovider tests/ops
+
+# The supported versions, each in a venv of its own (tools/versions.py; results in docs/versions.md).
+VERSIONS ?=
+versions:
+	$(PYTHON) tools/versions.py $(VERSIONS)
 
 clean:
 	rm -rf build *.egg-info fsam_kernels/_C*.so fsam_kernels/_sim*.so .gpu
