@@ -3,6 +3,7 @@ backends as they are built, and `cuda-sim`: the CUDA kernels run on CPU tensors 
 emulator of csrc/sim, for testing them without a GPU (never chosen by "auto")."""
 import importlib.util
 import os
+from typing import Optional, Union
 
 import torch
 
@@ -16,7 +17,7 @@ def _triton_device():
     return "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 
 
-def device_of(backend):
+def device_of(backend: str) -> Optional[str]:
     """The device type a backend's kernels take (None: any)."""
     return {"cpu": "cpu", "cuda": "cuda", "triton": _triton_device(), "cuda-sim": "cpu"}.get(backend)
 
@@ -32,7 +33,7 @@ def _triton_usable():
 CUDA_PREFERENCE = ("triton", "cuda")
 
 
-def available_backends():
+def available_backends() -> list[str]:
     """The backends that can run here, in the order "auto" prefers them for their device."""
     found = []
     if _extension.LOADED:
@@ -45,7 +46,7 @@ def available_backends():
     return found
 
 
-def native_backends(device_type):
+def native_backends(device_type: str) -> list[str]:
     """The available backends that run natively on tensors of `device_type`, in the order "auto"
     takes them (the interpreted Triton kernels and the emulated CUDA ones are for testing: never
     among them)."""
@@ -53,7 +54,7 @@ def native_backends(device_type):
             and name != "cuda-sim" and not (name == "triton" and _triton_device() == "cpu")]
 
 
-def resolve(backend, device):
+def resolve(backend: Optional[str], device: Union[torch.device, str]) -> str:
     """The backend to use for tensors on `device`; `None` or "auto" picks the fastest."""
     device = torch.device(device)
     if backend is None or backend == "auto":

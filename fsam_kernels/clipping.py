@@ -7,6 +7,9 @@ per-parameter Python loop.  Where it runs in a training step (after unscaling, o
 accumulation window, after the DDP all-reduce, on the gradient the base optimizer uses) is up to
 the caller: fsam_kernels.training.sharpness_step and the Trainer integration do it there.
 """
+from collections.abc import Iterable
+from typing import Optional, Union
+
 import torch
 
 from . import backends
@@ -45,7 +48,9 @@ def _gradients(parameters):
 
 
 @torch.no_grad()
-def clip_grad_norm_componentwise_(parameters, max_norm, *, eps=1e-6, error_if_nonfinite=False, backend=None):
+def clip_grad_norm_componentwise_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float, *,
+                                  eps: float = 1e-6, error_if_nonfinite: bool = False,
+                                  backend: Optional[str] = None) -> torch.Tensor:
     """Clip every gradient to L2 norm `max_norm` on its own, in place: g <- g * min(1, max_norm /
     (||g|| + eps)) for each parameter with a gradient (as torch.nn.utils.clip_grad_norm_([p],
     max_norm) per tensor, to rounding of the norm).

@@ -3,10 +3,13 @@ largest Fisher information, selected by a global top-k over the pool (docs/algor
 
 `FisherMask` is the perturbation policy (the Fisher estimates and the mask); `FSAM` composes it
 with the two-pass protocol of two_pass.py."""
+from collections.abc import Callable
 from fractions import Fraction
 import math
+from typing import Any, Optional, Union
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from . import backends, ops, radix_topk
 from ._checks import check_number
@@ -152,9 +155,11 @@ class FSAM(SharpnessAwareOptimizer):
     neither the pool nor k.
     """
 
-    def __init__(self, params, base_optimizer, *, rho=0.05, sparsity=0.9, mask_interval=100, fisher="batch",
-                 fisher_decay=0.95, renormalize=False, adaptive=False, eta=0.0, norm_eps=1e-12, pool=None,
-                 outside_pool="dense", backend="auto", **base_kwargs):
+    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], *, rho: float = 0.05,
+                 sparsity: float = 0.9, mask_interval: int = 100, fisher: str = "batch", fisher_decay: float = 0.95,
+                 renormalize: bool = False, adaptive: bool = False, eta: float = 0.0, norm_eps: float = 1e-12,
+                 pool: Union[None, str, Callable[[Optional[str], torch.Tensor], bool]] = None,
+                 outside_pool: str = "dense", backend: Optional[str] = "auto", **base_kwargs: Any):
         check_number("sparsity", sparsity, 0.0)
         if not sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -212,19 +217,19 @@ class FSAM(SharpnessAwareOptimizer):
         self._compose(roles, policy)  # new roles: no mask yet
 
     @property
-    def k(self):
+    def k(self) -> int:
         """How many entries of the pool the mask selects."""
         return self.perturbation.k
 
     @property
-    def mask_bits(self):
+    def mask_bits(self) -> Optional[torch.Tensor]:
         """The pool's packed mask (layout: fsam_kernels/_layout.py), or None before the first."""
         return self.roles.mask_bits
 
     # ---- the mask ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def update_mask(self):
+    def update_mask(self) -> None:
         """Rebuild the mask now: from the current gradients (fisher="batch"), from F ("ema"),
         or from the squares summed by accumulate_fisher() ("samples"; F is then reset)."""
         if self.roles.perturbed:
@@ -246,7 +251,7 @@ class FSAM(SharpnessAwareOptimizer):
             policy.rebuild(self.roles, policy.estimate, absolute=False)
 
     @torch.no_grad()
-    def accumulate_fisher(self):
+    def accumulate_fisher(self) -> None:
         """fisher="samples": add the squares of the gradients now in .grad (one example or
         micro-batch) to F.  Non-finite gradients are left out."""
         if self.perturbation.fisher != "samples":
@@ -257,7 +262,7 @@ class FSAM(SharpnessAwareOptimizer):
             raise RuntimeError("accumulate_fisher() needs gradients in .grad")
         self.perturbation.accumulate(self.roles, grads)
 
-    def mask_of(self, p):
+    def mask_of(self, p: torch.Tensor) -> Optional[torch.Tensor]:
         """The mask of parameter p as a bool tensor shaped like p (like its local shard
         `p.to_local()` under FSDP2: gather_mask gives the whole); None outside the pool."""
         for i, q in enumerate(self.roles.params["masked"]):
@@ -269,13 +274,13 @@ class FSAM(SharpnessAwareOptimizer):
             return None
         raise ValueError("p is not a parameter of this optimizer")
 
-    def gather_mask(self, p):
+    def gather_mask(self, p: torch.Tensor) -> Optional[torch.Tensor]:
         """The mask of parameter p over the whole tensor (shaped like p), gathered from every
         process under FSDP2 (a collective: every process calls it); None outside the pool."""
         mask = self.mask_of(p)
         return None if mask is None else self._sharding.gather(mask, p)
 
-    def mask_density(self):
+    def mask_density(self) -> Optional[float]:
         """Fraction of the pool in the mask (k / |pool|), or None before the first mask."""
         if self.roles.mask_bits is None:
             return None

@@ -4,6 +4,9 @@ Every function takes lists of tensors (one call covers the whole list) and `back
 (the fastest for the tensors' device) or one of `available_backends()`.  The arguments are
 checked here, before anything is written, and errors name the argument at fault.
 """
+from collections.abc import Sequence
+from typing import Optional
+
 import torch
 
 from . import backends, radix_topk
@@ -73,12 +76,14 @@ def _check_buffer(name, t, dtype, numel, device):
         raise ValueError(f"{name} is on {t.device}, the tensors on {device}")
 
 
-def new_first_hist(device):
+def new_first_hist(device: torch.device | str) -> torch.Tensor:
     """A zeroed first_hist for fisher_accumulate to fill and topk_mask_packed to use."""
     return torch.zeros(FIRST_HIST_SIZE, dtype=torch.int64, device=device)
 
 
-def fisher_accumulate(fisher, grads, *, decay=1.0, alpha=1.0, found_inf=None, first_hist=None, backend=None):
+def fisher_accumulate(fisher: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], *, decay: float = 1.0,
+                      alpha: float = 1.0, found_inf: Optional[torch.Tensor] = None,
+                      first_hist: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
     """In place: fisher[i] <- decay * fisher[i] + alpha * grads[i]**2 (fp32), for every i.
 
     A None gradient counts as zero.  With `found_inf` (a one-element tensor on the device),
@@ -108,8 +113,10 @@ def fisher_accumulate(fisher, grads, *, decay=1.0, alpha=1.0, found_inf=None, fi
     impl(fisher, grads, float(decay), float(alpha), found_inf, first_hist)
 
 
-def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None, exchange=radix_topk.LOCAL,
-                     candidate_capacity=None):
+def topk_mask_packed(scores: Sequence[torch.Tensor], k: int, *, absolute: bool = False,
+                     first_hist: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                     exchange: radix_topk.Exchange = radix_topk.LOCAL,
+                     candidate_capacity: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest scores over the whole list (|scores| with absolute=True) as a packed bit
     mask and per-chunk popcounts (layout in fsam_kernels/_layout.py), by radix select
     (fsam_kernels/radix_topk.py).
@@ -144,7 +151,8 @@ def topk_mask_packed(scores, k, *, absolute=False, first_hist=None, backend=None
                                 first_hist=first_hist, exchange=exchange, candidate_capacity=candidate_capacity)
 
 
-def topk_mask(scores, k, *, absolute=False, backend=None):
+def topk_mask(scores: Sequence[torch.Tensor], k: int, *, absolute: bool = False,
+              backend: Optional[str] = None) -> list[torch.Tensor]:
     """Like topk_mask_packed, unpacked: one bool tensor shaped like each score tensor."""
     scores = _tensor_list("scores", scores)
     bits, _ = topk_mask_packed(scores, k, absolute=absolute, backend=backend)
@@ -152,7 +160,9 @@ def topk_mask(scores, k, *, absolute=False, backend=None):
     return [layout.unpack(bits, i) for i in range(len(scores))]
 
 
-def grad_sumsq(params, grads, *, mask_bits=None, adaptive=False, eta=0.0, backend=None):
+def grad_sumsq(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], *,
+               mask_bits: Optional[torch.Tensor] = None, adaptive: bool = False, eta: float = 0.0,
+               backend: Optional[str] = None) -> torch.Tensor:
     """fp32 tensor [sum of (T g)^2, the same over the masked entries] with T = |w| + eta when
     adaptive (ASAM) else 1; without a mask both are the full sum.  A non-finite first entry
     means a non-finite gradient (or an overflow).  None gradients are skipped."""
@@ -188,7 +198,9 @@ def _check_saving(params, mask_bits, save_offsets, saved, device):
                          "size it with save_layout(params, chunk_counts)")
 
 
-def perturb(params, grads, scale, *, save_offsets, saved, mask_bits=None, adaptive=False, eta=0.0, backend=None):
+def perturb(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], scale: torch.Tensor, *,
+            save_offsets: torch.Tensor, saved: torch.Tensor, mask_bits: Optional[torch.Tensor] = None,
+            adaptive: bool = False, eta: float = 0.0, backend: Optional[str] = None) -> None:
     """In place: w <- w + scale * m * T^2 g for every masked entry (every entry without a mask),
     after saving its original value at save_offsets into `saved`.  `scale` is a one-element
     fp32 tensor on the device; 0 leaves the weights untouched (they are still saved)."""
@@ -207,7 +219,8 @@ def perturb(params, grads, scale, *, save_offsets, saved, mask_bits=None, adapti
     impl(params, grads, mask_bits, save_offsets, saved, scale.reshape(()), bool(adaptive), float(eta))
 
 
-def restore(params, *, save_offsets, saved, mask_bits=None, backend=None):
+def restore(params: Sequence[torch.Tensor], *, save_offsets: torch.Tensor, saved: torch.Tensor,
+            mask_bits: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
     """In place: write back the originals that perturb saved (bit-exact)."""
     params = _tensor_list("params", params)
     _check_floats("params", params)
@@ -220,7 +233,8 @@ def restore(params, *, save_offsets, saved, mask_bits=None, backend=None):
     impl(params, mask_bits, save_offsets, saved)
 
 
-def save_layout(params, chunk_counts=None):
+def save_layout(params: Sequence[torch.Tensor],
+                chunk_counts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(save_offsets, saved) for `params`: for the mask whose popcounts are `chunk_counts`,
     or for every entry when None.  Syncs once to size the buffer."""
     params = _tensor_list("params", params)
@@ -230,7 +244,7 @@ def save_layout(params, chunk_counts=None):
     return offsets, torch.empty(int(total), dtype=torch.uint8, device=layout.device)
 
 
-def counter_bases(params):
+def counter_bases(params: Sequence[torch.Tensor]) -> list[int]:
     """PAC noise counters: each element's flat index over the whole list (list order, then
     row-major), the default `bases` of the pac_* ops."""
     bases, total = [], 0
@@ -264,7 +278,9 @@ def _check_pac(params, log_stds, bases, seed, step, max_noise):
     return params, [s.contiguous() for s in log_stds], bases, device
 
 
-def pac_noise_mask(params, log_stds, *, seed, step, max_noise=2.0, bases=None, backend=None):
+def pac_noise_mask(params: Sequence[torch.Tensor], log_stds: Sequence[torch.Tensor], *, seed: int, step: int, max_noise: float = 2.0,
+                   bases: Optional[Sequence[int]] = None,
+                   backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PAC-tuning's noise n = exp(log_std) * clamp(eps, -max_noise, max_noise), eps the standard
     normal that Philox gives element `bases[i] + j` of tensor i for (seed, step): the packed
     mask (and per-chunk popcounts) of the entries where (w + n) - n is not w bit for bit, the
@@ -286,22 +302,26 @@ def _pac_shift(op, params, log_stds, seed, step, mask_bits, save_offsets, saved,
         impl(params, log_stds, bases, seed, step, float(max_noise), mask_bits, save_offsets, saved)
 
 
-def pac_perturb(params, log_stds, *, seed, step, mask_bits, save_offsets, saved, max_noise=2.0, bases=None,
-                backend=None):
+def pac_perturb(params: Sequence[torch.Tensor], log_stds: Sequence[torch.Tensor], *, seed: int, step: int, mask_bits: torch.Tensor,
+                save_offsets: torch.Tensor, saved: torch.Tensor, max_noise: float = 2.0,
+                bases: Optional[Sequence[int]] = None, backend: Optional[str] = None) -> None:
     """In place: w <- w + n (pac_noise_mask's noise), saving the originals of the entries that
     `mask_bits` (from pac_noise_mask with the same arguments) marks."""
     _pac_shift("pac_perturb_", params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, backend)
 
 
-def pac_restore(params, log_stds, *, seed, step, mask_bits, save_offsets, saved, max_noise=2.0, bases=None,
-                backend=None):
+def pac_restore(params: Sequence[torch.Tensor], log_stds: Sequence[torch.Tensor], *, seed: int, step: int, mask_bits: torch.Tensor,
+                save_offsets: torch.Tensor, saved: torch.Tensor, max_noise: float = 2.0,
+                bases: Optional[Sequence[int]] = None, backend: Optional[str] = None) -> None:
     """In place: w <- w - n, then the saved originals written back: bit-exactly the weights
     before pac_perturb with the same arguments (and backend)."""
     _pac_shift("pac_restore_", params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, backend)
 
 
-def pac_bound_grads(params, grads, log_stds, log_std_grads, anchors, prior_log_stds, coef, *, seed=0, step=0,
-                    max_noise=2.0, bases=None, backend=None):
+def pac_bound_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], log_stds: Sequence[torch.Tensor], log_std_grads: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
+                    prior_log_stds: torch.Tensor, coef: float, *, seed: int = 0, step: int = 0,
+                    max_noise: float = 2.0, bases: Optional[Sequence[int]] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
     """PAC-tuning's stage-1 pass at the restored weights w, with the noise of (seed, step): per
     element, log_std_grads <- g eps e^p + (e^(2p - 2b) - 1) coef and g <- g + e^(-2b) (w - anchor)
     coef (b: tensor i's prior log-std prior_log_stds[i]); returns float64 [4, len(params)], per

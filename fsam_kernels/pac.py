@@ -9,9 +9,12 @@ gradients of p, of the per-tensor prior log-std b and of the bound's w-regularis
 fused pass; p and b take Adam steps of their own.  docs/algorithm.md has the formulas and where
 this departs from the official code.
 """
+from collections.abc import Callable, Iterable, Sequence
 import math
+from typing import Any, Optional
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from . import backends
 from ._checks import check_int, check_number
@@ -80,8 +83,10 @@ def perturb_with_noise(ops_, layout, params, noise):
     return bits, offsets, saved
 
 
-def estimate_k(model, loss_fn, data, *, params=None, prior_grid=DEFAULT_PRIOR_GRID, samples=10, gamma=10.0, seed=0,
-               backend="auto", progress=True):
+def estimate_k(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], data: Iterable[Any], *,
+               params: Optional[Sequence[torch.Tensor]] = None, prior_grid: Sequence[float] = DEFAULT_PRIOR_GRID,
+               samples: int = 10, gamma: float = 10.0, seed: int = 0, backend: Optional[str] = "auto",
+               progress: bool = True) -> "KTable":
     """The K table of the bound, estimated once before training as the official code does: for
     each prior std sigma of `prior_grid`, `samples` models w + sigma * eps (eps standard normal,
     unclamped) give the losses err of the examples of `data`; K(sigma) is the smallest K with
@@ -192,9 +197,12 @@ class PACTuning(torch.optim.Optimizer):
 
     training_passes = staticmethod(noise_passes)  # what a training loop runs before the updates
 
-    def __init__(self, params, base_optimizer, *, num_examples, stage1_steps, gamma=10.0, seed=0, backend="auto",
-                 k_table=None, prior_grid=DEFAULT_PRIOR_GRID, k_samples=10, noise_lr=0.1, log_std_power=2.0,
-                 noise_betas=(0.9, 0.999), max_noise=2.0, freeze=("embed",), **base_kwargs):
+    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], *, num_examples: int,
+                 stage1_steps: int, gamma: float = 10.0, seed: int = 0, backend: Optional[str] = "auto",
+                 k_table: Optional["KTable"] = None, prior_grid: Sequence[float] = DEFAULT_PRIOR_GRID,
+                 k_samples: int = 10, noise_lr: float = 0.1, log_std_power: float = 2.0,
+                 noise_betas: tuple[float, float] = (0.9, 0.999), max_noise: float = 2.0,
+                 freeze: Sequence[str] = ("embed",), **base_kwargs: Any):
         check_int("num_examples", num_examples, 1)
         check_int("stage1_steps", stage1_steps, 0)
         check_number("gamma", gamma, 0.0, low_open=True)
@@ -288,17 +296,17 @@ class PACTuning(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     @property
-    def stage(self):
+    def stage(self) -> int:
         """1 while p and b are trained (the first stage1_steps steps), then 2."""
         return 1 if self._step < self.stage1_steps else 2
 
     @property
-    def skipped_steps(self):
+    def skipped_steps(self) -> int:
         """Steps whose update non-finite gradients skipped (syncs)."""
         return int(self._skipped)
 
     @torch.no_grad()
-    def noise_std(self):
+    def noise_std(self) -> float:
         """The mean of the noise's std exp(p) over every element (for logging; one sync)."""
         total = sum(torch.exp(s).sum(dtype=torch.float64) for s in self.log_stds)
         total = self._sharding.all_reduce_(torch.as_tensor(total, dtype=torch.float64, device=self._device))
@@ -318,7 +326,7 @@ class PACTuning(torch.optim.Optimizer):
         return (self.log_stds, self._bases, self.seed, self._step, self.max_noise)
 
     @torch.no_grad()
-    def perturb(self):
+    def perturb(self) -> None:
         """w <- w + exp(p) * clamp(eps, -max_noise, max_noise) with this step's eps."""
         if self._perturbed is not None:
             raise RuntimeError("perturb() called twice: step() or restore() comes between")
@@ -401,7 +409,7 @@ class PACTuning(torch.optim.Optimizer):
         return bound, grad_b
 
     @torch.no_grad()
-    def bound(self):
+    def bound(self) -> torch.Tensor:
         """The bound at the current p, b and w (a 0-dim float64 device tensor; stage 1 only)."""
         if self.anchors is None:
             raise RuntimeError("bound() needs stage 1's anchors: this optimizer has no stage 1 (stage1_steps=0) "
@@ -413,7 +421,7 @@ class PACTuning(torch.optim.Optimizer):
                                             self.seed, self._step, self.max_noise, 0.0)
         return self._bound_and_grad(self._sharding.all_reduce_(sums), prior)[0]
 
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """The updates of one step: restore (unless restore() came first), then, with finite
         gradients, stage 1's Adam steps of p and b and the base optimizer's step.  With a closure,
         perturb() and the closure (forward and backward) come first; returns its loss."""
@@ -455,7 +463,7 @@ class PACTuning(torch.optim.Optimizer):
         for b in self.prior_log_stds:
             b.grad = None
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     # ---- state -------------------------------------------------------------------------------
@@ -473,10 +481,10 @@ class PACTuning(torch.optim.Optimizer):
                 "noise_optimizer": None if self.noise_optimizer is None else self.noise_optimizer.state_dict(),
                 "k_table": None if self.k_table is None else self.k_table.state()}
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return state_dict_with_hooks(self, lambda: {"base": self.base_optimizer.state_dict(), "pac": self._own_state()})
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         load_with_hooks(self, state_dict, self._load)
 
     def _load(self, state_dict):

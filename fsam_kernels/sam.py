@@ -1,6 +1,9 @@
 """SAM / ASAM on the fused kernels: the perturbation rho * T^2 g / ||T g||, and the SAM optimizer
 (the two-pass protocol of two_pass.py over densely perturbed parameters)."""
+from typing import Any, Optional
+
 import torch
+from torch.optim.optimizer import ParamsT
 
 from ._checks import check_number
 from .roles import SUMSQ_ALL, SUMSQ_PERTURBED
@@ -31,8 +34,9 @@ class SAM(SharpnessAwareOptimizer):
     parameter with a gradient is perturbed by rho * T^2 g / ||T g||.  Parameters frozen at
     construction (requires_grad=False) are never perturbed, and no copy of them is kept."""
 
-    def __init__(self, params, base_optimizer, *, rho=0.05, adaptive=False, eta=0.0, norm_eps=1e-12,
-                 backend="auto", **base_kwargs):
+    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], *, rho: float = 0.05,
+                 adaptive: bool = False, eta: float = 0.0, norm_eps: float = 1e-12, backend: Optional[str] = "auto",
+                 **base_kwargs: Any):
         scale = SharpnessScale(rho=rho, adaptive=adaptive, eta=eta, norm_eps=norm_eps)
         super().__init__(params, base_optimizer, backend=backend, base_kwargs=base_kwargs)
         self._compose(self._plan_roles(), scale)

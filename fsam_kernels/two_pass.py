@@ -10,9 +10,12 @@ The shape is davda54/sam's: `Optimizer(params, base_optimizer_class, rho=..., **
 `first_step`, `second_step`, `step(closure)`, with `param_groups` shared with the base optimizer
 so LR schedulers work on either object.
 """
+from collections.abc import Callable
 import inspect
+from typing import Any, Optional
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from . import backends
 from .ops import FLOAT_DTYPES
@@ -155,7 +158,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     training_passes = staticmethod(sharpness_passes)  # what a training loop runs before the base step
 
-    def __init__(self, params, base_optimizer, *, backend, base_kwargs):
+    def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], *, backend: Optional[str],
+                 base_kwargs: dict[str, Any]):
         init_composed(self, *param_groups_with_names(params), base_optimizer, base_kwargs)
         self.backend = backends.resolve(backend, self._device)
         self._first_finite = None  # first_step's finite flag while its second_step is pending
@@ -178,7 +182,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Take _plan_roles()'s plan after add_param_group (subclasses)."""
         raise NotImplementedError
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's add_param_group: the base optimizer gets the group (its defaults filled in,
         a parameter already there refused), and the new parameters take their roles at once (for
         FSAM: they join the pool and k grows, and the next step builds a new mask)."""
@@ -201,17 +205,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._apply_roles(plan)
 
     @property
-    def rho(self):
+    def rho(self) -> float:
         return self.perturbation.rho
 
     @property
-    def adaptive(self):
+    def adaptive(self) -> bool:
         return self.perturbation.adaptive
 
     # ---- the step -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def first_step(self, zero_grad=False, scaler=None):
+    def first_step(self, zero_grad: bool = False, scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
         """Perturb the weights to w + e, keeping what restores them.
 
         scaler: the torch.amp.GradScaler that scaled the first backward: the gradients are
@@ -240,7 +244,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return finite
 
     @torch.no_grad()
-    def restore(self):
+    def restore(self) -> None:
         """Put back the exact weights of before first_step() without the base step, for loops
         where the base step comes later or may be skipped (the Trainer's GradScaler, clipping of
         the second-pass gradient); second_step() then takes only the base step."""
@@ -249,7 +253,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.roles.restore()
 
     @torch.no_grad()
-    def second_step(self, zero_grad=False, scaler=None):
+    def second_step(self, zero_grad: bool = False, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """Restore the exact weights of before first_step (unless restore() already did), then
         run the base optimizer with the gradients now in .grad (those at the perturbed point).
 
@@ -283,7 +287,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             for hook in [*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()]:
                 hook(self, (), {})
 
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """davda54/sam's step: the gradients of a first forward/backward must be in .grad;
         `closure` runs the second forward/backward (at the perturbed weights).  Returns its loss."""
         if closure is None:
@@ -306,11 +310,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self._in_step = False
         return loss
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     @property
-    def skipped_perturbations(self):
+    def skipped_perturbations(self) -> int:
         """How many steps skipped the perturbation for non-finite gradients (syncs)."""
         return int(self._skipped)
 
@@ -325,11 +329,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         extra["type"] = type(self).__name__
         return extra
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return state_dict_with_hooks(self, lambda: {"base": self.base_optimizer.state_dict(),
                                                     "sharpness": self._own_state()})
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         load_with_hooks(self, state_dict, self._load)
 
     def _load(self, state_dict):
