@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -45,17 +46,32 @@ def python_for(version):
     raise SystemExit(f"versions: no Python {version} found")
 
 
+def copy_checkout(dst):
+    """The files git knows (tracked, and untracked but not ignored) copied to `dst`: a tree as a
+    fresh clone has it, with no build output of this one."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
+
+
 def run_entry(name, log):
     version, pins = MATRIX[name]
     venv = os.path.join(VENVS, name)
     py = os.path.join(venv, "bin", "python")
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}  # no pip cap of this machine (it stops at an older torch)
     started = time.time()
+    # its own copy of the tree: an in-place build here would replace this checkout's extension
+    src = os.path.join(venv, "src")
+    shutil.rmtree(src, ignore_errors=True)
+    copy_checkout(src)
 
     def sh(*cmd, **kw):
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, **kw).returncode
+        return subprocess.run(cmd, cwd=src, stdout=log, stderr=subprocess.STDOUT, **kw).returncode
 
     if not os.path.exists(py) and sh(python_for(version), "-m", "venv", venv):
         return None, "venv failed", started
@@ -70,7 +86,7 @@ def run_entry(name, log):
         [py, "-c", "import json, platform, torch, transformers, accelerate\n"
                    "try:\n import triton; t = triton.__version__\nexcept ImportError:\n t = None\n"
                    "print(json.dumps([platform.python_version(), torch.__version__, t, transformers.__version__, "
-                   "accelerate.__version__]))"], capture_output=True, text=True, cwd=ROOT).stdout)
+                   "accelerate.__version__]))"], capture_output=True, text=True, cwd=src).stdout)
     import xml.etree.ElementTree as ET
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite[0]

@@ -4,7 +4,6 @@ with FSAM_BUILD_CUDA=0 and no emulator to keep CI's time, then imported from out
 and used for one FSAM step on its C++ backend."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,18 +14,16 @@ import torch
 
 from conftest import ROOT
 
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import versions  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory):
     """Built from a copy of the files git knows (as a fresh clone has them): setuptools would also
     take whatever an earlier build listed in the tree's *.egg-info."""
     tree, out = tmp_path_factory.mktemp("tree"), tmp_path_factory.mktemp("sdist")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if os.path.isfile(os.path.join(ROOT, name)):
-            os.makedirs(os.path.dirname(tree / name), exist_ok=True)
-            shutil.copy2(os.path.join(ROOT, name), tree / name)
+    versions.copy_checkout(str(tree))
     # from outside the tree: a build/ folder there would shadow the `build` package
     done = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(tree)],
                           cwd=out, capture_output=True, text=True)
