@@ -1,6 +1,8 @@
 """FSAMTrainer on a tiny random-weight BERT: the Trainer's step against the optimizer's own API
 by hand (accumulation, clipping), bf16 autocast and bf16 parameters, checkpoint resume equal
 to an uninterrupted run, logging, an fp16 overflow through the Trainer's GradScaler."""
+import inspect
+
 import pytest
 import torch
 
@@ -26,12 +28,22 @@ class Examples(torch.utils.data.Dataset):
         return self.items[i]
 
 
+# transformers 5 samples in order when asked; 4.x has no such option, and its Trainer is told
+# through _get_train_sampler (the tests compare the Trainer's steps with steps taken by hand).
+SEQUENTIAL_OPTION = "train_sampling_strategy" in inspect.signature(TrainingArguments).parameters
+
+
 def args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3, max_steps=3,
                 lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=0.3, logging_steps=1,
-                save_strategy="no", report_to=[], seed=0, data_seed=0, use_cpu=True,
-                train_sampling_strategy="sequential", disable_tqdm=True)
+                save_strategy="no", report_to=[], seed=0, data_seed=0, use_cpu=True, disable_tqdm=True,
+                **({"train_sampling_strategy": "sequential"} if SEQUENTIAL_OPTION else {}))
     return TrainingArguments(**{**base, **kw})
+
+
+if not SEQUENTIAL_OPTION:
+    FSAMTrainer._get_train_sampler = lambda self, train_dataset=None: torch.utils.data.SequentialSampler(
+        train_dataset if train_dataset is not None else self.train_dataset)
 
 
 def trainer(tmp_path, model=None, sharpness="fsam", sharpness_kwargs=FSAM_KW, sync_perturbation=False,
