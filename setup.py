@@ -93,23 +93,33 @@ def _sim_extension():
 
 
 class BuildWithRecord(BuildExtension):
-    """BuildExtension that records, next to each extension it builds, what went into it
-    (_build_info.json, one entry per extension file: `python -m fsam_kernels` reports it)."""
+    """BuildExtension that records what went into each extension it built (_build_info.json beside
+    the extension files, one entry per file: `python -m fsam_kernels` reports it).  Written after
+    the build, where the files end up: the source tree for in-place and editable builds."""
 
     def build_extension(self, ext):
         super().build_extension(ext)
-        path = self.get_ext_fullpath(ext.name)
-        record = os.path.join(os.path.dirname(path), "_build_info.json")
-        entries = {}
-        if os.path.exists(record):
-            with open(record) as f:
-                entries = json.load(f)
         cuda = any(s.endswith(".cu") for s in ext.sources)
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";") if cuda else []
-        entries[os.path.basename(path)] = {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
-                                           "cuda_archs": [a for a in archs if a]}
-        with open(record, "w") as f:
-            json.dump(entries, f, indent=1, sort_keys=True)
+        self._records = getattr(self, "_records", {})
+        self._records[ext.name] = {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+                                   "cuda_archs": [a for a in archs if a]}
+
+    def run(self):
+        super().run()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            if ext.name not in getattr(self, "_records", {}):
+                continue
+            path = self._get_inplace_equivalent(build_py, ext)[0] if self.inplace else self.get_ext_fullpath(ext.name)
+            record = os.path.join(os.path.dirname(path), "_build_info.json")
+            entries = {}
+            if os.path.exists(record):
+                with open(record) as f:
+                    entries = json.load(f)
+            entries[os.path.basename(path)] = self._records[ext.name]
+            with open(record, "w") as f:
+                json.dump(entries, f, indent=1, sort_keys=True)
 
 
 # The project's metadata is pyproject.toml's; this file adds what it cannot say: the extensions.
