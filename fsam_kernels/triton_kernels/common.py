@@ -24,6 +24,14 @@ def chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def only_if(lanes, flag):
+    """`lanes` where the scalar `flag` holds, no lane elsewhere.  Not `lanes & flag`: Triton's
+    interpreter cannot `and` a block with a scalar (3.9 makes an int64 block of it, which no load
+    takes as a mask; older versions refuse a float comparison's scalar)."""
+    return tl.where(flag, lanes, False)
+
+
+@triton.jit
 def member_ptr(addr_table, t, DT: tl.constexpr):
     """Pointer to the data of member t, from the int64 address table."""
     return tl.load(addr_table + t).to(tl.pointer_type(DT))

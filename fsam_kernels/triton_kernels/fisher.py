@@ -4,7 +4,7 @@ import triton.language as tl
 
 from .._layout import FIRST_BINS, FIRST_SHIFT
 from . import tables
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, count_digits, order_key, tl_dtype, member_ptr
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, count_digits, member_ptr, only_if, order_key, tl_dtype
 
 _FIRST_SHIFT = tl.constexpr(FIRST_SHIFT)
 _FIRST_BINS = tl.constexpr(FIRST_BINS)
@@ -14,13 +14,11 @@ _FIRST_BINS = tl.constexpr(FIRST_BINS)
 def _fisher_kernel(f_addr, g_addr, chunk_tensor, chunk_start, numel, found_inf, first_hist, decay, alpha,
                    G_DT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HIST: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
-    if HAS_FOUND_INF:
-        # skipped: nothing read, nothing written (tl.where: the interpreter cannot `and` a float
-        # comparison's scalar with a block)
-        lanes = tl.where(tl.load(found_inf) == 0, lanes, False)
+    if HAS_FOUND_INF:  # skipped: nothing read, nothing written
+        lanes = only_if(lanes, tl.load(found_inf) == 0)
     f_ptr = member_ptr(f_addr, t, tl.float32)
     has_grad = tl.load(g_addr + t) != 0
-    g = tl.load(member_ptr(g_addr, t, G_DT) + offs, mask=lanes & has_grad, other=0.0).to(tl.float32)
+    g = tl.load(member_ptr(g_addr, t, G_DT) + offs, mask=only_if(lanes, has_grad), other=0.0).to(tl.float32)
     f = tl.load(f_ptr + offs, mask=lanes, other=0.0)
     f = f * decay + (g * g) * alpha
     tl.store(f_ptr + offs, f, mask=lanes)

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, round_to, tl_dtype, member_ptr
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, member_ptr, only_if, round_to, tl_dtype
 
 
 @triton.jit
@@ -14,7 +14,7 @@ def _sumsq_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel,
                   DT: tl.constexpr, MASKED: tl.constexpr, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
-    lanes = lanes & (tl.load(g_addr + t) != 0)
+    lanes = only_if(lanes, tl.load(g_addr + t) != 0)
     v = tl.load(member_ptr(g_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
     if ADAPTIVE:
         w = tl.load(member_ptr(p_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
@@ -51,8 +51,7 @@ def _perturb_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, nume
     w = tl.load(w_ptr + offs, mask=lanes, other=0.0)
     tl.store(saved + slot, w, mask=lanes)  # the originals, even when nothing moves: restore is exact
     scale = tl.load(scale_ptr)
-    # tl.where, not &: the interpreter cannot `and` a float comparison's scalar with a block
-    move = tl.where(scale != 0.0, lanes & (tl.load(g_addr + t) != 0), False)
+    move = only_if(only_if(lanes, tl.load(g_addr + t) != 0), scale != 0.0)
     d = tl.load(member_ptr(g_addr, t, DT) + offs, mask=move, other=0.0).to(tl.float32)
     wf = w.to(tl.float32)
     if ADAPTIVE:

@@ -15,7 +15,7 @@ import triton.language as tl
 from .._layout import (CANDIDATE_KEY_BITS, CHUNK_BYTES, RADIX_SHIFTS, RADIX_WIDTHS, STATE_CANDIDATES, STATE_K_LEFT,
                        STATE_PREFIX, STATE_TIES, total_chunks)
 from . import tables
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, count_digits, member_ptr, order_key, tl_dtype
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, count_digits, member_ptr, only_if, order_key, tl_dtype
 
 _PREFIX, _K_LEFT, _TIES = tl.constexpr(STATE_PREFIX), tl.constexpr(STATE_K_LEFT), tl.constexpr(STATE_TIES)
 _CANDIDATES, _KEY_BITS = tl.constexpr(STATE_CANDIDATES), tl.constexpr(CANDIDATE_KEY_BITS)
@@ -26,14 +26,14 @@ def _load_keys(s_addr, chunk_tensor, chunk_start, numel, keep, DT: tl.constexpr,
                BLOCK: tl.constexpr):
     """(scores, keys, lanes) of this program's chunk; without `keep`, no lane (and nothing loaded)."""
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
-    lanes = lanes & keep
+    lanes = only_if(lanes, keep)
     x = tl.load(member_ptr(s_addr, t, DT) + offs, mask=lanes, other=0.0).to(tl.float32)
     return x, order_key(x, ABSOLUTE), lanes
 
 
 @triton.jit
 def _fits(count, capacity):
-    return (count >= 0) & (count <= capacity)
+    return tl.where(count >= 0, count <= capacity, False)
 
 
 @triton.jit
@@ -55,14 +55,14 @@ def _histogram_kernel(s_addr, chunk_tensor, chunk_start, chunk_index, numel, sta
     count_digits(hist, ((key >> SHIFT) & (BINS - 1)).to(tl.int32), match, BINS, BLOCK)
     if FILL:
         fits = _fits(tl.load(state + _TIES), capacity)
-        take = match & fits
+        take = only_if(match, fits)
         n = tl.sum(take.to(tl.int32), 0).to(tl.int64)
         base = tl.atomic_add(state + _CANDIDATES, n, mask=n > 0)  # this program's run of the buffer
         slot = base + tl.cumsum(take.to(tl.int64), 0) - 1
         entry = (tl.load(chunk_index + tl.program_id(0)) << _KEY_BITS) | key.to(tl.int64)
         # past the capacity (a state that lied about the keys under the prefix): counted, not written
         tl.store(candidates + slot, entry, mask=take & (slot >= 0) & (slot < capacity))
-        tl.store(state + _CANDIDATES, capacity + 1, mask=(tl.program_id(0) == 0) & ~fits)
+        tl.store(state + _CANDIDATES, capacity + 1, mask=tl.where(fits, False, tl.program_id(0) == 0))
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _buffer_entries(candidates, state, capacity, BLOCK: tl.constexpr):
     the digit-1 pass left every key under the prefix there."""
     count = tl.load(state + _CANDIDATES)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    lanes = (offs < count) & _fits(count, capacity)
+    lanes = only_if(offs < count, _fits(count, capacity))
     entry = tl.load(candidates + offs, mask=lanes, other=0)
     return (entry & 0xFFFFFFFF).to(tl.uint32), entry >> _KEY_BITS, lanes
 
@@ -120,7 +120,7 @@ def _tie_count_kernel(s_addr, chunk_tensor, chunk_start, chunk_index, numel, sta
 @triton.jit
 def _buffer_tie_count_kernel(candidates, state, ties, capacity, chunks, BLOCK: tl.constexpr):
     key, chunk, lanes = _buffer_entries(candidates, state, capacity, BLOCK)
-    tie = lanes & _partial(state) & (key == tl.load(state + _PREFIX).to(tl.uint32))
+    tie = only_if(lanes, _partial(state)) & (key == tl.load(state + _PREFIX).to(tl.uint32))
     tl.atomic_add(ties + chunk, 1, mask=tie & (chunk >= 0) & (chunk < chunks))  # never past the chunks
 
 
@@ -137,7 +137,7 @@ def _mask_kernel(s_addr, chunk_tensor, chunk_start, chunk_index, numel, state, t
     tie = lanes & (key == kth)
     rank = tl.cumsum(tie.to(tl.int32), 0) - 1
     # k_left = 0: k = 0, the state was never narrowed and nothing is taken
-    selected = lanes & (k_left > 0) & ((key > kth) | (tie & (all_ties | (rank < quota))))
+    selected = only_if(lanes, k_left > 0) & ((key > kth) | tl.where(all_ties, tie, tie & (rank < quota)))
     packed = tl.reshape(selected.to(tl.int32), [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :]
     tl.store(bits + chunk * (BLOCK // 8) + tl.arange(0, BLOCK // 8), tl.sum(packed, 1).to(tl.uint8))
     tl.store(counts + chunk, tl.sum(selected.to(tl.int32), 0))
