@@ -102,7 +102,7 @@ def record(name, versions, result, started):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     row = (f"| {datetime.date.today()} | {commit} | {name} | " + " | ".join(str(v) for v in versions)
-           + f" | {len(SUBSET)} files (see below) | {result} | {(time.time() - started) / 60:.0f} |")
+           + f" | the {len(SUBSET)} files above | {result} | {(time.time() - started) / 60:.0f} |")
     with open(PAGE) as f:
         text = f.read()
     head = text.index(TABLE_HEAD)
