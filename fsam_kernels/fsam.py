@@ -178,14 +178,14 @@ class FSAM(SharpnessAwareOptimizer):
         super().__init__(params, base_optimizer, backend=backend, base_kwargs=base_kwargs)
         self.sparsity, self.outside_pool = float(sparsity), outside_pool
         self._pool, self._predicate = pool, predicate
-        roles, k = self._roles_and_k()
+        roles, k = self._plan_roles()
         in_pool = [r == "masked" for r in roles]
         self._compose(roles,
                       FisherMask(k=k, mask_interval=mask_interval, fisher=fisher, fisher_decay=float(fisher_decay),
                                  backend=self.backend, pool=[t for t, keep in zip(self._locals, in_pool) if keep],
                                  **scale))
 
-    def _roles_and_k(self):
+    def _plan_roles(self):
         """Each parameter's role and the mask's k.  Frozen parameters (requires_grad=False when
         they are added) are in no pool and no count."""
         if self._predicate is not None and isinstance(self._pool, str) and None in self._names:
@@ -200,9 +200,6 @@ class FSAM(SharpnessAwareOptimizer):
         # Exact decimal arithmetic: 0.1 * 100 must give 10, not 9.999... -> 9.
         n = sum(p.numel() for p, keep in zip(self._params, in_pool) if keep)
         return roles, math.floor((1 - Fraction(self.sparsity).limit_denominator(10**9)) * n)
-
-    def _plan_roles(self):
-        return self._roles_and_k()
 
     def _apply_roles(self, plan):
         """After add_param_group: the new pool parameters join the pool (Fisher estimates from 0),
