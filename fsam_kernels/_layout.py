@@ -38,10 +38,20 @@ FIRST_HIST_SIZE = RADIX_HIST_SIZES[0]
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
+_POPCOUNT_BLOCK = 256  # chunks counted at a time: 1 MiB of scratch, whatever the list
 
 
 def num_chunks(numel):
     return -(-numel // CHUNK)
+
+
+def chunk_popcounts(bits):
+    """Per chunk (int64, on the bits' device): the set bits of a packed mask, counted a block of
+    chunks at a time (the scratch does not grow with the list)."""
+    rows = bits.view(-1, CHUNK_BYTES)
+    table = _POPCOUNT.to(bits.device)
+    return torch.cat([table[rows[b:b + _POPCOUNT_BLOCK].long()].sum(1) for b in range(0, rows.shape[0], _POPCOUNT_BLOCK)]
+                     or [torch.zeros(0, dtype=torch.int64, device=bits.device)])
 
 
 def total_chunks(tensors):
@@ -100,20 +110,6 @@ class ChunkLayout:
         base = torch.cumsum(padded, 0) - padded
         offsets = base[self.tensor_of_chunk] + self.before_in_tensor(nbytes)
         return offsets, padded.sum()
-
-    def chunk_counts(self, bits):
-        """Per-chunk popcounts of a packed mask of this layout."""
-        return _POPCOUNT.to(bits.device)[bits.long()].view(self.total_chunks, CHUNK_BYTES).sum(1)
-
-    def saved_bytes_needed(self, save_offsets, chunk_counts):
-        """0-dim tensor: the end of the furthest run that save_offsets places in `saved` for a
-        mask with these per-chunk counts (-1 when an offset is negative or misaligned)."""
-        if not self.total_chunks:
-            return torch.zeros((), dtype=torch.int64, device=save_offsets.device)
-        itemsize = self._itemsize_of_chunk.to(save_offsets.device)
-        ends = save_offsets + chunk_counts.to(save_offsets.device, torch.int64) * itemsize
-        bad = (save_offsets < 0) | (save_offsets % itemsize != 0)
-        return torch.where(bad.any(), -1, ends.max())
 
     def unpack(self, bits, index):
         """The mask of tensor `index` as a bool tensor of its shape."""

@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _extension, reference
+from . import _contract, _extension, reference
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "cuda-sim")
 
@@ -76,7 +76,7 @@ NAMESPACES = {"cpu": "fsam", "cuda": "fsam", "triton": "fsam_triton", "cuda-sim"
 def op(name, backend):
     """The implementation of op `name` (e.g. "topk_mask") for a resolved backend."""
     if backend == "reference":
-        return getattr(reference, name)
+        return _contract.checked(name, getattr(reference, name))
     if backend == "triton":
         from .triton_kernels import library  # noqa: F401  (defines torch.ops.fsam_triton)
     return getattr(getattr(torch.ops, NAMESPACES[backend]), name)

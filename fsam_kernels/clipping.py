@@ -62,7 +62,7 @@ def clip_grad_norm_componentwise_(parameters: Union[torch.Tensor, Iterable[torch
 
     FSDP2's DTensor parameters: each norm is the whole tensor's (the shards' sums of squares
     all-reduced), every process gets all the norms and scales its own shards."""
-    check_number("max_norm", max_norm, 0.0)
+    check_number("max_norm", max_norm, 0.0, finite=False)
     check_number("eps", eps, 0.0)
     grads, device, sharding = _gradients(parameters)
     if not grads:

@@ -206,10 +206,10 @@ class PACTuning(torch.optim.Optimizer):
         check_int("num_examples", num_examples, 1)
         check_int("stage1_steps", stage1_steps, 0)
         check_number("gamma", gamma, 0.0, low_open=True)
-        check_int("seed", seed, 0)
+        check_int("seed", seed, 0, 2 ** 63)
         check_number("noise_lr", noise_lr, 0.0)
         check_number("log_std_power", log_std_power, 0.0, low_open=True)
-        check_number("max_noise", max_noise, 0.0, low_open=True)
+        check_number("max_noise", max_noise, 0.0, low_open=True, finite=False)
         check_int("k_samples", k_samples, 1)
         prior_grid = tuple(float(g) for g in prior_grid)
         if not prior_grid:

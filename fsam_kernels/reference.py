@@ -180,15 +180,32 @@ def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
     return torch.cat(partials).cumsum(0)[-1].float()  # cumsum: one addition after another
 
 
+def _saved_as(saved, dtype):
+    """The saved buffer as elements of `dtype` (it starts SAVE_ALIGN-aligned: the contract)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return saved[: saved.numel() // itemsize * itemsize].view(dtype)
+
+
+def _slots(layout, index, mask, save_offsets, itemsize):
+    """Where tensor `index`'s saved values go in the saved buffer as its dtype, in element order:
+    the j-th value chunk c saves, at save_offsets[c] / itemsize + j."""
+    first, chunks, n = layout.first_chunk[index], layout.chunks[index], layout.numels[index]
+    taken = torch.ones(n, dtype=torch.bool, device=save_offsets.device) if mask is None else mask
+    counts = torch.nn.functional.pad(taken.to(torch.int64), (0, chunks * CHUNK - n)).view(chunks, CHUNK).sum(1)
+    chunk_of = torch.repeat_interleave(torch.arange(chunks, device=counts.device), counts)
+    before = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(chunk_of.numel(), device=counts.device) - before[chunk_of]
+    return save_offsets[first: first + chunks][chunk_of] // itemsize + rank
+
+
 def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
     layout = ChunkLayout(params)
     for i, (p, g, m) in enumerate(zip(params, grads, _masks(layout, mask_bits))):
         if p.numel() == 0:
             continue
         w = p.view(-1)
-        original = w[m] if m is not None else w.clone()
-        start = int(save_offsets[layout.first_chunk[i]])
-        saved[start: start + original.numel() * original.element_size()].copy_(original.view(torch.uint8))
+        _saved_as(saved, p.dtype)[_slots(layout, i, m, save_offsets, p.element_size())] = \
+            w[m] if m is not None else w
         if g is None:
             continue
         new = (w.float() + _direction(p, g, adaptive, eta) * scale).to(p.dtype)
@@ -205,9 +222,7 @@ def restore_(params, mask_bits, save_offsets, saved):
         if p.numel() == 0:
             continue
         w = p.view(-1)
-        count = int(m.sum()) if m is not None else w.numel()
-        start = int(save_offsets[layout.first_chunk[i]])
-        original = saved[start: start + count * p.element_size()].view(p.dtype)
+        original = _saved_as(saved, p.dtype)[_slots(layout, i, m, save_offsets, p.element_size())]
         if m is None:
             w.copy_(original)
         else:
@@ -305,9 +320,7 @@ def pac_perturb_(params, log_stds, bases, seed, step, max_noise, mask_bits, save
         if w.numel() == 0:
             continue
         m = layout.unpack(mask_bits, i).reshape(-1)
-        original = w[m]
-        start = int(save_offsets[layout.first_chunk[i]])
-        saved[start: start + original.numel() * original.element_size()].copy_(original.view(torch.uint8))
+        _saved_as(saved, w.dtype)[_slots(layout, i, m, save_offsets, w.element_size())] = w[m]
         w.copy_((w.float() + n).to(w.dtype))
 
 
@@ -317,9 +330,8 @@ def pac_restore_(params, log_stds, bases, seed, step, max_noise, mask_bits, save
         if w.numel() == 0:
             continue
         m = layout.unpack(mask_bits, i).reshape(-1)
-        start = int(save_offsets[layout.first_chunk[i]])
         w.copy_((w.float() - n).to(w.dtype))
-        w[m] = saved[start: start + int(m.sum()) * w.element_size()].view(w.dtype)
+        w[m] = _saved_as(saved, w.dtype)[_slots(layout, i, m, save_offsets, w.element_size())]
 
 
 def _ordered_sum(x):

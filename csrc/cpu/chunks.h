@@ -2,6 +2,7 @@
 // results never depend on the thread count) spread over ATen's thread pool.
 #pragma once
 
+#include <fsam/checks.h>
 #include <fsam/dispatch.h>
 #include <fsam/layout.h>
 
@@ -53,16 +54,6 @@ inline void for_each_set_bit(const uint8_t* bits, int64_t n, const F& f) {
       if (i < n) f(i);
     }
   }
-}
-
-inline int64_t popcount(const uint8_t* bits, int64_t nbytes) {
-  int64_t n = 0;
-  for (int64_t i = 0; i < nbytes; i += 8) {
-    uint64_t word;
-    std::memcpy(&word, bits + i, sizeof(word));
-    n += __builtin_popcountll(word);
-  }
-  return n;
 }
 
 }  // namespace fsam

@@ -33,6 +33,7 @@ void clip_scale_cpu(at::TensorList tensors, const at::Tensor& norms, double max_
   const char* op = "clip_scale_";
   check_float_list(tensors, kCPU, op, "tensors");
   check_buffer(norms, at::kFloat, static_cast<int64_t>(tensors.size()), kCPU, op, "norms");
+  check_clip(tensors, norms, max_norm, eps, op);
   const ClipCoefficient coefficient{static_cast<float>(max_norm), static_cast<float>(eps)};
   const float* n = norms.const_data_ptr<float>();
   parallel_chunks(chunk_table(tensors), [&](const Chunk& c) {

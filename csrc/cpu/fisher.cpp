@@ -19,8 +19,8 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
   const char* op = "fisher_accumulate_";
   check_float_list(fisher, kCPU, op, "fisher", /*fp32_only=*/true);
   check_grads(fisher, grads, kCPU, op, "fisher", /*same_dtype=*/false);
-  if (first_hist.has_value()) check_buffer(*first_hist, at::kLong, kFirstHistSize, kCPU, op, "first_hist");
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+  check_fisher(fisher, grads, decay, alpha, found_inf, first_hist, kCPU, op);
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
   const FisherUpdate update{static_cast<float>(decay), static_cast<float>(alpha)};
   const OrderKey<false> key;
   const auto chunks = chunk_table(fisher);

@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -177,23 +176,6 @@ std::tuple<at::Tensor, at::Tensor> pac_noise_mask_cpu(at::TensorList params, at:
   return {bits, counts};
 }
 
-// The save buffers of a perturbation.
-struct SavedRuns {
-  const uint8_t* bits;
-  const int64_t* offsets;
-  int64_t capacity;
-  // Whether chunk c's run lies inside `saved`.
-  bool fits(const Chunk& c, int64_t itemsize) const {
-    return saved_run_fits(offsets[c.index], popcount(bits + c.index * kChunkBytes, kChunkBytes), itemsize, capacity);
-  }
-};
-
-SavedRuns check_saved_runs(const char* op, const NoiseInputs& in, const at::Tensor& mask_bits,
-                           const at::Tensor& save_offsets, const at::Tensor& saved) {
-  check_pac_saving(static_cast<int64_t>(in.chunks.size()), mask_bits, save_offsets, saved, kCPU, op);
-  return {mask_bits.const_data_ptr<uint8_t>(), save_offsets.const_data_ptr<int64_t>(), saved.numel()};
-}
-
 // w + noise, or w - noise where kRestore, for n entries.
 template <bool kRestore, typename T>
 FSAM_CPU_CLONES void add_noise(T* w, const float* noise, int64_t n) {
@@ -209,17 +191,14 @@ void pac_shift_cpu(at::TensorList params, at::TensorList log_stds, at::IntArrayR
                    const at::Tensor& saved) {
   constexpr const char* op = kRestore ? "pac_restore_" : "pac_perturb_";
   const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise);
-  const SavedRuns runs = check_saved_runs(op, in, mask_bits, save_offsets, saved);
-  std::atomic<bool> overflow{false};
+  check_pac_saving(params, log_stds, mask_bits, save_offsets, saved, kCPU, op);
+  const uint8_t* all_bits = mask_bits.const_data_ptr<uint8_t>();
+  const int64_t* offsets = save_offsets.const_data_ptr<int64_t>();
   parallel_chunks(in.chunks, [&](const Chunk& c) {
     FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), op, [&] {
-      if (!runs.fits(c, sizeof(scalar_t))) {
-        overflow = true;
-        return;
-      }
       scalar_t* w = in.params[c.tensor].data_ptr<scalar_t>() + c.begin;
-      const uint8_t* bits = runs.bits + c.index * kChunkBytes;
-      const int64_t offset = runs.offsets[c.index];
+      const uint8_t* bits = all_bits + c.index * kChunkBytes;
+      const int64_t offset = offsets[c.index];
       int64_t j = 0;
       // The masked entries (about a fifth, at random) are saved before the noise and put back after
       // it, a set bit at a time, so that the loop over all of them is branch-free.
@@ -236,7 +215,6 @@ void pac_shift_cpu(at::TensorList params, at::TensorList log_stds, at::IntArrayR
       }
     });
   });
-  TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", runs.capacity, " bytes)");
 }
 
 at::Tensor pac_bound_grads_cpu(at::TensorList params, at::TensorList grads, at::TensorList log_stds,
@@ -244,7 +222,7 @@ at::Tensor pac_bound_grads_cpu(at::TensorList params, at::TensorList grads, at::
                                at::IntArrayRef bases, int64_t seed, int64_t step, double max_noise, double coef) {
   const char* op = "pac_bound_grads_";
   const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise, /*per_element=*/true);
-  check_pac_bound(params, grads, log_std_grads, anchors, prior_log_stds, kCPU, op);
+  check_pac_bound(params, log_stds, grads, log_std_grads, anchors, prior_log_stds, kCPU, op);
   const int64_t count = static_cast<int64_t>(params.size());
   const bool with_grads = !grads.empty();
   const float* prior = prior_log_stds.const_data_ptr<float>();

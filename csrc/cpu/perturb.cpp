@@ -11,7 +11,6 @@
 #include <fsam/functors.h>
 
 #include <array>
-#include <atomic>
 
 namespace fsam {
 namespace {
@@ -23,13 +22,10 @@ struct Inputs {
   at::TensorList params;
   std::vector<std::optional<at::Tensor>> grads;
   std::vector<Chunk> chunks;
+  std::optional<at::Tensor> mask;
   const uint8_t* bits = nullptr;
 
   const uint8_t* chunk_bits(const Chunk& c) const { return bits ? bits + c.index * kChunkBytes : nullptr; }
-  // Number of entries chunk c saves.
-  int64_t saved_entries(const Chunk& c) const {
-    return bits ? popcount(chunk_bits(c), kChunkBytes) : c.end - c.begin;
-  }
 };
 
 Inputs check_inputs(const char* op, at::TensorList params, const OptTensors& grads,
@@ -39,24 +35,33 @@ Inputs check_inputs(const char* op, at::TensorList params, const OptTensors& gra
   Inputs in{params, {grads.begin(), grads.end()}, chunk_table(params)};
   if (mask_bits.has_value()) {
     check_buffer(*mask_bits, at::kByte, static_cast<int64_t>(in.chunks.size()) * kChunkBytes, kCPU, op, "mask_bits");
+    in.mask = mask_bits;
     in.bits = mask_bits->const_data_ptr<uint8_t>();
   }
   return in;
 }
 
-void check_saved(const char* op, const Inputs& in, const at::Tensor& save_offsets, const at::Tensor& saved) {
+// The save buffers, scale, their runs (check_saved_runs) and that nothing written overlaps anything else.
+void check_saved(const char* op, const Inputs& in, const OptTensors& grads, const at::Tensor& save_offsets,
+                 const at::Tensor& saved, const std::optional<at::Tensor>& scale = std::nullopt) {
   check_buffer(save_offsets, at::kLong, static_cast<int64_t>(in.chunks.size()), kCPU, op, "save_offsets");
   check_buffer(saved, at::kByte, -1, kCPU, op, "saved");
-}
-
-// Whether chunk c's saved values lie inside a buffer of `capacity` bytes.
-bool saved_fits(const Inputs& in, const Chunk& c, const int64_t* offsets, int64_t capacity, int64_t itemsize) {
-  return saved_run_fits(offsets[c.index], in.saved_entries(c), itemsize, capacity);
+  if (scale.has_value()) check_buffer(scale->reshape({-1}), at::kFloat, 1, kCPU, op, "scale");
+  Ranges ranges;
+  ranges.add(in.params, "params", true);
+  ranges.add(saved, "saved", -1, true);
+  ranges.add(grads, "grads", false);
+  ranges.add(save_offsets, "save_offsets", -1, false);
+  ranges.add(in.mask, "mask_bits", false);
+  if (scale.has_value()) ranges.add(*scale, "scale", -1, false);
+  ranges.check(op);
+  check_saved_runs(op, in.params, in.bits, save_offsets, saved);
 }
 
 at::Tensor grad_sumsq_cpu(at::TensorList params, const OptTensors& grads,
                          const std::optional<at::Tensor>& mask_bits, bool adaptive, double eta) {
   const Inputs in = check_inputs("grad_sumsq", params, grads, mask_bits);
+  check_scalar(eta, 0.0, "grad_sumsq", "eta");
   std::vector<std::array<double, 2>> partial(in.chunks.size(), {0.0, 0.0});
   const float e = static_cast<float>(eta);
   parallel_chunks(in.chunks, [&](const Chunk& c) {
@@ -103,22 +108,16 @@ void perturb_cpu(at::TensorList params, const OptTensors& grads, const std::opti
                         bool adaptive, double eta) {
   const char* op = "perturb_";
   const Inputs in = check_inputs(op, params, grads, mask_bits);
-  check_saved(op, in, save_offsets, saved);
-  check_buffer(scale.reshape({-1}), at::kFloat, 1, kCPU, op, "scale");
+  check_saved(op, in, grads, save_offsets, saved, scale);
+  check_scalar(eta, 0.0, op, "eta");
   // scale == 0 (rho = 0, or a non-finite norm) leaves the weights untouched; restore stays exact.
   const float s = scale.item<float>();
   const float e = static_cast<float>(eta);
   const int64_t* offsets = save_offsets.const_data_ptr<int64_t>();
   uint8_t* store = saved.data_ptr<uint8_t>();
-  const int64_t capacity = saved.numel();
-  std::atomic<bool> overflow{false};
   parallel_chunks(in.chunks, [&](const Chunk& c) {
     const auto& g = in.grads[c.tensor];
     FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "perturb_", [&] {
-      if (!saved_fits(in, c, offsets, capacity, sizeof(scalar_t))) {
-        overflow = true;
-        return;
-      }
       scalar_t* w = in.params[c.tensor].data_ptr<scalar_t>() + c.begin;
       const scalar_t* gp = g.has_value() && s != 0.0f ? g->const_data_ptr<scalar_t>() + c.begin : nullptr;
       scalar_t* dst = reinterpret_cast<scalar_t*>(store + offsets[c.index]);
@@ -130,25 +129,18 @@ void perturb_cpu(at::TensorList params, const OptTensors& grads, const std::opti
       }
     });
   });
-  TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", capacity, " bytes)");
 }
 
 void restore_cpu(at::TensorList params, const std::optional<at::Tensor>& mask_bits,
                         const at::Tensor& save_offsets, const at::Tensor& saved) {
   const char* op = "restore_";
-  const Inputs in = check_inputs(op, params, OptTensors(std::vector<std::optional<at::Tensor>>(params.size())),
-                                 mask_bits);
-  check_saved(op, in, save_offsets, saved);
+  const OptTensors none(std::vector<std::optional<at::Tensor>>(params.size()));
+  const Inputs in = check_inputs(op, params, none, mask_bits);
+  check_saved(op, in, none, save_offsets, saved);
   const int64_t* offsets = save_offsets.const_data_ptr<int64_t>();
   const uint8_t* store = saved.const_data_ptr<uint8_t>();
-  const int64_t capacity = saved.numel();
-  std::atomic<bool> overflow{false};
   parallel_chunks(in.chunks, [&](const Chunk& c) {
     FSAM_DISPATCH_FLOATS(in.params[c.tensor].scalar_type(), "restore_", [&] {
-      if (!saved_fits(in, c, offsets, capacity, sizeof(scalar_t))) {
-        overflow = true;
-        return;
-      }
       scalar_t* w = in.params[c.tensor].data_ptr<scalar_t>() + c.begin;
       const scalar_t* src = reinterpret_cast<const scalar_t*>(store + offsets[c.index]);
       const int64_t n = c.end - c.begin;
@@ -160,7 +152,6 @@ void restore_cpu(at::TensorList params, const std::optional<at::Tensor>& mask_bi
       for_each_set_bit(in.chunk_bits(c), n, [&](int64_t i) { w[i] = src[j++]; });
     });
   });
-  TORCH_CHECK(!overflow, op, ": save_offsets/saved do not fit the mask (saved has ", capacity, " bytes)");
 }
 
 }  // namespace

@@ -162,6 +162,7 @@ void radix_histogram_cpu(at::TensorList scores, const at::Tensor& state, int64_t
   const Candidates cand(candidates, op);
   const int64_t size = radix_hist_size(digit);
   check_buffer(hist, at::kLong, size, kCPU, op, "hist");
+  check_radix_writes(scores, state, hist, /*hist_written=*/true, candidates, op);
   int64_t* out = hist.data_ptr<int64_t>();
   if (digit == 0) return first_digit_histogram(s, out);
   int64_t* st = state.data_ptr<int64_t>();
@@ -204,6 +205,7 @@ void radix_select_cpu(const at::Tensor& state, const at::Tensor& hist, int64_t d
   check_state(state, op);
   check_digit(digit, op);
   check_buffer(hist, at::kLong, radix_hist_size(digit), kCPU, op, "hist");
+  check_radix_writes({}, state, hist, /*hist_written=*/false, std::nullopt, op);
   int64_t* st = state.data_ptr<int64_t>();
   const DigitChoice choice = choose_digit(hist.const_data_ptr<int64_t>(), radix_bins(digit), st[kStateKLeft]);
   st[kStatePrefix] = (st[kStatePrefix] << kRadixWidth[digit]) | choice.digit;

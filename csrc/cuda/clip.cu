@@ -81,6 +81,7 @@ void clip_scale_cuda(at::TensorList tensors, const at::Tensor& norms, double max
   const c10::Device device = tensors.empty() ? norms.device() : tensors[0].device();
   check_float_list(tensors, device, op, "tensors");
   check_buffer(norms, at::kFloat, static_cast<int64_t>(tensors.size()), device, op, "norms");
+  check_clip(tensors, norms, max_norm, eps, op);
   const ListChunks list(tensors);
   std::vector<const void*> norm_of(tensors.size());  // role 1: each tensor's norm
   for (size_t i = 0; i < tensors.size(); ++i) norm_of[i] = norms.const_data_ptr<float>() + i;

@@ -67,19 +67,13 @@ void fisher_accumulate_cuda(at::TensorList fisher, const c10::List<std::optional
   const c10::Device device = fisher.empty() ? default_device() : fisher[0].device();
   check_float_list(fisher, device, op, "fisher", /*fp32_only=*/true);
   check_grads(fisher, grads, device, op, "fisher", /*same_dtype=*/false);
+  check_fisher(fisher, grads, decay, alpha, found_inf, first_hist, device, op);
   if (fisher.empty()) return;
   std::vector<at::ScalarType> dtypes;  // the gradients': F decays alone with the fp32 group
   for (const std::optional<at::Tensor> g : grads) dtypes.push_back(g.has_value() ? g->scalar_type() : at::kFloat);
   at::Tensor inf;
-  if (found_inf.has_value()) {
-    TORCH_CHECK(found_inf->numel() == 1 && found_inf->device() == device, op,
-                ": found_inf must be a one-element tensor on ", device, ", got ", found_inf->numel(), " on ",
-                found_inf->device());
-    inf = found_inf->to(at::kFloat).contiguous();  // on the device: no sync
-  }
-  if (first_hist.has_value()) {
-    check_buffer(*first_hist, at::kLong, kFirstHistSize, device, op, "first_hist");
-  }
+  // on the device, no sync: non-zero (NaN included) skips, whatever its dtype (a huge int stays non-zero)
+  if (found_inf.has_value()) inf = found_inf->ne(0).to(at::kFloat).contiguous();
   const DeviceGuard guard(device);
   const Stream stream = current_stream();
   const FisherUpdate update{static_cast<float>(decay), static_cast<float>(alpha)};

@@ -226,7 +226,7 @@ void pac_shift_cuda(at::TensorList params, at::TensorList log_stds, at::IntArray
   const c10::Device device = device_of(params, save_offsets);
   check_pac_noise(params, log_stds, bases, seed, step, max_noise, device, op);
   const PacCall call(params, log_stds, bases, seed, step, max_noise, device);
-  check_pac_saving(call.list.total, mask_bits, save_offsets, saved, device, op);
+  check_pac_saving(params, log_stds, mask_bits, save_offsets, saved, device, op);
   call.launch(params, {data_ptrs(params), data_ptrs(log_stds)}, [&](auto value, const TensorTable& t, unsigned grid,
                                                                       Stream stream) {
     using T = decltype(value);
@@ -249,7 +249,7 @@ at::Tensor pac_bound_grads_cuda(at::TensorList params, at::TensorList grads, at:
   const char* op = "pac_bound_grads_";
   const c10::Device device = device_of(params, prior_log_stds);
   check_pac_noise(params, log_stds, bases, seed, step, max_noise, device, op, /*per_element=*/true);
-  check_pac_bound(params, grads, log_std_grads, anchors, prior_log_stds, device, op);
+  check_pac_bound(params, log_stds, grads, log_std_grads, anchors, prior_log_stds, device, op);
   const PacCall call(params, log_stds, bases, seed, step, max_noise, device);
   const int64_t n = static_cast<int64_t>(params.size());
   const auto options = at::TensorOptions().dtype(at::kDouble).device(device);

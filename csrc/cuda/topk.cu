@@ -285,6 +285,7 @@ void radix_histogram_cuda(at::TensorList scores, const at::Tensor& state, int64_
   const Scores s(scores, state, op);
   check_buffer(hist, at::kLong, radix_hist_size(digit), s.device, op, "hist");
   const Candidates cand = candidates_of(candidates, s.device, op);
+  check_radix_writes(scores, state, hist, /*hist_written=*/true, candidates, op);
   const DeviceGuard guard(s.device);
   const Stream stream = current_stream();
   auto* out = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
@@ -307,6 +308,7 @@ void radix_select_cuda(const at::Tensor& state, const at::Tensor& hist, int64_t 
   check_digit(digit, op);
   check_buffer(state, at::kLong, kRadixStateSize, state.device(), op, "state");
   check_buffer(hist, at::kLong, radix_hist_size(digit), state.device(), op, "hist");
+  check_radix_writes({}, state, hist, /*hist_written=*/false, std::nullopt, op);
   const DeviceGuard guard(state.device());
   with_digit(digit, [&](auto d) {
     launch<select_kernel<decltype(d)::value>>(1, current_stream(), state.data_ptr<int64_t>(),

@@ -1,6 +1,8 @@
 """torch.ops.fsam_triton.*: the Triton launchers as torch.library ops (the schemas of
 fsam_kernels/_schemas.py, impls for CUDA tensors and for CPU tensors under the interpreter,
-fake impls for torch.compile, which treats them as opaque calls)."""
+fake impls for torch.compile, which treats them as opaque calls), each behind the argument contract
+of fsam_kernels/_contract.py."""
+from .._contract import checked
 from .._fakes import register_fakes
 from .._schemas import SCHEMAS, define
 from . import clip, fisher, pac, perturb, topk
@@ -26,5 +28,5 @@ assert set(_IMPLS) == set(SCHEMAS), "every op needs a Triton impl"
 _lib = define("fsam_triton")
 for _name in _IMPLS:
     for _key in ("CUDA", "CPU"):
-        _lib.impl(_name, _IMPLS[_name], _key)
+        _lib.impl(_name, checked(_name, _IMPLS[_name]), _key)
 register_fakes("fsam_triton")

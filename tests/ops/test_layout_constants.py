@@ -18,6 +18,7 @@ def cpp_constant(name):
 def test_cpp_and_python_agree():
     assert cpp_constant("kChunk") == str(_layout.CHUNK)
     assert cpp_constant("kChunkBytes") == "kChunk / 8" and _layout.CHUNK_BYTES == _layout.CHUNK // 8
+    assert cpp_constant("kSaveAlign") == str(_layout.SAVE_ALIGN)
     assert cpp_constant("kRadixWidth") == _layout.RADIX_WIDTHS
     assert cpp_constant("kRadixShift") == _layout.RADIX_SHIFTS
     assert cpp_constant("kFirstShift") == "kRadixShift[0]" and _layout.FIRST_SHIFT == _layout.RADIX_SHIFTS[0]

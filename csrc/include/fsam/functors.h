@@ -140,10 +140,10 @@ struct Perturbation {
 };
 
 // Whether a chunk's run of `entries` saved values, from byte `offset` of a `capacity`-byte buffer,
-// lies inside it, aligned to its element size: the kernels' own bound (fsam_kernels/ops.py checks
-// the whole layout before any backend runs).
+// lies inside it, aligned to its element size, its end computed without overflow: the GPU kernels'
+// own bound (on the host, fsam/checks.h's check_saved_runs refuses the whole call first).
 C10_HOST_DEVICE inline bool saved_run_fits(int64_t offset, int64_t entries, int64_t itemsize, int64_t capacity) {
-  return offset >= 0 && offset % itemsize == 0 && offset + entries * itemsize <= capacity;
+  return offset >= 0 && offset % itemsize == 0 && offset <= capacity && entries * itemsize <= capacity - offset;
 }
 
 C10_HOST_DEVICE inline bool mask_bit(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }

@@ -12,6 +12,9 @@ constexpr int64_t kChunk = 4096;
 constexpr int64_t kChunkBytes = kChunk / 8;
 constexpr int64_t num_chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
+// The saved buffer starts on a kSaveAlign-byte boundary, and so does each tensor's run in it.
+constexpr int64_t kSaveAlign = 16;
+
 // Radix select over 32-bit keys: three digits, most significant first.  The histogram of digit
 // d has (1 << kRadixWidth[d]) bins and, last, a count of NaN scores (filled by digit 0 only).
 constexpr int kRadixDigits = 3;

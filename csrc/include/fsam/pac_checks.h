@@ -16,50 +16,71 @@ inline void check_pac_noise(at::TensorList params, at::TensorList log_stds, at::
                             bool per_element = false) {
   check_float_list(params, device, op, "params");
   check_float_list(log_stds, device, op, "log_stds", /*fp32_only=*/true);
-  TORCH_CHECK(log_stds.size() == params.size(), op, ": log_stds has ", log_stds.size(), " tensors, params has ",
+  TORCH_CHECK_VALUE(log_stds.size() == params.size(), op, ": log_stds has ", log_stds.size(), " tensors, params has ",
               params.size());
-  TORCH_CHECK(bases.size() == params.size(), op, ": bases has ", bases.size(), " entries, params has ",
+  TORCH_CHECK_VALUE(bases.size() == params.size(), op, ": bases has ", bases.size(), " entries, params has ",
               params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = log_stds[i].numel();
-    TORCH_CHECK(n == params[i].numel() || (n == 1 && !per_element), op, ": log_stds[", i, "] has ", n,
+    TORCH_CHECK_VALUE(n == params[i].numel() || (n == 1 && !per_element), op, ": log_stds[", i, "] has ", n,
                 " elements, params[", i, "] has ", params[i].numel());
-    TORCH_CHECK(bases[i] >= 0, op, ": bases[", i, "] is negative");
+    TORCH_CHECK_VALUE(bases[i] >= 0, op, ": bases[", i, "] is negative");
   }
-  TORCH_CHECK(seed >= 0 && step >= 0, op, ": seed and step must be >= 0");
-  TORCH_CHECK(max_noise > 0, op, ": max_noise must be > 0");
+  TORCH_CHECK_VALUE(seed >= 0 && step >= 0, op, ": seed and step must be >= 0");
+  TORCH_CHECK_VALUE(max_noise > 0, op, ": max_noise must be > 0");
 }
 
-// The buffers of a perturbation or restore of a list of `chunks` chunks.
-inline void check_pac_saving(int64_t chunks, const at::Tensor& mask_bits, const at::Tensor& save_offsets,
-                             const at::Tensor& saved, const c10::Device& device, const char* op) {
+// The buffers of a perturbation or restore of `params`: nothing written overlaps anything else,
+// and, where the host can read them (CPU tensors), the saved runs (check_saved_runs); on a GPU the
+// kernels bound each run themselves.
+inline void check_pac_saving(at::TensorList params, at::TensorList log_stds, const at::Tensor& mask_bits,
+                             const at::Tensor& save_offsets, const at::Tensor& saved, const c10::Device& device,
+                             const char* op) {
+  int64_t chunks = 0;
+  for (const at::Tensor& p : params) chunks += num_chunks(p.numel());
   check_buffer(mask_bits, at::kByte, chunks * kChunkBytes, device, op, "mask_bits");
   check_buffer(save_offsets, at::kLong, chunks, device, op, "save_offsets");
   check_buffer(saved, at::kByte, -1, device, op, "saved");
+  Ranges ranges;
+  ranges.add(params, "params", true);
+  ranges.add(saved, "saved", -1, true);
+  ranges.add(log_stds, "log_stds", false);
+  ranges.add(mask_bits, "mask_bits", -1, false);
+  ranges.add(save_offsets, "save_offsets", -1, false);
+  ranges.check(op);
+  if (device.is_cpu()) check_saved_runs(op, params, mask_bits.const_data_ptr<uint8_t>(), save_offsets, saved);
 }
 
 // The stage-1 pass's lists: grads and log_std_grads both one per parameter or both empty, anchors
 // like the parameters, prior_log_stds fp32 [len(params)].
-inline void check_pac_bound(at::TensorList params, at::TensorList grads, at::TensorList log_std_grads,
+inline void check_pac_bound(at::TensorList params, at::TensorList log_stds, at::TensorList grads, at::TensorList log_std_grads,
                             at::TensorList anchors, const at::Tensor& prior_log_stds, const c10::Device& device,
                             const char* op) {
   const size_t count = params.size();
-  TORCH_CHECK(grads.size() == log_std_grads.size() && (grads.empty() || grads.size() == count), op,
+  TORCH_CHECK_VALUE(grads.size() == log_std_grads.size() && (grads.empty() || grads.size() == count), op,
               ": grads and log_std_grads must both have one tensor per parameter, or both be empty");
-  TORCH_CHECK(anchors.size() == count, op, ": anchors has ", anchors.size(), " tensors, params has ", count);
+  TORCH_CHECK_VALUE(anchors.size() == count, op, ": anchors has ", anchors.size(), " tensors, params has ", count);
   check_float_list(grads, device, op, "grads");
   check_float_list(log_std_grads, device, op, "log_std_grads", /*fp32_only=*/true);
   check_float_list(anchors, device, op, "anchors");
   for (size_t i = 0; i < count; ++i) {
-    TORCH_CHECK(anchors[i].numel() == params[i].numel() && anchors[i].scalar_type() == params[i].scalar_type(), op,
+    TORCH_CHECK_VALUE(anchors[i].numel() == params[i].numel() && anchors[i].scalar_type() == params[i].scalar_type(), op,
                 ": anchors[", i, "] must match params[", i, "] in size and dtype");
     if (grads.empty()) continue;
-    TORCH_CHECK(grads[i].numel() == params[i].numel() && grads[i].scalar_type() == params[i].scalar_type(), op,
+    TORCH_CHECK_VALUE(grads[i].numel() == params[i].numel() && grads[i].scalar_type() == params[i].scalar_type(), op,
                 ": grads[", i, "] must match params[", i, "] in size and dtype");
-    TORCH_CHECK(log_std_grads[i].numel() == params[i].numel(), op, ": log_std_grads[", i, "] has ",
+    TORCH_CHECK_VALUE(log_std_grads[i].numel() == params[i].numel(), op, ": log_std_grads[", i, "] has ",
                 log_std_grads[i].numel(), " elements, params[", i, "] has ", params[i].numel());
   }
   check_buffer(prior_log_stds, at::kFloat, static_cast<int64_t>(count), device, op, "prior_log_stds");
+  Ranges ranges;
+  ranges.add(grads, "grads", true);
+  ranges.add(log_std_grads, "log_std_grads", true);
+  ranges.add(params, "params", false);
+  ranges.add(anchors, "anchors", false);
+  ranges.add(log_stds, "log_stds", false);
+  ranges.add(prior_log_stds, "prior_log_stds", -1, false);
+  ranges.check(op);
 }
 
 }  // namespace fsam

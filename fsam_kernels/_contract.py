@@ -1,0 +1,376 @@
+"""The argument contract of every op, checked in Python: by the public entry points of ops.py and,
+through `checked`, by the raw ops of the Python backends (`reference`, torch.ops.fsam_triton).  The
+C++ backends check the same contract in csrc/include/fsam/checks.h (tests/adversarial holds them
+to the same answers).  Every check runs before anything is written, costs host work and memory in
+O(tensors + chunks), and raises TypeError for a wrong type or dtype and ValueError for anything
+else, naming the argument (docs/errors.md).
+
+The saved runs of a perturbation (check_saved_runs) depend on the mask's and the offsets' values:
+they are read on the host, which is free for CPU tensors; for GPU tensors only the public entry
+points read them (one sync), and the raw ops leave each run's bound to the kernels, which never
+touch memory outside `saved`.
+"""
+import inspect
+
+import torch
+
+from ._checks import check_number
+from ._layout import CHUNK, CHUNK_BYTES, FIRST_HIST_SIZE, RADIX_HIST_SIZES, RADIX_STATE_SIZE, SAVE_ALIGN, \
+    chunk_popcounts, num_chunks, total_chunks
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tensor_list(name, tensors, *, optional=False):
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{name} must be a list of tensors, got a single tensor")
+    out = list(tensors)
+    for i, t in enumerate(out):
+        if t is None and optional:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor{' or None' if optional else ''}, got {type(t).__name__}")
+        if t.is_sparse:
+            raise ValueError(f"{name}[{i}] is sparse; only dense tensors are supported")
+    return out
+
+
+def device_of(**lists):
+    """The one device of every tensor of the lists (CPU when there is none)."""
+    device = None
+    for name, tensors in lists.items():
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                raise ValueError(f"{name}[{i}] is on {t.device}, other tensors on {device}: one call takes one device")
+    return device or torch.device("cpu")
+
+
+def check_floats(name, tensors, dtypes=FLOAT_DTYPES):
+    for i, t in enumerate(tensors):
+        if t is not None and t.dtype not in dtypes:
+            raise TypeError(f"{name}[{i}] must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_contiguous(name, tensors):
+    for i, t in enumerate(tensors):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}[{i}] must be contiguous (in-place ops write through it)")
+
+
+def check_grads(params, grads, *, params_name="params", same_dtype=True):
+    if len(grads) != len(params):
+        raise ValueError(f"grads has {len(grads)} entries, {params_name} has {len(params)}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if g.numel() != p.numel():
+            raise ValueError(f"grads[{i}] has {g.numel()} elements, {params_name}[{i}] has {p.numel()}")
+        if same_dtype and g.dtype != p.dtype:
+            raise TypeError(f"grads[{i}] is {g.dtype} but {params_name}[{i}] is {p.dtype}")
+
+
+def check_buffer(name, t, dtype, numel, device):
+    """A contiguous 1-D `dtype` tensor on `device` with `numel` entries (None: any)."""
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+        raise TypeError(f"{name} must be a contiguous 1-D {dtype} tensor, got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous 1-D {dtype} tensor, got shape {tuple(t.shape)}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} entries, expected {numel}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the tensors on {device}")
+
+
+def check_flag(name, t, device):
+    """A one-element real tensor on the device (found_inf: non-zero, NaN included, means skip)."""
+    if not isinstance(t, torch.Tensor) or t.is_complex():
+        raise TypeError(f"{name} must be a one-element real tensor on {device}")
+    if t.numel() != 1 or t.device != device:
+        raise ValueError(f"{name} must be a one-element tensor on {device}, got {t.numel()} elements on {t.device}")
+
+
+def check_disjoint(written, read=()):
+    """No byte range of a written tensor overlaps another tensor's: no output aliases an input,
+    and nothing is written twice.  `written`, `read`: (name, list of tensors or None) pairs, each
+    tensor already checked contiguous.  O(n log n) in the number of tensors; no element is read."""
+    ranges = []
+    for is_written, pairs in ((True, written), (False, read)):
+        for name, tensors in pairs:
+            single = isinstance(tensors, torch.Tensor) or tensors is None
+            for i, t in enumerate([tensors] if single else tensors):
+                if t is not None and t.numel():
+                    begin = t.data_ptr()
+                    ranges.append((begin, begin + t.numel() * t.element_size(), name if single else f"{name}[{i}]",
+                                   is_written))
+    ranges.sort(key=lambda r: r[0])
+    furthest = furthest_written = None
+    for r in ranges:
+        hit = furthest_written if furthest_written and r[0] < furthest_written[1] else \
+            furthest if r[3] and furthest and r[0] < furthest[1] else None
+        if hit:
+            raise ValueError(f"{hit[2]} and {r[2]} share memory; an op's outputs may not overlap each other or its "
+                             "inputs")
+        if furthest is None or r[1] > furthest[1]:
+            furthest = r
+        if r[3] and (furthest_written is None or r[1] > furthest_written[1]):
+            furthest_written = r
+
+
+def saved_entries(tensors, mask_bits):
+    """Per chunk (int64): how many values it saves, the popcount of its mask bits (every element
+    without a mask)."""
+    if mask_bits is not None:
+        return chunk_popcounts(mask_bits)
+    counts = []
+    for t in tensors:
+        n = t.numel()
+        counts += [CHUNK] * (n // CHUNK) + ([n % CHUNK] if n % CHUNK else [])
+    return torch.tensor(counts, dtype=torch.int64)
+
+
+def check_saved_runs(tensors, mask_bits, save_offsets, saved):
+    """Chunk c of `tensors` saves saved_entries(c) values of its tensor's dtype from byte
+    save_offsets[c] of `saved`: each run starts aligned, at or after the previous run's end (chunk
+    order, no overlap) and ends inside `saved`, every end computed without overflow; `saved`
+    starts on a SAVE_ALIGN-byte boundary.  Reads the offsets and the mask (one sync on a GPU)."""
+    if saved.data_ptr() % SAVE_ALIGN:
+        raise ValueError(f"saved must start on a {SAVE_ALIGN}-byte boundary")
+    if not save_offsets.numel():
+        return
+    sizes = torch.repeat_interleave(torch.tensor([t.element_size() for t in tensors], dtype=torch.int64),
+                                    torch.tensor([num_chunks(t.numel()) for t in tensors], dtype=torch.int64))
+    entries, offsets = torch.stack([saved_entries(tensors, mask_bits).to(save_offsets.device), save_offsets]).cpu()
+    capacity = saved.numel()
+    nbytes = entries * sizes  # at most CHUNK * 4
+    ends = offsets + nbytes  # wraps where an offset is past `capacity`: such a chunk is refused first
+    previous = torch.cat([torch.zeros(1, dtype=torch.int64), ends[:-1]])
+    misplaced = (offsets < previous) | (offsets % sizes != 0)
+    outside = (offsets > capacity) | (nbytes > capacity - offsets)
+    bad = misplaced | outside
+    if bad.any():
+        c = int(bad.nonzero()[0])
+        if misplaced[c]:
+            raise ValueError(f"save_offsets[{c}] = {int(offsets[c])} must be a multiple of {int(sizes[c])} at or "
+                             f"after the end of the previous run ({int(previous[c])}): runs lie in chunk order "
+                             "without overlap")
+        raise ValueError(f"saved has {capacity} bytes but the run of chunk {c} ({int(entries[c])} values from byte "
+                         f"{int(offsets[c])}) ends past it: size it with save_layout(params, chunk_counts)")
+
+
+def check_saving(params, grads, mask_bits, save_offsets, saved, device, *, read_values, extra_read=()):
+    """The buffers of a perturbation or a restore of `params` (checked floats, contiguous):
+    mask_bits, save_offsets and saved, nothing written overlapping anything, and the saved runs
+    where `read_values` (always for CPU tensors)."""
+    chunks = total_chunks(params)
+    if mask_bits is not None:
+        check_buffer("mask_bits", mask_bits, torch.uint8, chunks * CHUNK_BYTES, device)
+    check_buffer("save_offsets", save_offsets, torch.int64, chunks, device)
+    check_buffer("saved", saved, torch.uint8, None, device)
+    check_disjoint([("params", params), ("saved", saved)],
+                   [("grads", grads), ("mask_bits", mask_bits), ("save_offsets", save_offsets), *extra_read])
+    if read_values or device.type == "cpu":
+        check_saved_runs(params, mask_bits, save_offsets, saved)
+
+
+def _params(params, grads=None):
+    params = tensor_list("params", params)
+    check_floats("params", params)
+    check_contiguous("params", params)
+    if grads is None:
+        return params, None
+    grads = tensor_list("grads", grads, optional=True)
+    check_floats("grads", grads)
+    check_contiguous("grads", grads)
+    check_grads(params, grads)
+    return params, grads
+
+
+def check_scale(scale, device):
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.dtype != torch.float32 or \
+            scale.device != device:
+        raise TypeError(f"scale must be a one-element float32 tensor on {device}")
+
+
+# Each op's raw arguments, in the order of its schema (fsam_kernels/_schemas.py).
+
+def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=None, *, read_values=False):
+    fisher = tensor_list("fisher", fisher)
+    grads = tensor_list("grads", grads, optional=True)
+    check_floats("fisher", fisher, (torch.float32,))
+    check_floats("grads", grads)
+    check_contiguous("fisher", fisher)
+    check_contiguous("grads", grads)
+    check_grads(fisher, grads, params_name="fisher", same_dtype=False)
+    device = device_of(fisher=fisher, grads=grads)
+    check_number("decay", decay, 0)
+    check_number("alpha", alpha, 0)
+    if found_inf is not None:
+        check_flag("found_inf", found_inf, device)
+    if first_hist is not None:
+        check_buffer("first_hist", first_hist, torch.int64, FIRST_HIST_SIZE, device)
+    check_disjoint([("fisher", fisher), ("first_hist", first_hist)], [("grads", grads), ("found_inf", found_inf)])
+
+
+def _radix(scores, state, hist=None, digit=None, candidates=None, hist_written=True):
+    scores = tensor_list("scores", scores)
+    check_floats("scores", scores)
+    check_contiguous("scores", scores)
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be a tensor, got {type(state).__name__}")
+    device = device_of(scores=scores) if scores else state.device
+    check_buffer("state", state, torch.int64, RADIX_STATE_SIZE, device)
+    if digit is not None:
+        if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit < len(RADIX_HIST_SIZES):
+            raise ValueError(f"digit must be in [0, {len(RADIX_HIST_SIZES)}), got {digit!r}")
+        check_buffer("hist", hist, torch.int64, RADIX_HIST_SIZES[digit], device)
+    if candidates is not None:
+        check_buffer("candidates", candidates, torch.int64, None, device)
+    check_disjoint([("state", state), ("candidates", candidates)] + ([("hist", hist)] if hist_written else []),
+                   [("scores", scores)] + ([] if hist_written else [("hist", hist)]))
+    return scores, device
+
+
+def radix_histogram_(scores, state, digit, absolute, hist, candidates=None, *, read_values=False):
+    _radix(scores, state, hist, digit, candidates)
+
+
+def radix_select_(state, hist, digit, *, read_values=False):
+    _radix([], state, hist, digit, hist_written=False)
+
+
+def radix_tie_counts(scores, state, absolute, candidates=None, *, read_values=False):
+    _radix(scores, state, candidates=candidates)
+
+
+def radix_mask(scores, state, ties, ties_before, absolute, *, read_values=False):
+    scores, device = _radix(scores, state)
+    for name, t in (("ties", ties), ("ties_before", ties_before)):
+        check_buffer(name, t, torch.int64, total_chunks(scores), device)
+
+
+def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0, *, read_values=False):
+    params, grads = _params(params, grads)
+    device = device_of(params=params, grads=grads)
+    if mask_bits is not None:
+        check_buffer("mask_bits", mask_bits, torch.uint8, total_chunks(params) * CHUNK_BYTES, device)
+    check_number("eta", eta, 0)
+
+
+def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0, *, read_values=False):
+    params, grads = _params(params, grads)
+    device = device_of(params=params, grads=grads)
+    check_scale(scale, device)
+    check_number("eta", eta, 0)
+    check_saving(params, grads, mask_bits, save_offsets, saved, device, read_values=read_values,
+                 extra_read=[("scale", scale)])
+
+
+def restore_(params, mask_bits, save_offsets, saved, *, read_values=False):
+    params, _ = _params(params)
+    check_saving(params, None, mask_bits, save_offsets, saved, device_of(params=params), read_values=read_values)
+
+
+def tensor_sumsq(tensors, *, read_values=False):
+    tensors = tensor_list("tensors", tensors)
+    check_floats("tensors", tensors)
+    check_contiguous("tensors", tensors)
+    device_of(tensors=tensors)
+
+
+def clip_scale_(tensors, norms, max_norm, eps, *, read_values=False):
+    tensors = tensor_list("tensors", tensors)
+    check_floats("tensors", tensors)
+    check_contiguous("tensors", tensors)
+    device = device_of(tensors=tensors) if tensors or not isinstance(norms, torch.Tensor) else norms.device
+    check_buffer("norms", norms, torch.float32, len(tensors), device)
+    check_number("max_norm", max_norm, 0, finite=False)
+    check_number("eps", eps, 0)
+    check_disjoint([("tensors", tensors)], [("norms", norms)])
+
+
+def pac_noise(params, log_stds, bases, seed, step, max_noise, *, per_element=False):
+    """The arguments every PAC noise op shares; returns (params, log_stds, device)."""
+    params, _ = _params(params)
+    log_stds = tensor_list("log_stds", log_stds)
+    check_floats("log_stds", log_stds, (torch.float32,))
+    check_contiguous("log_stds", log_stds)
+    if len(log_stds) != len(params):
+        raise ValueError(f"log_stds has {len(log_stds)} entries, params has {len(params)}")
+    for i, (p, s) in enumerate(zip(params, log_stds)):
+        if s.numel() != p.numel() and (s.numel() != 1 or per_element):
+            raise ValueError(f"log_stds[{i}] has {s.numel()} elements; params[{i}] has {p.numel()}"
+                             f"{'' if per_element else ' (or give 1)'}")
+    device = device_of(params=params, log_stds=log_stds)
+    bases = list(bases)
+    if len(bases) != len(params) or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in bases):
+        raise ValueError(f"bases must hold one int >= 0 per tensor ({len(params)}), got {bases!r}")
+    for name, value in (("seed", seed), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+            raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+    if isinstance(max_noise, bool) or not isinstance(max_noise, (int, float)) or not max_noise > 0:
+        raise ValueError(f"max_noise must be a number > 0 (inf: no clamp), got {max_noise!r}")
+    return params, log_stds, device
+
+
+def pac_noise_mask(params, log_stds, bases, seed, step, max_noise, *, read_values=False):
+    pac_noise(params, log_stds, bases, seed, step, max_noise)
+
+
+def _pac_shift(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, *, read_values=False):
+    params, log_stds, device = pac_noise(params, log_stds, bases, seed, step, max_noise)
+    if mask_bits is None:
+        raise ValueError("mask_bits is required: pac_noise_mask gives it")
+    check_saving(params, None, mask_bits, save_offsets, saved, device, read_values=read_values,
+                 extra_read=[("log_stds", log_stds)])
+
+
+pac_perturb_ = pac_restore_ = _pac_shift
+
+
+def pac_bound_grads_(params, grads, log_stds, log_std_grads, anchors, prior_log_stds, bases, seed, step, max_noise,
+                     coef, *, read_values=False):
+    params, log_stds, device = pac_noise(params, log_stds, bases, seed, step, max_noise, per_element=True)
+    grads = tensor_list("grads", grads)
+    log_std_grads = tensor_list("log_std_grads", log_std_grads)
+    anchors = tensor_list("anchors", anchors)
+    if bool(grads) != bool(log_std_grads) or (grads and len(grads) != len(params)):
+        raise ValueError("grads and log_std_grads must both have one tensor per parameter, or both be empty")
+    if len(anchors) != len(params):
+        raise ValueError(f"anchors has {len(anchors)} entries, params has {len(params)}")
+    for name, tensors in (("grads", grads), ("log_std_grads", log_std_grads), ("anchors", anchors)):
+        check_floats(name, tensors, (torch.float32,) if name == "log_std_grads" else FLOAT_DTYPES)
+        check_contiguous(name, tensors)
+        for i, (p, t) in enumerate(zip(params, tensors)):
+            if t.numel() != p.numel():
+                raise ValueError(f"{name}[{i}] has {t.numel()} elements, params[{i}] has {p.numel()}")
+            if name != "log_std_grads" and t.dtype != p.dtype:
+                raise TypeError(f"{name}[{i}] is {t.dtype} but params[{i}] is {p.dtype}")
+    device_of(params=params, grads=grads, log_std_grads=log_std_grads, anchors=anchors)
+    check_buffer("prior_log_stds", prior_log_stds, torch.float32, len(params), device)
+    check_disjoint([("grads", grads), ("log_std_grads", log_std_grads)],
+                   [("params", params), ("anchors", anchors), ("prior_log_stds", prior_log_stds),
+                    ("log_stds", log_stds)])
+
+
+def check(name, *args, read_values=False):
+    """Check op `name`'s raw arguments (positional, in its schema's order)."""
+    globals()[name](*args, read_values=read_values)
+
+
+def checked(name, impl):
+    """`impl` (op `name` of a Python backend) behind the contract: what its torch.ops op runs."""
+    signature = inspect.signature(impl)
+
+    def op(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        check(name, *bound.args)
+        return impl(*bound.args)
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = impl.__doc__
+    return op
