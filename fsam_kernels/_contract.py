@@ -138,7 +138,7 @@ def check_saved_runs(tensors, mask_bits, save_offsets, saved):
     save_offsets[c] of `saved`: each run starts aligned, at or after the previous run's end (chunk
     order, no overlap) and ends inside `saved`, every end computed without overflow; `saved`
     starts on a SAVE_ALIGN-byte boundary.  Reads the offsets and the mask (one sync on a GPU)."""
-    if saved.data_ptr() % SAVE_ALIGN:
+    if saved.numel() and saved.data_ptr() % SAVE_ALIGN:  # (an empty tensor's data_ptr() is 0)
         raise ValueError(f"saved must start on a {SAVE_ALIGN}-byte boundary")
     if not save_offsets.numel():
         return

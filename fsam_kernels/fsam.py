@@ -16,7 +16,7 @@ from ._checks import check_number
 from .params import pool_predicate
 from .roles import SUMSQ_ALL, gradients_of
 from .sam import SharpnessScale
-from .sharding import local, shard_like
+from .sharding import LOCAL, local, shard_like
 from .two_pass import SharpnessAwareOptimizer
 
 FISHER_ESTIMATES = ("batch", "ema", "samples")
@@ -83,6 +83,14 @@ class FisherMask(SharpnessScale):
         self._fisher_op(self.estimate, grads, 1.0, 1.0, found_inf)
         self.samples += 1
 
+    def snapshot(self):
+        # the EMA estimate is updated in place and not copied back: a step that raises keeps the
+        # first pass's squares in it (a copy per step would cost as much as the estimate)
+        return self.steps_since_mask, self.samples
+
+    def rollback(self, snapshot):
+        self.steps_since_mask, self.samples = snapshot
+
     # ---- state -------------------------------------------------------------------------------
 
     def state(self, roles):
@@ -118,11 +126,48 @@ class FisherMask(SharpnessScale):
         return state
 
     def check_state(self, state, roles):
-        if (state["fisher"] is None) != (self.estimate is None):
-            raise ValueError(f"this state has {'no ' if state['fisher'] is None else ''}Fisher estimate; "
+        """Everything load_state() takes, so that it cannot fail halfway: the counters, k (which
+        the sparsity and the pool decide), a mask whose per-chunk counts are its popcounts, with no
+        bit past its tensor's end and (unsharded) exactly k set, and a finite, non-negative Fisher
+        estimate shaped like the pool."""
+        for key in ("steps_since_mask", "samples"):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"the saved {key} must be an int >= 0, got {value!r}")
+        if state.get("k") != self.k:
+            raise ValueError(f"this state selects k={state.get('k')!r} entries, this optimizer {self.k}: it was saved "
+                             "with another sparsity or pool")
+        bits, counts = state.get("mask_bits"), state.get("chunk_counts")
+        layout = roles.mask_layout
+        if (bits is None) != (counts is None):
+            raise ValueError("the saved mask_bits and chunk_counts must both be present or both be None")
+        if bits is not None:
+            for name, t, dtype, numel in (("mask_bits", bits, torch.uint8, layout.mask_bytes),
+                                          ("chunk_counts", counts, torch.int32, layout.total_chunks)):
+                if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != (numel,):
+                    raise ValueError(f"the saved {name} must be a {dtype} tensor of {numel} entries, got "
+                                     f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+            bits_here = bits.to(roles.device)
+            repacked, popcounts = layout.pack([layout.unpack(bits_here, i) for i in range(len(layout.numels))])
+            if not torch.equal(repacked, bits_here):
+                raise ValueError("the saved mask has bits set past the end of its tensors")
+            if not torch.equal(popcounts, counts.to(roles.device)):
+                raise ValueError("the saved chunk_counts are not the popcounts of the saved mask")
+            if roles.sharding is LOCAL and int(popcounts.sum()) != self.k:
+                raise ValueError(f"the saved mask selects {int(popcounts.sum())} entries, not k={self.k}")
+        fisher = state.get("fisher")
+        if (fisher is None) != (self.estimate is None):
+            raise ValueError(f"this state has {'no ' if fisher is None else ''}Fisher estimate; "
                              f"this optimizer uses fisher={self.fisher!r}")
-        if state["mask_bits"] is not None and state["mask_bits"].numel() != roles.mask_layout.mask_bytes:
-            raise ValueError("the saved mask does not fit this pool")
+        if fisher is not None:
+            if not isinstance(fisher, list) or len(fisher) != len(self.estimate):
+                raise ValueError(f"the saved Fisher estimate must be a list of {len(self.estimate)} tensors")
+            for i, (saved, f) in enumerate(zip(fisher, self.estimate)):
+                if not isinstance(saved, torch.Tensor) or saved.dtype != torch.float32 or saved.shape != f.shape:
+                    raise ValueError(f"the saved Fisher estimate {i} must be a float32 tensor of shape "
+                                     f"{tuple(f.shape)}")
+                if not bool((saved >= 0).all()) or not bool(torch.isfinite(saved).all()):
+                    raise ValueError(f"the saved Fisher estimate {i} must be finite and >= 0")
 
     def load_state(self, state, roles):
         self.steps_since_mask, self.samples = int(state["steps_since_mask"]), int(state["samples"])

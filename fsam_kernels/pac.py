@@ -23,7 +23,8 @@ from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, gradients_of
 from .sharding import local, shard_like, sharding_of
 from .training import noise_passes
-from .two_pass import init_composed, load_with_hooks, state_dict_with_hooks
+from .two_pass import check_counter, check_optimizer_state, init_composed, load_or_nothing, load_with_hooks, \
+    state_dict_with_hooks
 
 __all__ = ["PACTuning", "KTable", "estimate_k", "DEFAULT_PRIOR_GRID"]
 
@@ -490,7 +491,19 @@ class PACTuning(torch.optim.Optimizer):
     def _load(self, state_dict):
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "pac"}:
             raise ValueError("load_state_dict expects a dict made by PACTuning.state_dict() (keys 'base', 'pac')")
+        check_optimizer_state("the base optimizer's state", state_dict["base"], self._params)
         self._load_parts(state_dict["pac"], lambda: self.base_optimizer.load_state_dict(state_dict["base"]))
+
+    def _check_tensors(self, name, saved, like, same_dtype):
+        """A saved list shaped like `like` (and of its dtypes, or float32), finite."""
+        if not isinstance(saved, list) or len(saved) != len(like):
+            raise ValueError(f"the saved {name} must be a list of {len(like)} tensors")
+        for i, (s, t) in enumerate(zip(saved, like)):
+            dtype = t.dtype if same_dtype else torch.float32
+            if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != dtype:
+                raise ValueError(f"the saved {name}[{i}] must be a {dtype} tensor of shape {tuple(t.shape)}")
+            if not bool(torch.isfinite(s).all()):
+                raise ValueError(f"the saved {name}[{i}] is not finite")
 
     def _load_parts(self, pac, load_base):
         """Check `pac` (the own state), then load_base() and load `pac`: nothing changes on an error."""
@@ -498,19 +511,37 @@ class PACTuning(torch.optim.Optimizer):
             raise RuntimeError("load_state_dict() in the middle of a step (after perturb() or restore())")
         if pac.get("type") != type(self).__name__:
             raise ValueError(f"this state comes from {pac.get('type')}, not {type(self).__name__}")
-        if [tuple(x) for x in pac["layout"]] != self._signature():
+        if not isinstance(pac.get("layout"), list) or [tuple(x) for x in pac["layout"]] != self._signature():
             raise ValueError("this state was saved for a different parameter layout (shapes or dtypes differ)")
-        if pac["seed"] != self.seed:
-            raise ValueError(f"this state was saved with seed {pac['seed']}, this optimizer has seed {self.seed}")
-        if [b.numel() for b in pac["prior_log_stds"]] != [b.numel() for b in self.prior_log_stds]:
-            raise ValueError("this state's parameter groups differ from this optimizer's")
-        in_stage1 = pac["step"] < self.stage1_steps
-        if in_stage1 and (pac["anchors"] is None or pac["noise_optimizer"] is None):
+        if pac.get("seed") != self.seed:
+            raise ValueError(f"this state was saved with seed {pac.get('seed')!r}, this optimizer has seed {self.seed}")
+        step = pac.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"the saved step must be an int >= 0, got {step!r}")
+        check_counter("the saved skipped count", pac.get("skipped"))
+        self._check_tensors("log_stds", pac.get("log_stds"), self.log_stds, same_dtype=False)
+        self._check_tensors("prior_log_stds", pac.get("prior_log_stds"), self.prior_log_stds, same_dtype=False)
+        in_stage1 = step < self.stage1_steps
+        if in_stage1 and (pac.get("anchors") is None or pac.get("noise_optimizer") is None):
             raise ValueError("this state left stage 1 but this optimizer's stage1_steps puts it in stage 1")
         if in_stage1 and self.anchors is None:
             raise ValueError("this optimizer has left stage 1 and dropped its anchors: load a stage-1 state into a "
                              "new optimizer")
-        load_base()
+        if in_stage1:
+            self._check_tensors("anchors", pac["anchors"], self.anchors, same_dtype=True)
+            check_optimizer_state("the saved noise optimizer's state", pac["noise_optimizer"],
+                                  [p for g in self.noise_optimizer.param_groups for p in g["params"]])
+        if not isinstance(pac.get("k_table"), (dict, type(None))):
+            raise ValueError("the saved k_table must be a dict (KTable.state()) or None")
+        k_table = None if pac["k_table"] is None else KTable(**pac["k_table"])
+        optimizers = [self.base_optimizer] + ([self.noise_optimizer] if in_stage1 else [])
+
+        def load():
+            load_base()
+            if in_stage1:
+                self.noise_optimizer.load_state_dict(pac["noise_optimizer"])
+
+        load_or_nothing(optimizers, load)  # then nothing below can fail: everything was checked
         self.param_groups = self.base_optimizer.param_groups
         with torch.no_grad():
             for dst, src in zip(self.log_stds + self.prior_log_stds, pac["log_stds"] + pac["prior_log_stds"]):
@@ -518,10 +549,9 @@ class PACTuning(torch.optim.Optimizer):
             if in_stage1:
                 for dst, src in zip(self.anchors, pac["anchors"]):
                     dst.copy_(src)
-                self.noise_optimizer.load_state_dict(pac["noise_optimizer"])
-        self._step = int(pac["step"])
+        self._step = step
         self._skipped = pac["skipped"].to(self._device, torch.int64).clone()
-        self.k_table = None if pac["k_table"] is None else KTable(**pac["k_table"])
+        self.k_table = k_table
         if not in_stage1:
             self._enter_stage2()
 

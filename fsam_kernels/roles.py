@@ -57,7 +57,7 @@ class ParamRoles:
         self.mask_layout = ChunkLayout(self.tensors["masked"])
         self.dense_offsets, self.dense_saved = save_layout(self.tensors["dense"])
         self.mask_bits = self.chunk_counts = self.masked_offsets = self.masked_saved = None
-        self.perturbed = False
+        self._perturbed = []  # the roles perturb() changed, which restore() puts back
 
     def gradients(self):
         """{role: the gradients of its tensors}, checked."""
@@ -77,6 +77,18 @@ class ParamRoles:
             else:
                 stats[SUMSQ_ALL] += op(tensors, grads[role], None, adaptive, eta)[SUMSQ_ALL]
         return self.sharding.all_reduce_(stats)
+
+    @property
+    def perturbed(self):
+        return bool(self._perturbed)
+
+    def mask_state(self):
+        """The mask and its buffers (references: set_mask replaces them, never writes into them)."""
+        return self.mask_bits, self.chunk_counts, self.masked_offsets, self.masked_saved
+
+    def set_mask_state(self, state):
+        """Take back a mask_state()."""
+        self.mask_bits, self.chunk_counts, self.masked_offsets, self.masked_saved = state
 
     def set_mask(self, bits, counts, finite=None):
         """Use a new mask of the masked role (its per-chunk popcounts `counts`), unless the 0-dim
@@ -105,18 +117,20 @@ class ParamRoles:
         if self.mask_bits is not None:
             op(self.tensors["masked"], grads["masked"], self.mask_bits, self.masked_offsets, self.masked_saved, scale,
                adaptive, eta)
+            self._perturbed.append("masked")
         if self.tensors["dense"]:
             op(self.tensors["dense"], grads["dense"], None, self.dense_offsets, self.dense_saved, scale, adaptive, eta)
-        self.perturbed = True
+            self._perturbed.append("dense")
 
     def restore(self):
-        """Write back the originals perturb() saved: the weights are bit-exactly those before it."""
+        """Write back the originals perturb() saved: the weights are bit-exactly those before it
+        (a perturb() that raised halfway: those of the roles it changed)."""
         op = self._op["restore_"]
-        if self.mask_bits is not None:
+        if "masked" in self._perturbed:
             op(self.tensors["masked"], self.mask_bits, self.masked_offsets, self.masked_saved)
-        if self.tensors["dense"]:
+        if "dense" in self._perturbed:
             op(self.tensors["dense"], None, self.dense_offsets, self.dense_saved)
-        self.perturbed = False
+        self._perturbed = []
 
     def signature(self, params):
         """What a saved state must match: each parameter's role, shape and dtype."""

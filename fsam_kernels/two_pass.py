@@ -12,13 +12,14 @@ so LR schedulers work on either object.
 """
 from collections.abc import Callable
 import inspect
+import math
 from typing import Any, Optional
 
 import torch
 from torch.optim.optimizer import ParamsT
 
 from . import backends
-from .ops import FLOAT_DTYPES
+from ._contract import FLOAT_DTYPES, check_disjoint
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, ParamRoles
 from .sharding import local, sharding_of
@@ -46,6 +47,14 @@ class Perturbation:
         """Raise if `state` does not fit this policy (before anything is loaded)."""
 
     def load_state(self, state, roles):
+        pass
+
+    def snapshot(self):
+        """What prepare() changes, for rollback() after an exception in the step (cheap: no copy
+        of a tensor as large as the model)."""
+        return None
+
+    def rollback(self, snapshot):
         pass
 
     def to_checkpoint(self, state, roles):
@@ -81,15 +90,25 @@ def init_composed(optimizer, groups, names, base_optimizer, base_kwargs):
 
 def check_params(params, names, device, first=0):
     """The checks every parameter of a composed optimizer passes (params[first:] are checked: the
-    others passed already); returns the list's Sharding."""
+    others passed already), and that no parameter comes twice or shares memory with another (a
+    perturbation saves and restores each once); returns the list's Sharding."""
+    def name(i):
+        return names[i] if names[i] is not None else f"#{i}"
+
+    position = {}
+    for i, p in enumerate(params):
+        if id(p) in position:
+            raise ValueError(f"parameter {name(i)} is parameter {name(position[id(p)])} again: an optimizer takes "
+                             "each parameter once")
+        position[id(p)] = i
     for i, p in enumerate(params[first:], first):
-        name = names[i] if names[i] is not None else f"#{i}"
         if p.device != device:
-            raise ValueError(f"parameter {name} is on {p.device}; the others are on {device}")
+            raise ValueError(f"parameter {name(i)} is on {p.device}; the others are on {device}")
         if p.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"parameter {name} is {p.dtype}; float32, bfloat16 and float16 are supported")
+            raise TypeError(f"parameter {name(i)} is {p.dtype}; float32, bfloat16 and float16 are supported")
         if not p.is_contiguous():
-            raise ValueError(f"parameter {name} is not contiguous; the kernels update it in place")
+            raise ValueError(f"parameter {name(i)} is not contiguous; the kernels update it in place")
+    check_disjoint([(f"parameter {name(i)}", local(p)) for i, p in enumerate(params)])
     return sharding_of(params, names)
 
 
@@ -104,9 +123,23 @@ def _keywords(fn):
     return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
+def _non_finite(value):
+    """Whether a hyperparameter (a number, a one-element tensor or a tuple of them) is NaN or infinite."""
+    if isinstance(value, (tuple, list)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        return not bool(torch.isfinite(value))
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def check_base_kwargs(method, base_optimizer, base_kwargs):
     """A keyword neither the method nor the base optimizer takes is named as unknown to both (the
-    base optimizer alone would blame itself for a misspelt method option)."""
+    base optimizer alone would blame itself for a misspelt method option); a NaN or infinite
+    value is refused (torch.optim lets some through, and the first step then turns the model to
+    NaN)."""
+    for key, value in base_kwargs.items():
+        if _non_finite(value):
+            raise ValueError(f"{method.__name__}: {key}={value!r} is not finite")
     base_options, any_other = _keywords(base_optimizer)
     unknown = [] if any_other else [k for k in base_kwargs if k not in base_options]
     if unknown:
@@ -138,6 +171,128 @@ def load_with_hooks(optimizer, state, load):
     load(state)
     for hook in optimizer._optimizer_load_state_dict_post_hooks.values():
         hook(optimizer)
+
+
+# The per-parameter state of torch.optim's optimizers that is shaped like its parameter.
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum", "square_avg", "grad_avg",
+                 "acc_delta", "exp_inf", "ax", "prev", "step_size")
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta", "exp_inf")
+
+
+def _int_at_least(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def check_counter(name, value):
+    """A saved counter: a 0-dim integer tensor >= 0."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.is_floating_point() or value.is_complex() \
+            or value.dtype == torch.bool or int(value) < 0:
+        raise ValueError(f"{name} must be a 0-dim integer tensor >= 0, got {value!r}")
+
+
+def stateful(state):
+    """The positions (in its groups' order) of the parameters a torch.optim state dict keeps state of."""
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    return [j for j, i in enumerate(ids) if state["state"].get(i)]
+
+
+def _kind(value):
+    """What a hyperparameter is, for comparing a saved one with the current (None and a bool are
+    both an optional flag)."""
+    if isinstance(value, bool) or value is None:
+        return "flag"
+    if isinstance(value, (int, float)) or isinstance(value, torch.Tensor) and value.numel() == 1:
+        return "number"
+    if isinstance(value, (tuple, list)):
+        return tuple(_kind(v) for v in value)
+    return type(value).__name__
+
+
+def check_groups_like(name, groups, optimizer):
+    """Saved param groups that `optimizer` can take: the same options, each of the same kind, and
+    values its constructor accepts (torch.optim's checks of lr, betas, eps, ...)."""
+    current = optimizer.param_groups
+    if len(groups) != len(current):
+        raise ValueError(f"{name} has {len(groups)} param groups, this optimizer {len(current)}")
+    options, _ = _keywords(type(optimizer))
+    for i, (saved, now) in enumerate(zip(groups, current)):
+        if set(saved) != set(now):
+            raise ValueError(f"{name}: param group {i} has the options {sorted(saved)}, this optimizer's "
+                             f"{sorted(now)}")
+        for key in saved:
+            if key != "params" and _kind(saved[key]) != _kind(now[key]):
+                raise ValueError(f"{name}: param group {i}'s {key}={saved[key]!r} is not like {now[key]!r}")
+        try:
+            type(optimizer)([torch.zeros(1, device=now["params"][0].device, requires_grad=True)],
+                            **{k: v for k, v in saved.items() if k in options and k != "params"})
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{name}: param group {i}: {e}") from None
+
+
+def check_optimizer_state(name, state, params, stateful_at=None):
+    """A torch.optim state dict for `params` (in the order its groups list them), checked before
+    anything loads: its groups cover the parameters once, their hyperparameters are finite, and
+    each parameter's state is finite, with the same entries as every other's, tensors shaped like
+    the parameter where torch.optim's optimizers keep such (exp_avg, momentum_buffer, ...), second
+    moments >= 0 and a step >= 0; with `stateful_at` (what stateful() gave when it was saved), the
+    parameters with state are those."""
+    if not isinstance(state, dict) or set(state) != {"state", "param_groups"} or \
+            not isinstance(state["param_groups"], list) or not isinstance(state["state"], dict):
+        raise ValueError(f"{name} must be a torch.optim state dict (keys 'state', 'param_groups')")
+    ids = []
+    for i, group in enumerate(state["param_groups"]):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise ValueError(f"{name}: param group {i} must be a dict with a 'params' list")
+        ids += group["params"]
+        for key, value in group.items():
+            if key != "params" and _non_finite(value):
+                raise ValueError(f"{name}: param group {i}'s {key}={value!r} is not finite")
+    if len(ids) != len(params) or len(set(ids)) != len(ids):
+        raise ValueError(f"{name} lists {len(ids)} parameters ({len(set(ids))} distinct); this optimizer has "
+                         f"{len(params)}")
+    position = {saved_id: j for j, saved_id in enumerate(ids)}
+    keys = None
+    for saved_id, entries in state["state"].items():
+        if saved_id not in position or not isinstance(entries, dict):
+            raise ValueError(f"{name}: state of parameter {saved_id!r}, which no param group lists")
+        if keys is not None and set(entries) != keys:
+            raise ValueError(f"{name}: parameter {saved_id} keeps {sorted(entries)}, another {sorted(keys)}")
+        keys = set(entries)
+        p = params[position[saved_id]]
+        for key, value in entries.items():
+            where = f"{name}: parameter {saved_id}'s {key}"
+            if not isinstance(value, (torch.Tensor, int, float)) or isinstance(value, bool) or \
+                    key in _PARAM_SHAPED and not isinstance(value, torch.Tensor):
+                raise ValueError(f"{where} is a {type(value).__name__}")
+            if isinstance(value, torch.Tensor):
+                if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"{where} is not finite")
+                if key in _PARAM_SHAPED and (tuple(value.shape) != tuple(p.shape) or not value.is_floating_point()):
+                    raise ValueError(f"{where} is {value.dtype} {tuple(value.shape)}, its parameter "
+                                     f"{p.dtype} {tuple(p.shape)}")
+                if key in _SECOND_MOMENTS and not bool((value >= 0).all()):
+                    raise ValueError(f"{where} has negative entries")
+                if key == "step" and (value.numel() != 1 or float(value) < 0):
+                    raise ValueError(f"{where} must be one number >= 0")
+            elif key == "step" and (isinstance(value, bool) or not isinstance(value, (int, float)) or
+                                    _non_finite(float(value)) or value < 0):
+                raise ValueError(f"{where} must be a number >= 0, got {value!r}")
+    if stateful_at is not None and stateful(state) != stateful_at:
+        raise ValueError(f"{name} keeps state of the parameters at {stateful(state)}; it was saved with state of "
+                         f"those at {stateful_at}")
+
+
+def load_or_nothing(optimizers, load):
+    """load(), and on any exception the state dicts of `optimizers` put back as they were before
+    it (torch.optim's loads replace the state objects, so the old ones are kept by reference)."""
+    before = [o.state_dict() for o in optimizers]
+    try:
+        load()
+    except BaseException:
+        for o, state in zip(optimizers, before):
+            o.load_state_dict(state)
+        raise
 
 
 def base_step(optimizer, base_optimizer, scaler=None, skip=None):
@@ -229,19 +384,38 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._step_hooks(pre=True)
         if scaler is not None:
             scaler.unscale_(self)
-        policy = self.perturbation
-        grads = self.roles.gradients()
-        stats = self.roles.sumsq(grads, policy.adaptive, policy.eta)
-        finite = torch.isfinite(stats[SUMSQ_ALL])
-        if policy.prepare(self.roles, grads, finite):
+        before = self._snapshot()
+        try:
+            policy = self.perturbation
+            grads = self.roles.gradients()
             stats = self.roles.sumsq(grads, policy.adaptive, policy.eta)
-        self.roles.perturb(grads, policy.scale(stats, finite), policy.adaptive, policy.eta)
-        self._skipped += ~finite
+            finite = torch.isfinite(stats[SUMSQ_ALL])
+            if policy.prepare(self.roles, grads, finite):
+                stats = self.roles.sumsq(grads, policy.adaptive, policy.eta)
+            self.roles.perturb(grads, policy.scale(stats, finite), policy.adaptive, policy.eta)
+        except BaseException:
+            self._rollback(before)
+            raise
+        self._skipped = self._skipped + ~finite
         self._first_finite = finite
         self._step_count += 1
         if zero_grad:
             self.zero_grad()
         return finite
+
+    def _snapshot(self):
+        """What a step changes besides the weights (which the roles restore), by reference."""
+        return self._step_count, self._skipped, self._first_finite, self.roles.mask_state(), \
+            self.perturbation.snapshot()
+
+    @torch.no_grad()
+    def _rollback(self, snapshot):
+        """After an exception inside a step: the weights and the state as they were before it."""
+        if self.roles.perturbed:
+            self.roles.restore()
+        self._step_count, self._skipped, self._first_finite, mask, policy = snapshot
+        self.roles.set_mask_state(mask)
+        self.perturbation.rollback(policy)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -296,14 +470,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if all(p.grad is None for p in self._params):
             raise RuntimeError("no gradients: run the first forward/backward before step(closure)")
         self._in_step = True
+        before = self._snapshot()
         try:
             self.first_step(zero_grad=True)
             try:
                 with torch.enable_grad():
                     loss = closure()
             except BaseException:
-                with torch.no_grad():
-                    self.roles.restore()  # leave the model as it was, not perturbed
+                self._rollback(before)  # the weights and the optimizer as before the step
                 raise
             self.second_step()
         finally:
@@ -330,8 +504,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return extra
 
     def state_dict(self) -> dict[str, Any]:
-        return state_dict_with_hooks(self, lambda: {"base": self.base_optimizer.state_dict(),
-                                                    "sharpness": self._own_state()})
+        def make():
+            base = self.base_optimizer.state_dict()
+            return {"base": base, "sharpness": {**self._own_state(), "base_stateful": stateful(base)}}
+        return state_dict_with_hooks(self, make)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         load_with_hooks(self, state_dict, self._load)
@@ -339,23 +515,45 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _load(self, state_dict):
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "sharpness"}:
             raise ValueError("load_state_dict expects a dict made by SAM/FSAM.state_dict() (keys 'base', 'sharpness')")
-        self._load_parts(state_dict["sharpness"], lambda: self.base_optimizer.load_state_dict(state_dict["base"]))
+        own = state_dict["sharpness"]
+        check_optimizer_state("the base optimizer's state", state_dict["base"], self._params,
+                              own.get("base_stateful") if isinstance(own, dict) else None)
+        check_groups_like("the base optimizer's state", state_dict["base"]["param_groups"], self.base_optimizer)
+        self._load_parts(own, lambda: self.base_optimizer.load_state_dict(state_dict["base"]))
 
     def _load_parts(self, extra, load_base):
-        """Check `extra` (the own state), then load_base() and load `extra`: nothing changes on an error."""
+        """Check `extra` (the own state), then load_base() and load `extra`: all of it, or nothing
+        changes."""
         if self.roles.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
-        if extra.get("type") != type(self).__name__:
-            raise ValueError(f"this state comes from {extra.get('type')}, not {type(self).__name__}")
-        if ParamRoles.current_names(extra.get("layout", [])) != self.roles.signature(self._params):
+        if not isinstance(extra, dict) or extra.get("type") != type(self).__name__:
+            raise ValueError(f"this state comes from {extra.get('type') if isinstance(extra, dict) else extra!r}, "
+                             f"not {type(self).__name__}")
+        layout = extra.get("layout")
+        if not isinstance(layout, list) or \
+                ParamRoles.current_names(layout) != self.roles.signature(self._params):
             raise ValueError("this state was saved for a different parameter layout (roles, shapes or dtypes differ)")
+        _int_at_least("the saved step", extra.get("step"), 0)
+        check_counter("the saved skipped count", extra.get("skipped"))
         self.perturbation.check_state(extra, self.roles)
-        load_base()
-        self.param_groups = self.base_optimizer.param_groups  # the base replaced its group dicts
-        self._step_count = int(extra["step"])
-        self._skipped = extra["skipped"].to(self._device, torch.int64).clone()
-        self.perturbation.load_state(extra, self.roles)
-        self._first_finite = None  # a loaded state starts a new step
+        before = self._step_count, self._skipped, self.roles.mask_state(), self.perturbation.snapshot()
+
+        def load():
+            load_base()
+            self.param_groups = self.base_optimizer.param_groups  # the base replaced its group dicts
+            try:
+                self.perturbation.load_state(extra, self.roles)
+            except BaseException:
+                self._step_count, self._skipped, mask, policy = before
+                self.roles.set_mask_state(mask)
+                self.perturbation.rollback(policy)
+                raise
+            self._step_count = extra["step"]
+            self._skipped = extra["skipped"].to(self._device, torch.int64).clone()
+            self._first_finite = None  # a loaded state starts a new step
+
+        load_or_nothing([self.base_optimizer], load)
+        self.param_groups = self.base_optimizer.param_groups
 
     # ---- torch.distributed.checkpoint (fsam_kernels/checkpoint.py) --------------------------
 

@@ -1,4 +1,5 @@
 """Fisher accumulation F <- decay F + alpha g^2 over a list: the kernel, then its launcher."""
+import torch
 import triton
 import triton.language as tl
 
@@ -31,6 +32,8 @@ def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=N
     # Grouped by the gradients' dtype (F is always fp32); a missing gradient goes with fp32.
     keyed = [g if g is not None else f for f, g in zip(fisher, grads)]
     device = fisher[0].device
+    if found_inf is not None:  # non-zero (NaN included) skips, whatever its dtype: on the device, no sync
+        found_inf = found_inf.reshape(1).ne(0).to(torch.int32)
     for group in tables.groups(keyed):
         _fisher_kernel[(group.chunks,)](
             tables.addresses(fisher, group.members, device), tables.addresses(grads, group.members, device),

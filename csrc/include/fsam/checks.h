@@ -195,7 +195,7 @@ inline void check_radix_writes(at::TensorList scores, const at::Tensor& state, c
 // packed mask (nullptr: every entry is saved).  O(chunks), before anything is written.
 inline void check_saved_runs(const char* op, at::TensorList tensors, const uint8_t* bits,
                              const at::Tensor& save_offsets, const at::Tensor& saved) {
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(saved.const_data_ptr()) % kSaveAlign == 0, op,
+  TORCH_CHECK_VALUE(saved.numel() == 0 || reinterpret_cast<uintptr_t>(saved.const_data_ptr()) % kSaveAlign == 0, op,
                     ": saved must start on a ", kSaveAlign, "-byte boundary");
   const int64_t* offsets = save_offsets.const_data_ptr<int64_t>();
   const int64_t capacity = saved.numel();

@@ -1,0 +1,221 @@
+"""The ops' argument contract under attack (docs/errors.md), on every backend built here: random
+lists of shapes, dtypes and views, masks, save layouts and one mutation each (offsets negative,
+misaligned, overlapping, past the end or near 2**63; a short or misaligned buffer; a parameter
+twice; a buffer or gradient that aliases a weight).  Every backend must give the same answer as
+an independent oracle: accepted (and then the same bytes everywhere, guard regions untouched,
+the restore exact) or refused with the same exception and every input byte for byte as before.
+The raw ops (torch.ops.<namespace>, what torch.compile reaches) and the public ones alike."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # noqa: E402
+
+from fsam_kernels import backends, ops  # noqa: E402
+from fsam_kernels._layout import CHUNK, ChunkLayout  # noqa: E402
+from conftest import DTYPES, ROOT, all_backends  # noqa: E402
+
+# The backends whose tensors are on the CPU (here: all of them); the saved runs are checked on
+# the host for those (docs/errors.md: on a GPU the raw ops leave them to the kernels).
+CPU_BACKENDS = [b for b, d in all_backends() if d == "cpu"]
+SIZES = [0, 1, 5, CHUNK - 1, CHUNK, CHUNK + 7, 2 * CHUNK + 3]
+POISON = 0xA5
+GUARD = 64  # poisoned bytes before and after every tensor the ops may write
+MUTATIONS = ["none", "gap", "negative", "misaligned", "overlap", "huge", "past_end", "short", "saved_unaligned",
+             "saved_aliases_param", "param_twice", "grad_aliases_param", "params_overlap"]
+PROFILE = settings(max_examples=int(os.environ.get("FSAM_ADVERSARIAL_EXAMPLES", "24")), deadline=None,
+                   derandomize=True, database=None, suppress_health_check=list(HealthCheck),
+                   phases=[Phase.explicit, Phase.generate, Phase.shrink])
+
+
+class Arena:
+    """Guarded buffers: each tensor a view into the middle of a poisoned byte buffer, so that a
+    write outside it shows."""
+
+    def __init__(self):
+        self.buffers = []
+
+    def place(self, nbytes, dtype=torch.uint8):
+        buf = torch.full((nbytes + 2 * GUARD,), POISON, dtype=torch.uint8)
+        self.buffers.append((buf, nbytes))
+        return buf[GUARD: GUARD + nbytes].view(dtype)
+
+    def snapshot(self):
+        return [b.clone() for b, _ in self.buffers]
+
+    def guards_intact(self):
+        return all(bool((b[:GUARD] == POISON).all() and (b[GUARD + n:] == POISON).all()) for b, n in self.buffers)
+
+
+def expected_ok(counts, sizes, offsets, capacity, saved_aligned):
+    """The oracle: plain Python integers, one chunk after another."""
+    end = 0
+    for n, size, off in zip(counts, sizes, offsets):
+        if off < end or off % size or off + n * size > capacity:
+            return False
+        end = off + n * size
+    return saved_aligned
+
+
+def _mask(op, params, log_stds, density, seed, g):
+    """(bits, counts) of the op's mask: PAC's inexact entries, or random entries (None: dense)."""
+    if op == "pac":
+        return ops.pac_noise_mask(params, log_stds, seed=seed, step=1, backend="reference")
+    if density == 1:
+        return None, None
+    return ChunkLayout(params).pack([torch.rand(p.numel(), generator=g) < density for p in params])
+
+
+def build(case):
+    """(arena, the raw op and its args, the restore and its args, whether the oracle accepts,
+    the read-only inputs).  The params are the arena's first buffers."""
+    sizes, dtypes, density, op, mutation, seed = case
+    g = torch.Generator().manual_seed(seed)
+    arena = Arena()
+    params = []
+    for n, dt in zip(sizes, dtypes):
+        p = arena.place(n * dt.itemsize, dt)
+        p.copy_(torch.randn(n, generator=g).to(dt))
+        params.append(p)
+    grads = [torch.randn(p.numel(), generator=g).to(p.dtype) for p in params]
+    log_stds = [torch.full((1,), -3.0) for _ in params]
+    nonempty = [i for i, p in enumerate(params) if p.numel()]
+    aliasing = mutation in ("saved_aliases_param", "param_twice", "grad_aliases_param", "params_overlap")
+    if aliasing and not nonempty or mutation == "grad_aliases_param" and op == "pac":
+        mutation, aliasing = "none", False
+    if mutation in ("param_twice", "params_overlap"):
+        i = nonempty[0]
+        extra = params[i] if mutation == "param_twice" else params[i][: max(1, params[i].numel() // 2)]
+        params, grads, log_stds = params + [extra], grads + [grads[i][: extra.numel()]], log_stds + [log_stds[i]]
+    elif mutation == "grad_aliases_param":
+        grads[nonempty[0]] = params[nonempty[0]]
+    layout = ChunkLayout(params)
+    bits, counts = _mask(op, params, log_stds, density, seed, g)
+    offsets, saved = ops.save_layout(params, counts)
+    capacity = saved.numel()
+    chunk_sizes = [p.element_size() for i, p in enumerate(params) for _ in range(layout.chunks[i])]
+    chunk_counts = [int(c) for c in (layout.full_counts() if counts is None else counts)]
+    runs = [c for c, n in enumerate(chunk_counts) if n]
+    if mutation in ("negative", "misaligned", "overlap", "huge", "past_end", "short") and not runs:
+        mutation = "none"
+    if mutation == "gap":
+        offsets[layout.total_chunks // 2:] += 48
+        capacity += 48
+    elif mutation == "negative":
+        offsets[runs[0]] = -16
+    elif mutation == "misaligned":
+        offsets[runs[-1]] += 1
+    elif mutation == "overlap":
+        offsets[runs[-1]] = offsets[runs[0]] - (0 if len(runs) > 1 else 2)
+    elif mutation == "huge":
+        offsets[runs[-1]] = 2 ** 63 - 16
+    elif mutation == "past_end":
+        offsets[runs[-1]] = capacity
+    elif mutation == "short":
+        capacity = int(offsets[runs[-1]]) + chunk_counts[runs[-1]] * chunk_sizes[runs[-1]] - 1
+    if mutation == "saved_aliases_param":
+        p = params[nonempty[0]]
+        saved = p.view(torch.uint8)[: min(capacity, p.numel() * p.element_size())]
+    elif mutation == "saved_unaligned":
+        saved = arena.place(capacity + 1)[1:]
+    else:
+        saved = arena.place(capacity)
+    ok = not aliasing and mutation != "saved_unaligned" and expected_ok(
+        chunk_counts, chunk_sizes, [int(o) for o in offsets], saved.numel(), True)
+    if op == "pac":
+        args = (params, log_stds, ops.counter_bases(params), seed, 1, 2.0, bits, offsets, saved)
+        return arena, ("pac_perturb_", args), ("pac_restore_", args), ok, [offsets, bits, *log_stds]
+    args = (params, grads, bits, offsets, saved, torch.tensor(0.25), False, 0.0)
+    return arena, ("perturb_", args), ("restore_", (params, bits, offsets, saved)), ok, [offsets, bits, *grads]
+
+
+def public(name, args, backend):
+    if name == "perturb_":
+        params, grads, bits, offsets, saved, scale, _, _ = args
+        return ops.perturb(params, grads, scale, save_offsets=offsets, saved=saved, mask_bits=bits, backend=backend)
+    if name == "restore_":
+        params, bits, offsets, saved = args
+        return ops.restore(params, save_offsets=offsets, saved=saved, mask_bits=bits, backend=backend)
+    params, log_stds, bases, seed, step, max_noise, bits, offsets, saved = args
+    fn = ops.pac_perturb if name == "pac_perturb_" else ops.pac_restore
+    return fn(params, log_stds, seed=seed, step=step, mask_bits=bits, save_offsets=offsets, saved=saved,
+              max_noise=max_noise, bases=bases, backend=backend)
+
+
+def outcome(fn):
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return type(e).__name__
+    return None
+
+
+CASES = st.tuples(
+    st.lists(st.sampled_from(SIZES), min_size=1, max_size=3),
+    st.lists(st.sampled_from(DTYPES), min_size=3, max_size=3),
+    st.sampled_from([0.0, 0.3, 1.0]),
+    st.sampled_from(["perturb", "pac"]),
+    st.sampled_from(MUTATIONS),
+    st.integers(0, 2 ** 31 - 1),
+).map(lambda c: (c[0], c[1][:len(c[0])], *c[2:]))
+
+
+@PROFILE
+@given(CASES)
+def test_saved_runs_and_aliasing(case):
+    hypothesis.event(f"{case[3]} {case[4]}")
+    results = {}
+    for backend in CPU_BACKENDS:
+        for entry in ("raw", "public"):
+            arena, (name, args), (rname, rargs), ok, inputs = build(case)
+            before = arena.snapshot()
+            read_only = [t.clone() if t is not None else None for t in inputs]
+            call = (lambda: backends.op(name, backend)(*args)) if entry == "raw" else \
+                (lambda: public(name, args, backend))
+            got = outcome(call)
+            assert got == (None if ok else "ValueError"), (backend, entry, case, got)
+            assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(inputs, read_only))
+            if got is not None:  # refused: nothing changed
+                assert all(torch.equal(a, b) for a, b in zip(before, arena.snapshot())), (backend, entry, case)
+                continue
+            assert arena.guards_intact(), (backend, entry, case)
+            results[backend, entry] = arena.snapshot()
+            assert outcome(lambda: backends.op(rname, backend)(*rargs)) is None
+            assert arena.guards_intact()
+            assert all(torch.equal(a, b) for a, (b, _) in zip(before[: len(case[0])], arena.buffers)), \
+                (backend, entry, case)  # the restore is exact
+    # accepted: every backend wrote the same bytes (weights, saved runs, and the gaps left poisoned)
+    first = next(iter(results.values()), None)
+    for key, snap in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(first, snap)), (key, case)
+
+
+def test_former_crashes_in_a_subprocess():
+    """The offsets that crashed the CPU backend (an end that wrapped around int64) and made
+    Triton skip a chunk, on every backend, in a process of their own: each must be refused."""
+    code = f"""
+import os, sys
+sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+import conftest, torch
+from fsam_kernels import backends, ops
+for backend in {CPU_BACKENDS!r}:
+    p = [torch.randn(5000), torch.randn(300)]
+    g = [torch.randn_like(t) for t in p]
+    offsets, saved = ops.save_layout(p)
+    offsets[1] = 2 ** 63 - 16
+    for call in (lambda: ops.perturb(p, g, torch.tensor(0.5), save_offsets=offsets, saved=saved, backend=backend),
+                 lambda: backends.op("perturb_", backend)(p, g, None, offsets, saved, torch.tensor(0.5), False, 0.0),
+                 lambda: backends.op("restore_", backend)(p, None, offsets, saved)):
+        try:
+            call()
+            print(backend, "accepted")
+        except ValueError:
+            print(backend, "refused")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [w for b in CPU_BACKENDS for w in (b, "refused") * 3], done.stdout
