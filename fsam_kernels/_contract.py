@@ -216,7 +216,7 @@ def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=N
     check_disjoint([("fisher", fisher), ("first_hist", first_hist)], [("grads", grads), ("found_inf", found_inf)])
 
 
-def _radix(scores, state, hist=None, digit=None, candidates=None, hist_written=True):
+def _radix(scores, state, hist=None, digit=None, candidates=None, written=()):
     scores = tensor_list("scores", scores)
     check_floats("scores", scores)
     check_contiguous("scores", scores)
@@ -230,17 +230,18 @@ def _radix(scores, state, hist=None, digit=None, candidates=None, hist_written=T
         check_buffer("hist", hist, torch.int64, RADIX_HIST_SIZES[digit], device)
     if candidates is not None:
         check_buffer("candidates", candidates, torch.int64, None, device)
-    check_disjoint([("state", state), ("candidates", candidates)] + ([("hist", hist)] if hist_written else []),
-                   [("scores", scores)] + ([] if hist_written else [("hist", hist)]))
+    buffers = {"state": state, "hist": hist, "candidates": candidates}
+    check_disjoint([(k, v) for k, v in buffers.items() if k in written],
+                   [("scores", scores)] + [(k, v) for k, v in buffers.items() if k not in written])
     return scores, device
 
 
 def radix_histogram_(scores, state, digit, absolute, hist, candidates=None, *, read_values=False):
-    _radix(scores, state, hist, digit, candidates)
+    _radix(scores, state, hist, digit, candidates, written=("state", "hist", "candidates"))
 
 
 def radix_select_(state, hist, digit, *, read_values=False):
-    _radix([], state, hist, digit, hist_written=False)
+    _radix([], state, hist, digit, written=("state",))
 
 
 def radix_tie_counts(scores, state, absolute, candidates=None, *, read_values=False):

@@ -23,8 +23,8 @@ from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, gradients_of
 from .sharding import local, shard_like, sharding_of
 from .training import noise_passes
-from .two_pass import check_counter, check_optimizer_state, init_composed, load_or_nothing, load_with_hooks, \
-    state_dict_with_hooks
+from .two_pass import check_counter, check_groups_like, check_optimizer_state, init_composed, load_or_nothing, \
+    load_with_hooks, state_dict_with_hooks, stateful
 
 __all__ = ["PACTuning", "KTable", "estimate_k", "DEFAULT_PRIOR_GRID"]
 
@@ -483,7 +483,10 @@ class PACTuning(torch.optim.Optimizer):
                 "k_table": None if self.k_table is None else self.k_table.state()}
 
     def state_dict(self) -> dict[str, Any]:
-        return state_dict_with_hooks(self, lambda: {"base": self.base_optimizer.state_dict(), "pac": self._own_state()})
+        def make():
+            base = self.base_optimizer.state_dict()
+            return {"base": base, "pac": {**self._own_state(), "base_stateful": stateful(base)}}
+        return state_dict_with_hooks(self, make)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         load_with_hooks(self, state_dict, self._load)
@@ -491,8 +494,12 @@ class PACTuning(torch.optim.Optimizer):
     def _load(self, state_dict):
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "pac"}:
             raise ValueError("load_state_dict expects a dict made by PACTuning.state_dict() (keys 'base', 'pac')")
-        check_optimizer_state("the base optimizer's state", state_dict["base"], self._params)
-        self._load_parts(state_dict["pac"], lambda: self.base_optimizer.load_state_dict(state_dict["base"]))
+        own, base = state_dict["pac"], state_dict["base"]
+
+        def check_base():
+            check_optimizer_state("the base optimizer's state", base, self._params, own.get("base_stateful"))
+            check_groups_like("the base optimizer's state", base["param_groups"], self.base_optimizer)
+        self._load_parts(own, lambda: self.base_optimizer.load_state_dict(base), check_base)
 
     def _check_tensors(self, name, saved, like, same_dtype):
         """A saved list shaped like `like` (and of its dtypes, or float32), finite."""
@@ -505,12 +512,13 @@ class PACTuning(torch.optim.Optimizer):
             if not bool(torch.isfinite(s).all()):
                 raise ValueError(f"the saved {name}[{i}] is not finite")
 
-    def _load_parts(self, pac, load_base):
-        """Check `pac` (the own state), then load_base() and load `pac`: nothing changes on an error."""
+    def _load_parts(self, pac, load_base, check_base=lambda: None):
+        """Check `pac` (the own state) and, by check_base(), the base optimizer's, then load_base()
+        and load `pac`: all of it, or nothing changes."""
         if self._perturbed is not None or self._restored is not None:
             raise RuntimeError("load_state_dict() in the middle of a step (after perturb() or restore())")
-        if pac.get("type") != type(self).__name__:
-            raise ValueError(f"this state comes from {pac.get('type')}, not {type(self).__name__}")
+        if not isinstance(pac, dict) or pac.get("type") != type(self).__name__:
+            raise ValueError(f"this state comes from {pac.get('type') if isinstance(pac, dict) else pac!r}, not {type(self).__name__}")
         if not isinstance(pac.get("layout"), list) or [tuple(x) for x in pac["layout"]] != self._signature():
             raise ValueError("this state was saved for a different parameter layout (shapes or dtypes differ)")
         if pac.get("seed") != self.seed:
@@ -519,6 +527,7 @@ class PACTuning(torch.optim.Optimizer):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"the saved step must be an int >= 0, got {step!r}")
         check_counter("the saved skipped count", pac.get("skipped"))
+        check_base()
         self._check_tensors("log_stds", pac.get("log_stds"), self.log_stds, same_dtype=False)
         self._check_tensors("prior_log_stds", pac.get("prior_log_stds"), self.prior_log_stds, same_dtype=False)
         in_stage1 = step < self.stage1_steps

@@ -183,6 +183,8 @@ def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
 def _saved_as(saved, dtype):
     """The saved buffer as elements of `dtype` (it starts SAVE_ALIGN-aligned: the contract)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
+    if saved.numel() < itemsize:  # (an empty buffer need not be aligned)
+        return torch.empty(0, dtype=dtype, device=saved.device)
     return saved[: saved.numel() // itemsize * itemsize].view(dtype)
 
 

@@ -515,15 +515,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _load(self, state_dict):
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "sharpness"}:
             raise ValueError("load_state_dict expects a dict made by SAM/FSAM.state_dict() (keys 'base', 'sharpness')")
-        own = state_dict["sharpness"]
-        check_optimizer_state("the base optimizer's state", state_dict["base"], self._params,
-                              own.get("base_stateful") if isinstance(own, dict) else None)
-        check_groups_like("the base optimizer's state", state_dict["base"]["param_groups"], self.base_optimizer)
-        self._load_parts(own, lambda: self.base_optimizer.load_state_dict(state_dict["base"]))
+        own, base = state_dict["sharpness"], state_dict["base"]
 
-    def _load_parts(self, extra, load_base):
-        """Check `extra` (the own state), then load_base() and load `extra`: all of it, or nothing
-        changes."""
+        def check_base():
+            check_optimizer_state("the base optimizer's state", base, self._params, own.get("base_stateful"))
+            check_groups_like("the base optimizer's state", base["param_groups"], self.base_optimizer)
+        self._load_parts(own, lambda: self.base_optimizer.load_state_dict(base), check_base)
+
+    def _load_parts(self, extra, load_base, check_base=lambda: None):
+        """Check `extra` (the own state) and, by check_base(), the base optimizer's, then
+        load_base() and load `extra`: all of it, or nothing changes."""
         if self.roles.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         if not isinstance(extra, dict) or extra.get("type") != type(self).__name__:
@@ -535,6 +536,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise ValueError("this state was saved for a different parameter layout (roles, shapes or dtypes differ)")
         _int_at_least("the saved step", extra.get("step"), 0)
         check_counter("the saved skipped count", extra.get("skipped"))
+        check_base()
         self.perturbation.check_state(extra, self.roles)
         before = self._step_count, self._skipped, self.roles.mask_state(), self.perturbation.snapshot()
 

@@ -322,3 +322,36 @@ def test_invalid_fsam_states_are_refused(path, how):
     value = dict(leaves(state))[path]
     got = continue_from("FSAM", apply(state, path, mutate(value, how, 5, path)), w)
     assert isinstance(got, (ValueError, TypeError)), got
+
+
+PAC_TARGETED = [(("pac", "log_stds", 0), "shape"), (("pac", "log_stds", 1), "nan"), (("pac", "prior_log_stds"), "shape"),
+                (("pac", "anchors", 0), "dtype"), (("pac", "step"), "negative"), (("pac", "step"), "float"),
+                (("pac", "seed"), "huge"), (("pac", "skipped"), "negative"), (("pac", "k_table"), "string"),
+                (("pac", "k_table", "values"), "shape"), (("pac", "noise_optimizer", "state", 0, "exp_avg"), "nan"),
+                (("pac", "noise_optimizer", "state", 0, "exp_avg_sq"), "negative"), (("base", "state", 1), "delete"),
+                (("base", "param_groups", 0, "weight_decay"), "nan")]
+
+
+@pytest.mark.parametrize("path,how", PAC_TARGETED, ids=[f"{'.'.join(map(str, p))}-{h}" for p, h in PAC_TARGETED])
+def test_invalid_pac_states_are_refused_and_change_nothing(path, how):
+    from fsam_kernels.pac import KTable
+    table = KTable([math.exp(-6), math.exp(-2)], [0.01, 0.2])
+
+    def pac(seed):
+        m = model(seed)
+        opt = PACTuning(m.named_parameters(), torch.optim.AdamW, num_examples=16, stage1_steps=5, lr=1e-2,
+                        k_table=table)
+        for s in range(2):
+            opt.step(lambda: loss(m, s).backward())
+            opt.zero_grad()
+        return m, opt
+
+    _, saved = pac(0)
+    state = saved.state_dict()
+    mutated = apply(state, path, mutate(dict(leaves(state))[path], how, 3, path))
+    m, opt = pac(1)
+    mine, mine_w = opt.state_dict(), weights(m)
+    with pytest.raises((ValueError, TypeError)):
+        opt.load_state_dict(mutated)
+    assert same(opt.state_dict(), mine) and same(weights(m), mine_w)
+    opt.load_state_dict(state)  # and the valid state still loads

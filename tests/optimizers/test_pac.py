@@ -211,7 +211,7 @@ def test_errors():
     model = Net()
     with pytest.raises(ValueError, match="num_examples must be >= 1"):
         PACTuning(model.parameters(), torch.optim.SGD, num_examples=0, stage1_steps=1, lr=0.1)
-    with pytest.raises(ValueError, match="gamma must be > 0"):
+    with pytest.raises(ValueError, match="gamma must be finite and > 0"):
         PACTuning(model.parameters(), torch.optim.SGD, num_examples=1, stage1_steps=1, gamma=0.0, lr=0.1)
     with pytest.raises(TypeError, match="float64"):
         PACTuning(Net(dtype=torch.float64).parameters(), torch.optim.SGD, num_examples=1, stage1_steps=1, lr=0.1)
