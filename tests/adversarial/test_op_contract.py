@@ -336,3 +336,32 @@ def test_fisher_and_clip_refuse_alike(defect):
             got = outcome(lambda: backends.op("fisher_accumulate_", backend)(fisher, grads, decay, alpha, found, hist))
         assert got == "ValueError", (backend, defect, got)
         assert all(torch.equal(a, b) for a, b in zip(written, before)), (backend, defect)
+
+
+@PROFILE
+@given(st.lists(st.sampled_from([0, 1, 3, CHUNK - 1, CHUNK + 2]), min_size=1, max_size=3),
+       st.sampled_from(DTYPES), st.integers(1, 4), st.integers(-2, 10 ** 9), st.booleans(), st.integers(0, 2 ** 31 - 1))
+def test_topk_k_and_ties(sizes, dtype, distinct, k, absolute, seed):
+    """Scores with few distinct values (ties everywhere), any k: every backend selects the same
+    k entries as the reference (the lowest flat indices among equal scores), or refuses the same k."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randn(distinct, generator=g)
+    scores = [levels[torch.randint(0, distinct, (n,), generator=g)].to(dtype) for n in sizes]
+    total = sum(sizes)
+    k = k if k < 0 else k % (total + 2)  # sometimes one past the end
+    answers = {}
+    for backend in CPU_BACKENDS:
+        copies = [s.clone() for s in scores]
+        try:
+            answers[backend] = ops.topk_mask_packed(copies, k, absolute=absolute, backend=backend)
+        except ValueError:
+            answers[backend] = "ValueError"
+        assert all(torch.equal(a, b) for a, b in zip(copies, scores))
+    ref = answers["reference"]
+    assert (ref == "ValueError") == (not 0 <= k <= total)
+    for backend, got in answers.items():
+        if ref == "ValueError":
+            assert got == "ValueError", backend
+        else:
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), backend
+            assert int(got[1].sum()) == k

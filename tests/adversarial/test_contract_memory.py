@@ -1,0 +1,32 @@
+"""The checks cost O(tensors + chunks) memory (docs/errors.md): checking a perturbation's saved
+runs over a large masked list allocates a bounded scratch, not bytes per element (the former
+check held about 2 bytes per element)."""
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fsam_kernels import _contract, ops
+from fsam_kernels._layout import ChunkLayout
+
+
+def peak_bytes_of_check(numel):
+    params = [torch.randn(numel), torch.randn(1000)]
+    grads = [torch.randn_like(p) for p in params]
+    layout = ChunkLayout(params)
+    bits, counts = layout.pack([torch.rand(p.numel()) < 0.1 for p in params])
+    offsets, saved = ops.save_layout(params, counts)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _contract.check("perturb_", params, grads, bits, offsets, saved, torch.tensor(0.1), False, 0.0,
+                        read_values=True)
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak, layout.total_chunks
+
+
+def test_the_saved_runs_check_does_not_grow_with_the_elements():
+    small, chunks_small = peak_bytes_of_check(1 << 20)
+    large, chunks_large = peak_bytes_of_check(1 << 23)  # 8x the elements: 32 MiB of weights
+    assert large < (3 << 20) + 64 * chunks_large, large  # the 1 MiB popcount block, twice, and per-chunk tables
+    assert large - small < 64 * (chunks_large - chunks_small) + (1 << 20), (small, large)
+    assert large < (1 << 23) * 2 // 4  # a quarter of the former 2 bytes per element, at most
