@@ -210,17 +210,17 @@ def _kind(value):
 
 
 def check_groups_like(name, groups, optimizer):
-    """Saved param groups that `optimizer` can take: the same options, each of the same kind, and
-    values its constructor accepts (torch.optim's checks of lr, betas, eps, ...)."""
+    """Saved param groups that `optimizer` can take: every option it has (more may come, such as
+    an LR scheduler's initial_lr), each of the same kind, and values its constructor accepts
+    (torch.optim's checks of lr, betas, eps, ...)."""
     current = optimizer.param_groups
     if len(groups) != len(current):
         raise ValueError(f"{name} has {len(groups)} param groups, this optimizer {len(current)}")
     options, _ = _keywords(type(optimizer))
     for i, (saved, now) in enumerate(zip(groups, current)):
-        if set(saved) != set(now):
-            raise ValueError(f"{name}: param group {i} has the options {sorted(saved)}, this optimizer's "
-                             f"{sorted(now)}")
-        for key in saved:
+        if not set(now) <= set(saved):
+            raise ValueError(f"{name}: param group {i} lacks {sorted(set(now) - set(saved))}")
+        for key in now:
             if key != "params" and _kind(saved[key]) != _kind(now[key]):
                 raise ValueError(f"{name}: param group {i}'s {key}={saved[key]!r} is not like {now[key]!r}")
         try:

@@ -22,11 +22,13 @@ def loss_of(model, step):
     return model(**{k: v.to(device) for k, v in batch(step).items()}).loss.float()
 
 
-def train(model, opt, steps, start=0):
+def train(model, opt, steps, start=0, loss=None):
+    """`steps` two-pass steps on batches start, start + 1, ... (loss(model, step): loss_of's by default)."""
+    loss = loss or loss_of
     for s in range(start, start + steps):
-        loss_of(model, s).backward()
+        loss(model, s).backward()
         opt.first_step(zero_grad=True)
-        loss_of(model, s).backward()
+        loss(model, s).backward()
         opt.second_step(zero_grad=True)
 
 

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # 
 
 from fsam_kernels import FSAM, SAM, PACTuning  # noqa: E402
 from conftest import all_backends  # noqa: E402
+from models import train as two_pass_steps  # noqa: E402
 
 CPU_BACKENDS = [b for b, d in all_backends() if d == "cpu"]
 KINDS = {"FSAM": dict(sparsity=0.5, mask_interval=2, fisher="ema"), "SAM": {}}
@@ -36,11 +37,7 @@ def make(kind, backend="reference", seed=0):
 
 
 def train(m, opt, steps, start=0):
-    for s in range(start, start + steps):
-        loss(m, s).backward()
-        opt.first_step(zero_grad=True)
-        loss(m, s).backward()
-        opt.second_step(zero_grad=True)
+    two_pass_steps(m, opt, steps, start, loss)
 
 
 def weights(m):
