@@ -30,14 +30,18 @@ def _sumsq_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel,
 @triton.jit
 def _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED: tl.constexpr, ITEMSIZE: tl.constexpr,
                  BLOCK: tl.constexpr):
-    """(lanes saved, their slot in the saved buffer in elements).  Slots past `capacity` (the
-    buffer's size in elements) are dropped: the launcher's caller checked the size, and no
-    input makes the kernel touch memory outside the buffer."""
+    """(lanes saved, their slot in the saved buffer in elements).  A chunk whose run would not lie
+    inside `saved` (`capacity` elements) keeps no lane, so that its weights stay as they are and
+    restore stays exact: the kernels' own bound on a GPU, where the raw op does not read the
+    offsets on the host (the CUDA kernels skip such a chunk alike)."""
     if MASKED:
         lanes = lanes & mask_lanes(bits, chunk, BLOCK)
+    start = tl.load(save_offsets + chunk)
+    count = tl.sum(lanes.to(tl.int32), 0).to(tl.int64)
+    fits = (start >= 0) & (start % ITEMSIZE == 0) & (start // ITEMSIZE + count <= capacity)
+    lanes = only_if(lanes, fits)
     rank = tl.cumsum(lanes.to(tl.int32), 0) - 1  # within a chunk: fits int32
-    slot = tl.load(save_offsets + chunk) // ITEMSIZE + rank.to(tl.int64)
-    return lanes & (slot >= 0) & (slot < capacity), slot
+    return lanes, start // ITEMSIZE + rank.to(tl.int64)
 
 
 @triton.jit(do_not_specialize=["capacity"])  # one compiled variant whatever the size

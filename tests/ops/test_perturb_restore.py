@@ -223,3 +223,24 @@ def test_kernels_never_write_past_saved(backend, device):
         assert "saved" in str(e)
         assert bool((guarded == POISON).all())  # refused: nothing written at all
     assert bool((guarded[saved.numel() - 64:] == POISON).all())
+
+
+def test_triton_kernels_skip_a_run_that_does_not_fit():
+    """The Triton kernels' own bound (what a GPU raw call relies on): past the contract, a chunk
+    whose saved run would leave `saved` is skipped whole (weights untouched, nothing saved), the
+    others are perturbed, and the restore is exact; as the CUDA kernels do."""
+    from fsam_kernels import backends
+    if "triton" not in backends.available_backends():
+        pytest.skip("Triton is not available")
+    from fsam_kernels.triton_kernels import perturb as kernels
+    params, grads, bits, offsets, saved = setup("one_odd", torch.float32, "cpu", False, 11, missing_grad=False)
+    original = [p.clone() for p in params]
+    guarded = torch.full((saved.numel() + 256,), POISON, dtype=torch.uint8)
+    short = guarded[:int(offsets[-1]) + 4]  # the last chunk's run (3 values) no longer fits
+    kernels.perturb_(params, grads, bits, offsets, short, torch.tensor(0.3), False, 0.0)
+    p, o = params[0], original[0]
+    assert torch.equal(p[4096:], o[4096:])  # the last chunk: untouched
+    assert not torch.equal(p[:4096], o[:4096])  # the first: perturbed
+    assert bool((guarded[int(offsets[-1]):] == POISON).all())
+    kernels.restore_(params, bits, offsets, short)
+    assert torch.equal(params[0], original[0])
