@@ -15,8 +15,8 @@ import inspect
 import torch
 
 from ._checks import check_number
-from ._layout import CHUNK, CHUNK_BYTES, FIRST_HIST_SIZE, RADIX_HIST_SIZES, RADIX_STATE_SIZE, SAVE_ALIGN, \
-    chunk_popcounts, num_chunks, total_chunks
+from ._layout import CHUNK_BYTES, FIRST_HIST_SIZE, RADIX_HIST_SIZES, RADIX_STATE_SIZE, SAVE_ALIGN, chunk_popcounts, \
+    chunk_sizes, num_chunks, total_chunks
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -126,11 +126,7 @@ def saved_entries(tensors, mask_bits):
     without a mask)."""
     if mask_bits is not None:
         return chunk_popcounts(mask_bits)
-    counts = []
-    for t in tensors:
-        n = t.numel()
-        counts += [CHUNK] * (n // CHUNK) + ([n % CHUNK] if n % CHUNK else [])
-    return torch.tensor(counts, dtype=torch.int64)
+    return chunk_sizes([t.numel() for t in tensors]).to(torch.int64)
 
 
 def check_saved_runs(tensors, mask_bits, save_offsets, saved):

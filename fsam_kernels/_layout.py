@@ -54,6 +54,17 @@ def chunk_popcounts(bits):
                      or [torch.zeros(0, dtype=torch.int64, device=bits.device)])
 
 
+def chunk_sizes(numels):
+    """Per chunk of a list of tensors of these element counts (int32, on the CPU): its elements."""
+    counts = torch.full((sum(num_chunks(n) for n in numels),), CHUNK, dtype=torch.int32)
+    last = 0
+    for n in numels:
+        last += num_chunks(n)
+        if n:
+            counts[last - 1] = n - CHUNK * (num_chunks(n) - 1)
+    return counts
+
+
 def total_chunks(tensors):
     """Chunks of a whole list (every tensor's, whatever its dtype)."""
     return sum(num_chunks(t.numel()) for t in tensors)
@@ -86,11 +97,7 @@ class ChunkLayout:
 
     def full_counts(self):
         """Per-chunk element counts: the popcounts of an all-ones mask."""
-        counts = torch.full((self.total_chunks,), CHUNK, dtype=torch.int32)
-        for n, first, c in zip(self.numels, self.first_chunk, self.chunks):
-            if c:
-                counts[first + c - 1] = n - CHUNK * (c - 1)
-        return counts.to(self.device)
+        return chunk_sizes(self.numels).to(self.device)
 
     def tensor_sums(self, per_chunk):
         """Per tensor: the sum of an int64 per-chunk quantity over the tensor's chunks."""

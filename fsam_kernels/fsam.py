@@ -12,7 +12,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from . import backends, ops, radix_topk
-from ._checks import check_number
+from ._checks import check_int, check_number
 from .params import pool_predicate
 from .roles import SUMSQ_ALL, gradients_of
 from .sam import SharpnessScale
@@ -131,9 +131,7 @@ class FisherMask(SharpnessScale):
         bit past its tensor's end and (unsharded) exactly k set, and a finite, non-negative Fisher
         estimate shaped like the pool."""
         for key in ("steps_since_mask", "samples"):
-            value = state.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"the saved {key} must be an int >= 0, got {value!r}")
+            check_int(f"the saved {key}", state.get(key), 0)
         if state.get("k") != self.k:
             raise ValueError(f"this state selects k={state.get('k')!r} entries, this optimizer {self.k}: it was saved "
                              "with another sparsity or pool")

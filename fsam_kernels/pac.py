@@ -524,8 +524,7 @@ class PACTuning(torch.optim.Optimizer):
         if pac.get("seed") != self.seed:
             raise ValueError(f"this state was saved with seed {pac.get('seed')!r}, this optimizer has seed {self.seed}")
         step = pac.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"the saved step must be an int >= 0, got {step!r}")
+        check_int("the saved step", step, 0)
         check_counter("the saved skipped count", pac.get("skipped"))
         check_base()
         self._check_tensors("log_stds", pac.get("log_stds"), self.log_stds, same_dtype=False)

@@ -19,6 +19,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from . import backends
+from ._checks import check_int
 from ._contract import FLOAT_DTYPES, check_disjoint
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, ParamRoles
@@ -177,11 +178,6 @@ def load_with_hooks(optimizer, state, load):
 _PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum", "square_avg", "grad_avg",
                  "acc_delta", "exp_inf", "ax", "prev", "step_size")
 _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta", "exp_inf")
-
-
-def _int_at_least(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def check_counter(name, value):
@@ -534,7 +530,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if not isinstance(layout, list) or \
                 ParamRoles.current_names(layout) != self.roles.signature(self._params):
             raise ValueError("this state was saved for a different parameter layout (roles, shapes or dtypes differ)")
-        _int_at_least("the saved step", extra.get("step"), 0)
+        check_int("the saved step", extra.get("step"), 0)
         check_counter("the saved skipped count", extra.get("skipped"))
         check_base()
         self.perturbation.check_state(extra, self.roles)

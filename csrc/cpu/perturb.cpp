@@ -22,7 +22,6 @@ struct Inputs {
   at::TensorList params;
   std::vector<std::optional<at::Tensor>> grads;
   std::vector<Chunk> chunks;
-  std::optional<at::Tensor> mask;
   const uint8_t* bits = nullptr;
 
   const uint8_t* chunk_bits(const Chunk& c) const { return bits ? bits + c.index * kChunkBytes : nullptr; }
@@ -35,27 +34,9 @@ Inputs check_inputs(const char* op, at::TensorList params, const OptTensors& gra
   Inputs in{params, {grads.begin(), grads.end()}, chunk_table(params)};
   if (mask_bits.has_value()) {
     check_buffer(*mask_bits, at::kByte, static_cast<int64_t>(in.chunks.size()) * kChunkBytes, kCPU, op, "mask_bits");
-    in.mask = mask_bits;
     in.bits = mask_bits->const_data_ptr<uint8_t>();
   }
   return in;
-}
-
-// The save buffers, scale, their runs (check_saved_runs) and that nothing written overlaps anything else.
-void check_saved(const char* op, const Inputs& in, const OptTensors& grads, const at::Tensor& save_offsets,
-                 const at::Tensor& saved, const std::optional<at::Tensor>& scale = std::nullopt) {
-  check_buffer(save_offsets, at::kLong, static_cast<int64_t>(in.chunks.size()), kCPU, op, "save_offsets");
-  check_buffer(saved, at::kByte, -1, kCPU, op, "saved");
-  if (scale.has_value()) check_buffer(scale->reshape({-1}), at::kFloat, 1, kCPU, op, "scale");
-  Ranges ranges;
-  ranges.add(in.params, "params", true);
-  ranges.add(saved, "saved", -1, true);
-  ranges.add(grads, "grads", false);
-  ranges.add(save_offsets, "save_offsets", -1, false);
-  ranges.add(in.mask, "mask_bits", false);
-  if (scale.has_value()) ranges.add(*scale, "scale", -1, false);
-  ranges.check(op);
-  check_saved_runs(op, in.params, in.bits, save_offsets, saved);
 }
 
 at::Tensor grad_sumsq_cpu(at::TensorList params, const OptTensors& grads,
@@ -108,7 +89,7 @@ void perturb_cpu(at::TensorList params, const OptTensors& grads, const std::opti
                         bool adaptive, double eta) {
   const char* op = "perturb_";
   const Inputs in = check_inputs(op, params, grads, mask_bits);
-  check_saved(op, in, grads, save_offsets, saved, scale);
+  check_perturb_saving(op, params, grads, mask_bits, save_offsets, saved, scale, kCPU);
   check_scalar(eta, 0.0, op, "eta");
   // scale == 0 (rho = 0, or a non-finite norm) leaves the weights untouched; restore stays exact.
   const float s = scale.item<float>();
@@ -136,7 +117,7 @@ void restore_cpu(at::TensorList params, const std::optional<at::Tensor>& mask_bi
   const char* op = "restore_";
   const OptTensors none(std::vector<std::optional<at::Tensor>>(params.size()));
   const Inputs in = check_inputs(op, params, none, mask_bits);
-  check_saved(op, in, none, save_offsets, saved);
+  check_perturb_saving(op, params, none, mask_bits, save_offsets, saved, std::nullopt, kCPU);
   const int64_t* offsets = save_offsets.const_data_ptr<int64_t>();
   const uint8_t* store = saved.const_data_ptr<uint8_t>();
   parallel_chunks(in.chunks, [&](const Chunk& c) {

@@ -121,7 +121,6 @@ struct Inputs {
   std::vector<at::ScalarType> dtypes;
   std::array<std::vector<const void*>, kRoles> data;
   c10::Device device;
-  std::optional<at::Tensor> mask;
   const uint8_t* bits = nullptr;
 
   // The device is the parameters' (`fallback` for an empty list).
@@ -135,27 +134,8 @@ struct Inputs {
     check_grads(params, grads, device, op, "params", /*same_dtype=*/true);
     if (mask_bits.has_value()) {
       check_buffer(*mask_bits, at::kByte, list.total * kChunkBytes, device, op, "mask_bits");
-      mask = mask_bits;
       bits = mask_bits->const_data_ptr<uint8_t>();
     }
-  }
-
-  // The save buffers and scale; nothing written overlaps anything else; the saved runs where the
-  // host can read them (the emulator's CPU tensors: on a GPU the kernels bound each run).
-  void check_saved(const char* op, at::TensorList params, const OptTensors& grads, const at::Tensor& save_offsets,
-                   const at::Tensor& saved, const std::optional<at::Tensor>& scale = std::nullopt) const {
-    check_buffer(save_offsets, at::kLong, list.total, device, op, "save_offsets");
-    check_buffer(saved, at::kByte, -1, device, op, "saved");
-    if (scale.has_value()) check_buffer(scale->reshape({-1}), at::kFloat, 1, device, op, "scale");
-    Ranges ranges;
-    ranges.add(params, "params", true);
-    ranges.add(saved, "saved", -1, true);
-    ranges.add(grads, "grads", false);
-    ranges.add(save_offsets, "save_offsets", -1, false);
-    ranges.add(mask, "mask_bits", false);
-    ranges.add(scale, "scale", false);
-    ranges.check(op);
-    if (device.is_cpu()) check_saved_runs(op, params, bits, save_offsets, saved);
   }
 
   // Calls f(scalar_t tag, table, grid) per dtype group, on the current stream of the device.
@@ -194,7 +174,7 @@ void perturb_cuda(at::TensorList params, const OptTensors& grads, const std::opt
                   double eta) {
   const char* op = "perturb_";
   const Inputs in(op, params, grads, mask_bits, save_offsets.device());
-  in.check_saved(op, params, grads, save_offsets, saved, scale);
+  check_perturb_saving(op, params, grads, mask_bits, save_offsets, saved, scale, in.device);
   check_scalar(eta, 0.0, op, "eta");
   const float e = static_cast<float>(eta);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
@@ -213,7 +193,7 @@ void restore_cuda(at::TensorList params, const std::optional<at::Tensor>& mask_b
   const char* op = "restore_";
   const OptTensors none(std::vector<std::optional<at::Tensor>>(params.size()));
   const Inputs in(op, params, none, mask_bits, save_offsets.device());
-  in.check_saved(op, params, none, save_offsets, saved);
+  check_perturb_saving(op, params, none, mask_bits, save_offsets, saved, std::nullopt, in.device);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
     with_bool(in.bits != nullptr, [&](auto m) {
       launch<restore_kernel<decltype(value), decltype(m)::value>>(grid, current_stream(), t, in.bits,

@@ -219,4 +219,42 @@ inline void check_saved_runs(const char* op, at::TensorList tensors, const uint8
   }
 }
 
+// The buffers of a perturbation or a restore of `params` (checked already) and of every op that
+// shares its layout (perturb_, restore_, pac_perturb_, pac_restore_): mask_bits (optional),
+// save_offsets and saved; params and saved written apart from everything, `reads` holding the
+// op's other inputs; the saved runs where the host can read them (CPU tensors: on a GPU the
+// kernels bound each run).
+inline void check_saving(const char* op, at::TensorList params, const std::optional<at::Tensor>& mask_bits,
+                         const at::Tensor& save_offsets, const at::Tensor& saved, const c10::Device& device,
+                         Ranges reads) {
+  int64_t chunks = 0;
+  for (const at::Tensor& p : params) chunks += num_chunks(p.numel());
+  if (mask_bits.has_value()) check_buffer(*mask_bits, at::kByte, chunks * kChunkBytes, device, op, "mask_bits");
+  check_buffer(save_offsets, at::kLong, chunks, device, op, "save_offsets");
+  check_buffer(saved, at::kByte, -1, device, op, "saved");
+  reads.add(params, "params", true);
+  reads.add(saved, "saved", -1, true);
+  reads.add(mask_bits, "mask_bits", false);
+  reads.add(save_offsets, "save_offsets", -1, false);
+  reads.check(op);
+  if (device.is_cpu()) {
+    check_saved_runs(op, params, mask_bits.has_value() ? mask_bits->const_data_ptr<uint8_t>() : nullptr, save_offsets,
+                     saved);
+  }
+}
+
+// perturb_'s and restore_'s buffers (check_saving), the gradients and perturb_'s scale read beside them.
+inline void check_perturb_saving(const char* op, at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                                 const std::optional<at::Tensor>& mask_bits, const at::Tensor& save_offsets,
+                                 const at::Tensor& saved, const std::optional<at::Tensor>& scale,
+                                 const c10::Device& device) {
+  Ranges reads;
+  reads.add(grads, "grads", false);
+  if (scale.has_value()) {
+    check_buffer(scale->reshape({-1}), at::kFloat, 1, device, op, "scale");
+    reads.add(*scale, "scale", -1, false);
+  }
+  check_saving(op, params, mask_bits, save_offsets, saved, device, reads);
+}
+
 }  // namespace fsam

@@ -30,25 +30,13 @@ inline void check_pac_noise(at::TensorList params, at::TensorList log_stds, at::
   TORCH_CHECK_VALUE(max_noise > 0, op, ": max_noise must be > 0");
 }
 
-// The buffers of a perturbation or restore of `params`: nothing written overlaps anything else,
-// and, where the host can read them (CPU tensors), the saved runs (check_saved_runs); on a GPU the
-// kernels bound each run themselves.
+// The buffers of a perturbation or restore of `params` (check_saving), log_stds read beside them.
 inline void check_pac_saving(at::TensorList params, at::TensorList log_stds, const at::Tensor& mask_bits,
                              const at::Tensor& save_offsets, const at::Tensor& saved, const c10::Device& device,
                              const char* op) {
-  int64_t chunks = 0;
-  for (const at::Tensor& p : params) chunks += num_chunks(p.numel());
-  check_buffer(mask_bits, at::kByte, chunks * kChunkBytes, device, op, "mask_bits");
-  check_buffer(save_offsets, at::kLong, chunks, device, op, "save_offsets");
-  check_buffer(saved, at::kByte, -1, device, op, "saved");
-  Ranges ranges;
-  ranges.add(params, "params", true);
-  ranges.add(saved, "saved", -1, true);
-  ranges.add(log_stds, "log_stds", false);
-  ranges.add(mask_bits, "mask_bits", -1, false);
-  ranges.add(save_offsets, "save_offsets", -1, false);
-  ranges.check(op);
-  if (device.is_cpu()) check_saved_runs(op, params, mask_bits.const_data_ptr<uint8_t>(), save_offsets, saved);
+  Ranges reads;
+  reads.add(log_stds, "log_stds", false);
+  check_saving(op, params, mask_bits, save_offsets, saved, device, reads);
 }
 
 // The stage-1 pass's lists: grads and log_std_grads both one per parameter or both empty, anchors
