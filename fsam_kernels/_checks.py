@@ -20,3 +20,14 @@ def check_int(name, value, low, high=None):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low or (high is not None and value >= high):
         raise ValueError(f"{name} must be >= {low}{'' if high is None else f' and < {high}'}, got {value}")
+
+
+def check_not_skipped(skipped):
+    """After a sync: raise if an op given the optimizer's `status` skipped its perturbation or
+    restore, whose saved layout the device refused (fsam_kernels/_schemas.py).  The optimizers
+    build their layouts themselves, so only a change to their buffers from outside can do this;
+    the weights were left as they were."""
+    if skipped:
+        raise RuntimeError("a perturbation was skipped: the device refused its saved layout (the optimizer's "
+                           "save_offsets, mask or saved buffer were changed from outside); the weights were left "
+                           "unperturbed since")

@@ -6,9 +6,9 @@ O(tensors + chunks), and raises TypeError for a wrong type or dtype and ValueErr
 else, naming the argument (docs/errors.md).
 
 The saved runs of a perturbation (check_saved_runs) depend on the mask's and the offsets' values:
-they are read on the host, which is free for CPU tensors; for GPU tensors only the public entry
-points read them (one sync), and the raw ops leave each run's bound to the kernels, which never
-touch memory outside `saved`.
+a call without `status` reads them on the host (for GPU tensors, one sync); a call with `status`
+leaves them to its backend, which checks them without a sync and writes nothing when they are bad
+(fsam_kernels/_schemas.py).
 """
 import inspect
 
@@ -129,15 +129,13 @@ def saved_entries(tensors, mask_bits):
     return chunk_sizes([t.numel() for t in tensors]).to(torch.int64)
 
 
-def check_saved_runs(tensors, mask_bits, save_offsets, saved):
-    """Chunk c of `tensors` saves saved_entries(c) values of its tensor's dtype from byte
-    save_offsets[c] of `saved`: each run starts aligned, at or after the previous run's end (chunk
-    order, no overlap) and ends inside `saved`, every end computed without overflow; `saved`
-    starts on a SAVE_ALIGN-byte boundary.  Reads the offsets and the mask (one sync on a GPU)."""
-    if saved.numel() and saved.data_ptr() % SAVE_ALIGN:  # (an empty tensor's data_ptr() is 0)
-        raise ValueError(f"saved must start on a {SAVE_ALIGN}-byte boundary")
+def saved_runs_error(tensors, mask_bits, save_offsets, saved):
+    """What is wrong with the saved runs, or None: chunk c of `tensors` saves saved_entries(c)
+    values of its tensor's dtype from byte save_offsets[c] of `saved`; each run starts aligned, at
+    or after the previous run's end (chunk order, no overlap) and ends inside `saved`, every end
+    computed without overflow.  Reads the offsets and the mask (one sync on a GPU)."""
     if not save_offsets.numel():
-        return
+        return None
     sizes = torch.repeat_interleave(torch.tensor([t.element_size() for t in tensors], dtype=torch.int64),
                                     torch.tensor([num_chunks(t.numel()) for t in tensors], dtype=torch.int64))
     entries, offsets = torch.stack([saved_entries(tensors, mask_bits).to(save_offsets.device), save_offsets]).cpu()
@@ -148,28 +146,49 @@ def check_saved_runs(tensors, mask_bits, save_offsets, saved):
     misplaced = (offsets < previous) | (offsets % sizes != 0)
     outside = (offsets > capacity) | (nbytes > capacity - offsets)
     bad = misplaced | outside
-    if bad.any():
-        c = int(bad.nonzero()[0])
-        if misplaced[c]:
-            raise ValueError(f"save_offsets[{c}] = {int(offsets[c])} must be a multiple of {int(sizes[c])} at or "
-                             f"after the end of the previous run ({int(previous[c])}): runs lie in chunk order "
-                             "without overlap")
-        raise ValueError(f"saved has {capacity} bytes but the run of chunk {c} ({int(entries[c])} values from byte "
-                         f"{int(offsets[c])}) ends past it: size it with save_layout(params, chunk_counts)")
+    if not bad.any():
+        return None
+    c = int(bad.nonzero()[0])
+    if misplaced[c]:
+        return (f"save_offsets[{c}] = {int(offsets[c])} must be a multiple of {int(sizes[c])} at or after the end "
+                f"of the previous run ({int(previous[c])}): runs lie in chunk order without overlap")
+    return (f"saved has {capacity} bytes but the run of chunk {c} ({int(entries[c])} values from byte "
+            f"{int(offsets[c])}) ends past it: size it with save_layout(params, chunk_counts)")
 
 
-def check_saving(params, grads, mask_bits, save_offsets, saved, device, *, read_values, extra_read=()):
+def check_saved_runs(tensors, mask_bits, save_offsets, saved):
+    error = saved_runs_error(tensors, mask_bits, save_offsets, saved)
+    if error:
+        raise ValueError(error)
+
+
+def host_runs_pass(tensors, mask_bits, save_offsets, saved, status):
+    """Whether a call writes, its saved runs read on the host (the reference backend): without
+    `status` they passed the contract already; with it the call writes nothing when status is
+    non-zero or the runs are bad, which then sets it to 1."""
+    if status is None:
+        return True
+    if not status.item() and saved_runs_error(tensors, mask_bits, save_offsets, saved):
+        status.fill_(1)
+    return not status.item()
+
+
+def check_saving(params, grads, mask_bits, save_offsets, saved, status, device, *, extra_read=()):
     """The buffers of a perturbation or a restore of `params` (checked floats, contiguous):
-    mask_bits, save_offsets and saved, nothing written overlapping anything, and the saved runs
-    where `read_values` (always for CPU tensors)."""
+    mask_bits, save_offsets, saved (starting SAVE_ALIGN-aligned) and status, nothing written
+    overlapping anything, and, without `status`, the saved runs."""
     chunks = total_chunks(params)
     if mask_bits is not None:
         check_buffer("mask_bits", mask_bits, torch.uint8, chunks * CHUNK_BYTES, device)
     check_buffer("save_offsets", save_offsets, torch.int64, chunks, device)
     check_buffer("saved", saved, torch.uint8, None, device)
-    check_disjoint([("params", params), ("saved", saved)],
+    if status is not None:
+        check_buffer("status", status, torch.int32, 1, device)
+    if saved.numel() and saved.data_ptr() % SAVE_ALIGN:  # (an empty tensor's data_ptr() is 0)
+        raise ValueError(f"saved must start on a {SAVE_ALIGN}-byte boundary")
+    check_disjoint([("params", params), ("saved", saved), ("status", status)],
                    [("grads", grads), ("mask_bits", mask_bits), ("save_offsets", save_offsets), *extra_read])
-    if read_values or device.type == "cpu":
+    if status is None:
         check_saved_runs(params, mask_bits, save_offsets, saved)
 
 
@@ -194,7 +213,7 @@ def check_scale(scale, device):
 
 # Each op's raw arguments, in the order of its schema (fsam_kernels/_schemas.py).
 
-def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=None, *, read_values=False):
+def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=None):
     fisher = tensor_list("fisher", fisher)
     grads = tensor_list("grads", grads, optional=True)
     check_floats("fisher", fisher, (torch.float32,))
@@ -232,25 +251,25 @@ def _radix(scores, state, hist=None, digit=None, candidates=None, written=()):
     return scores, device
 
 
-def radix_histogram_(scores, state, digit, absolute, hist, candidates=None, *, read_values=False):
+def radix_histogram_(scores, state, digit, absolute, hist, candidates=None):
     _radix(scores, state, hist, digit, candidates, written=("state", "hist", "candidates"))
 
 
-def radix_select_(state, hist, digit, *, read_values=False):
+def radix_select_(state, hist, digit):
     _radix([], state, hist, digit, written=("state",))
 
 
-def radix_tie_counts(scores, state, absolute, candidates=None, *, read_values=False):
+def radix_tie_counts(scores, state, absolute, candidates=None):
     _radix(scores, state, candidates=candidates)
 
 
-def radix_mask(scores, state, ties, ties_before, absolute, *, read_values=False):
+def radix_mask(scores, state, ties, ties_before, absolute):
     scores, device = _radix(scores, state)
     for name, t in (("ties", ties), ("ties_before", ties_before)):
         check_buffer(name, t, torch.int64, total_chunks(scores), device)
 
 
-def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0, *, read_values=False):
+def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
     params, grads = _params(params, grads)
     device = device_of(params=params, grads=grads)
     if mask_bits is not None:
@@ -258,28 +277,27 @@ def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0, *, read_v
     check_number("eta", eta, 0)
 
 
-def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0, *, read_values=False):
+def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0, status=None):
     params, grads = _params(params, grads)
     device = device_of(params=params, grads=grads)
     check_scale(scale, device)
     check_number("eta", eta, 0)
-    check_saving(params, grads, mask_bits, save_offsets, saved, device, read_values=read_values,
-                 extra_read=[("scale", scale)])
+    check_saving(params, grads, mask_bits, save_offsets, saved, status, device, extra_read=[("scale", scale)])
 
 
-def restore_(params, mask_bits, save_offsets, saved, *, read_values=False):
+def restore_(params, mask_bits, save_offsets, saved, status=None):
     params, _ = _params(params)
-    check_saving(params, None, mask_bits, save_offsets, saved, device_of(params=params), read_values=read_values)
+    check_saving(params, None, mask_bits, save_offsets, saved, status, device_of(params=params))
 
 
-def tensor_sumsq(tensors, *, read_values=False):
+def tensor_sumsq(tensors):
     tensors = tensor_list("tensors", tensors)
     check_floats("tensors", tensors)
     check_contiguous("tensors", tensors)
     device_of(tensors=tensors)
 
 
-def clip_scale_(tensors, norms, max_norm, eps, *, read_values=False):
+def clip_scale_(tensors, norms, max_norm, eps):
     tensors = tensor_list("tensors", tensors)
     check_floats("tensors", tensors)
     check_contiguous("tensors", tensors)
@@ -314,23 +332,22 @@ def pac_noise(params, log_stds, bases, seed, step, max_noise, *, per_element=Fal
     return params, log_stds, device
 
 
-def pac_noise_mask(params, log_stds, bases, seed, step, max_noise, *, read_values=False):
+def pac_noise_mask(params, log_stds, bases, seed, step, max_noise):
     pac_noise(params, log_stds, bases, seed, step, max_noise)
 
 
-def _pac_shift(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, *, read_values=False):
+def _pac_shift(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None):
     params, log_stds, device = pac_noise(params, log_stds, bases, seed, step, max_noise)
     if mask_bits is None:
         raise ValueError("mask_bits is required: pac_noise_mask gives it")
-    check_saving(params, None, mask_bits, save_offsets, saved, device, read_values=read_values,
-                 extra_read=[("log_stds", log_stds)])
+    check_saving(params, None, mask_bits, save_offsets, saved, status, device, extra_read=[("log_stds", log_stds)])
 
 
 pac_perturb_ = pac_restore_ = _pac_shift
 
 
 def pac_bound_grads_(params, grads, log_stds, log_std_grads, anchors, prior_log_stds, bases, seed, step, max_noise,
-                     coef, *, read_values=False):
+                     coef):
     params, log_stds, device = pac_noise(params, log_stds, bases, seed, step, max_noise, per_element=True)
     grads = tensor_list("grads", grads)
     log_std_grads = tensor_list("log_std_grads", log_std_grads)
@@ -354,9 +371,9 @@ def pac_bound_grads_(params, grads, log_stds, log_std_grads, anchors, prior_log_
                     ("log_stds", log_stds)])
 
 
-def check(name, *args, read_values=False):
+def check(name, *args):
     """Check op `name`'s raw arguments (positional, in its schema's order)."""
-    globals()[name](*args, read_values=read_values)
+    globals()[name](*args)
 
 
 def checked(name, impl):

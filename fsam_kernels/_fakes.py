@@ -32,11 +32,11 @@ def register_fakes(namespace):
         return torch.empty(2, dtype=torch.float32, device=params[0].device)
 
     @torch.library.register_fake(f"{namespace}::perturb_")
-    def _(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
+    def _(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0, status=None):
         return None
 
     @torch.library.register_fake(f"{namespace}::restore_")
-    def _(params, mask_bits, save_offsets, saved):
+    def _(params, mask_bits, save_offsets, saved, status=None):
         return None
 
     @torch.library.register_fake(f"{namespace}::tensor_sumsq")
@@ -54,11 +54,11 @@ def register_fakes(namespace):
                 torch.empty(total_chunks(params), dtype=torch.int32, device=device))
 
     @torch.library.register_fake(f"{namespace}::pac_perturb_")
-    def _(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
+    def _(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None):
         return None
 
     @torch.library.register_fake(f"{namespace}::pac_restore_")
-    def _(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
+    def _(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None):
         return None
 
     @torch.library.register_fake(f"{namespace}::pac_bound_grads_")

@@ -25,7 +25,15 @@ of the marked entries as perturb_ does; pac_restore_ subtracts it and writes the
 pac_bound_grads_ (after restore): log_std_grads[i] <- g eps e^p + (e^(2p - 2b_i) - 1) coef and
 g += e^(-2b_i) (w - anchor) coef (b = prior_log_stds, fp32 [T]), and returns float64 [4, T]: per
 tensor the sums of e^(2p), (w - anchor)^2, g^2 (before the addition) and p; with empty grads and
-log_std_grads only the sums (g^2: 0)."""
+log_std_grads only the sums (g^2: 0).
+
+The saved runs of perturb_, restore_, pac_perturb_ and pac_restore_ depend on the offsets' and the
+mask's values.  Without `status` they are checked before anything is written and a bad layout is
+refused (ValueError; on a GPU this reads one flag: a host sync).  With `status`, an int32 [1]
+tensor on the device, they are checked on the device without a sync: when status is non-zero on
+entry, or the layout is bad (which sets it to 1), the op writes nothing.  A perturbation and its
+restore given the same status are so both done or both skipped; the caller reads status when it
+syncs anyway."""
 import torch
 
 SCHEMAS = {
@@ -39,16 +47,17 @@ SCHEMAS = {
                   "-> (Tensor mask_bits, Tensor chunk_counts)",
     "grad_sumsq": "(Tensor[] params, Tensor?[] grads, Tensor? mask_bits, bool adaptive=False, float eta=0.0) -> Tensor",
     "perturb_": "(Tensor(a!)[] params, Tensor?[] grads, Tensor? mask_bits, Tensor save_offsets, "
-                       "Tensor(b!) saved, Tensor scale, bool adaptive=False, float eta=0.0) -> ()",
-    "restore_": "(Tensor(a!)[] params, Tensor? mask_bits, Tensor save_offsets, Tensor saved) -> ()",
+                       "Tensor(b!) saved, Tensor scale, bool adaptive=False, float eta=0.0, Tensor(c!)? status=None) -> ()",
+    "restore_": "(Tensor(a!)[] params, Tensor? mask_bits, Tensor save_offsets, Tensor saved, "
+                "Tensor(c!)? status=None) -> ()",
     "tensor_sumsq": "(Tensor[] tensors) -> Tensor",
     "clip_scale_": "(Tensor(a!)[] tensors, Tensor norms, float max_norm, float eps) -> ()",
     "pac_noise_mask": "(Tensor[] params, Tensor[] log_stds, int[] bases, int seed, int step, float max_noise) "
                       "-> (Tensor mask_bits, Tensor chunk_counts)",
     "pac_perturb_": "(Tensor(a!)[] params, Tensor[] log_stds, int[] bases, int seed, int step, float max_noise, "
-                    "Tensor mask_bits, Tensor save_offsets, Tensor(b!) saved) -> ()",
+                    "Tensor mask_bits, Tensor save_offsets, Tensor(b!) saved, Tensor(c!)? status=None) -> ()",
     "pac_restore_": "(Tensor(a!)[] params, Tensor[] log_stds, int[] bases, int seed, int step, float max_noise, "
-                    "Tensor mask_bits, Tensor save_offsets, Tensor saved) -> ()",
+                    "Tensor mask_bits, Tensor save_offsets, Tensor saved, Tensor(c!)? status=None) -> ()",
     "pac_bound_grads_": "(Tensor[] params, Tensor(a!)[] grads, Tensor[] log_stds, Tensor(b!)[] log_std_grads, "
                         "Tensor[] anchors, Tensor prior_log_stds, int[] bases, int seed, int step, float max_noise, "
                         "float coef) -> Tensor",

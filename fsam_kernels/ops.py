@@ -112,27 +112,32 @@ def _contiguous(grads):
 
 def perturb(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], scale: torch.Tensor, *,
             save_offsets: torch.Tensor, saved: torch.Tensor, mask_bits: Optional[torch.Tensor] = None,
-            adaptive: bool = False, eta: float = 0.0, backend: Optional[str] = None) -> None:
+            adaptive: bool = False, eta: float = 0.0, status: Optional[torch.Tensor] = None,
+            backend: Optional[str] = None) -> None:
     """In place: w <- w + scale * m * T^2 g for every masked entry (every entry without a mask),
     after saving its original value at save_offsets into `saved`.  `scale` is a one-element
-    fp32 tensor on the device; 0 leaves the weights untouched (they are still saved)."""
+    fp32 tensor on the device; 0 leaves the weights untouched (they are still saved).
+    status: None, the saved layout is checked first and a bad one refused (ValueError; on a GPU
+    one host sync); or an int32 [1] tensor on the device, the layout checked there without a
+    sync: nothing is written when status is non-zero or the layout is bad (which sets it to 1)."""
     params = _tensor_list("params", params)
     grads = _contiguous(_tensor_list("grads", grads, optional=True))
     if isinstance(scale, torch.Tensor):
         scale = scale.reshape(())
-    _contract.check("perturb_", params, grads, mask_bits, save_offsets, saved, scale, adaptive, eta,
-                    read_values=True)
-    args = (params, grads, mask_bits, save_offsets, saved, scale, bool(adaptive), float(eta))
+    _contract.check("perturb_", params, grads, mask_bits, save_offsets, saved, scale, adaptive, eta, status)
+    args = (params, grads, mask_bits, save_offsets, saved, scale, bool(adaptive), float(eta), status)
     if params:
         backends.op("perturb_", backends.resolve(backend, _device_of(params=params)))(*args)
 
 
 def restore(params: Sequence[torch.Tensor], *, save_offsets: torch.Tensor, saved: torch.Tensor,
-            mask_bits: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
-    """In place: write back the originals that perturb saved (bit-exact)."""
+            mask_bits: Optional[torch.Tensor] = None, status: Optional[torch.Tensor] = None,
+            backend: Optional[str] = None) -> None:
+    """In place: write back the originals that perturb saved (bit-exact).  status: as perturb's
+    (given the same one, a skipped perturb's restore is skipped too)."""
     params = _tensor_list("params", params)
-    args = (params, mask_bits, save_offsets, saved)
-    _contract.check("restore_", *args, read_values=True)
+    args = (params, mask_bits, save_offsets, saved, status)
+    _contract.check("restore_", *args)
     if params:
         backends.op("restore_", backends.resolve(backend, _device_of(params=params)))(*args)
 
@@ -176,12 +181,12 @@ def pac_noise_mask(params: Sequence[torch.Tensor], log_stds: Sequence[torch.Tens
     return backends.op("pac_noise_mask", backends.resolve(backend, device))(*args)
 
 
-def _pac_shift(op, params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, backend):
+def _pac_shift(op, params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, status, backend):
     params = _tensor_list("params", params)
     bases = counter_bases(params) if bases is None else list(bases)
     args = (params, [s.contiguous() for s in _tensor_list("log_stds", log_stds)], bases, seed, step, max_noise,
-            mask_bits, save_offsets, saved)
-    _contract.check(op, *args, read_values=True)
+            mask_bits, save_offsets, saved, status)
+    _contract.check(op, *args)
     args = args[:5] + (float(max_noise),) + args[6:]
     if params:
         backends.op(op, backends.resolve(backend, _device_of(params=params)))(*args)
@@ -189,18 +194,22 @@ def _pac_shift(op, params, log_stds, seed, step, mask_bits, save_offsets, saved,
 
 def pac_perturb(params: Sequence[torch.Tensor], log_stds: Sequence[torch.Tensor], *, seed: int, step: int, mask_bits: torch.Tensor,
                 save_offsets: torch.Tensor, saved: torch.Tensor, max_noise: float = 2.0,
-                bases: Optional[Sequence[int]] = None, backend: Optional[str] = None) -> None:
+                bases: Optional[Sequence[int]] = None, status: Optional[torch.Tensor] = None,
+                backend: Optional[str] = None) -> None:
     """In place: w <- w + n (pac_noise_mask's noise), saving the originals of the entries that
-    `mask_bits` (from pac_noise_mask with the same arguments) marks."""
-    _pac_shift("pac_perturb_", params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, backend)
+    `mask_bits` (from pac_noise_mask with the same arguments) marks.  status: as perturb's."""
+    _pac_shift("pac_perturb_", params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, status,
+               backend)
 
 
 def pac_restore(params: Sequence[torch.Tensor], log_stds: Sequence[torch.Tensor], *, seed: int, step: int, mask_bits: torch.Tensor,
                 save_offsets: torch.Tensor, saved: torch.Tensor, max_noise: float = 2.0,
-                bases: Optional[Sequence[int]] = None, backend: Optional[str] = None) -> None:
+                bases: Optional[Sequence[int]] = None, status: Optional[torch.Tensor] = None,
+                backend: Optional[str] = None) -> None:
     """In place: w <- w - n, then the saved originals written back: bit-exactly the weights
-    before pac_perturb with the same arguments (and backend)."""
-    _pac_shift("pac_restore_", params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, backend)
+    before pac_perturb with the same arguments (and backend).  status: as perturb's."""
+    _pac_shift("pac_restore_", params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, status,
+               backend)
 
 
 def pac_bound_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], log_stds: Sequence[torch.Tensor], log_std_grads: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],

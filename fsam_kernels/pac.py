@@ -17,7 +17,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from . import backends
-from ._checks import check_int, check_number
+from ._checks import check_int, check_not_skipped, check_number
 from ._layout import ChunkLayout
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, gradients_of
@@ -72,15 +72,18 @@ class KTable:
         return {"grid": list(self.grid), "values": list(self.values)}
 
 
-def perturb_with_noise(ops_, layout, params, noise):
+def perturb_with_noise(ops_, layout, params, noise, status):
     """w <- w + n for noise = (log_stds, bases, seed, step, max_noise), with `ops_` a backend's
     pac_noise_mask and pac_perturb_ and `layout` the params' ChunkLayout: the mask of the entries
-    to save, the saved buffer sized to it (one sync), the perturbation.  Returns (bits, offsets,
-    saved), what pac_restore_ takes."""
+    to save, the saved buffer sized to it (one sync, which also reads `status`, the int32 [1]
+    that the pac_* calls given it set where they skipped), the perturbation.  Returns (bits,
+    offsets, saved), what pac_restore_ takes with the same status."""
     bits, counts = ops_["pac_noise_mask"](params, *noise)
     offsets, total = layout.save_offsets(counts)
-    saved = torch.empty(int(total), dtype=torch.uint8, device=offsets.device)
-    ops_["pac_perturb_"](params, *noise, bits, offsets, saved)
+    total, skipped = torch.stack([total, status[0].to(total.dtype)]).tolist()
+    check_not_skipped(skipped)
+    saved = torch.empty(total, dtype=torch.uint8, device=offsets.device)
+    ops_["pac_perturb_"](params, *noise, bits, offsets, saved, status)
     return bits, offsets, saved
 
 
@@ -115,6 +118,7 @@ def estimate_k(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], dat
     bases = sharding.offsets(params)
     params = [local(p) for p in params]
     layout = ChunkLayout(params)
+    status = torch.zeros(1, dtype=torch.int32, device=device)
     bar = _progress(len(grid) * samples, "estimating K", progress)
     values = []
     with torch.no_grad():
@@ -123,16 +127,17 @@ def estimate_k(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], dat
             losses = []
             for s in range(samples):
                 noise = (log_std, bases, int(seed), g_index * samples + s, math.inf)
-                bits, offsets, saved = perturb_with_noise(ops_, layout, params, noise)
+                bits, offsets, saved = perturb_with_noise(ops_, layout, params, noise, status)
                 try:
                     losses.append(torch.cat([loss_fn(model, batch).detach().double().reshape(-1) for batch in data]))
                 finally:
-                    ops_["pac_restore_"](params, *noise, bits, offsets, saved)
+                    ops_["pac_restore_"](params, *noise, bits, offsets, saved, status)
                 bar.update(1)
             # log mean exp(gamma (mu - err)) >= 0 (Jensen), so K is real
             log_m = _log_mean_exp_gap(torch.cat(losses), gamma, sharding)
             values.append(math.sqrt(max(log_m, 0.0) * 2.0 / (3.0 * gamma * gamma)))
     bar.close()
+    check_not_skipped(int(status))
     increasing = [max(values[: i + 1]) for i in range(len(values))]
     return KTable(grid, increasing)
 
@@ -241,6 +246,7 @@ class PACTuning(torch.optim.Optimizer):
         self.prior_grid, self.k_samples = prior_grid, int(k_samples)
         self._bases = self._sharding.offsets(self._params)  # global element indices under FSDP2 too
         self._layout = ChunkLayout(self._locals)
+        self._status = torch.zeros(1, dtype=torch.int32, device=self._device)  # see perturb_with_noise
         self._numels = torch.tensor([p.numel() for p in self._params], dtype=torch.float64, device=self._device)
         self._init_noise(noise_betas)
         self._step = 0
@@ -336,7 +342,8 @@ class PACTuning(torch.optim.Optimizer):
         if self.stage == 1 and self.k_table is None:
             raise RuntimeError("stage 1 needs the K table: call opt.estimate_k(model, loss_fn, data) or pass "
                                "k_table= (fsam_kernels.pac.estimate_k)")
-        self._perturbed = perturb_with_noise(self._op, self._layout, self._locals, self._noise())  # perturb's sync
+        self._perturbed = perturb_with_noise(self._op, self._layout, self._locals, self._noise(),  # perturb's sync
+                                             self._status)
 
     def held_bytes(self):
         """Bytes held between perturb() and the restore: the mask bits and the saved originals."""
@@ -352,7 +359,7 @@ class PACTuning(torch.optim.Optimizer):
         if self._perturbed is None:
             raise RuntimeError("cancel() without perturb()")
         bits, offsets, saved = self._perturbed
-        self._op["pac_restore_"](self._locals, *self._noise(), bits, offsets, saved)
+        self._op["pac_restore_"](self._locals, *self._noise(), bits, offsets, saved, self._status)
         self._perturbed = None
 
     @torch.no_grad()
@@ -362,7 +369,7 @@ class PACTuning(torch.optim.Optimizer):
         if self._perturbed is None:
             raise RuntimeError("restore() without perturb(), or twice")
         bits, offsets, saved = self._perturbed
-        self._op["pac_restore_"](self._locals, *self._noise(), bits, offsets, saved)
+        self._op["pac_restore_"](self._locals, *self._noise(), bits, offsets, saved, self._status)
         self._perturbed = None
         if self.stage == 1:
             self._restored = self._stage1_gradients()

@@ -6,6 +6,7 @@ torch.ops.fsam ops (fsam_kernels/_schemas.py); the element-wise arithmetic round
 """
 import torch
 
+from ._contract import host_runs_pass
 from ._layout import (CANDIDATE_KEY_BITS, CHUNK, FIRST_BINS, FIRST_SHIFT, RADIX_SHIFTS, RADIX_WIDTHS,
                       STATE_CANDIDATES, STATE_K_LEFT, STATE_PREFIX, STATE_TIES, ChunkLayout)
 
@@ -200,7 +201,9 @@ def _slots(layout, index, mask, save_offsets, itemsize):
     return save_offsets[first: first + chunks][chunk_of] // itemsize + rank
 
 
-def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
+def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0, status=None):
+    if not host_runs_pass(params, mask_bits, save_offsets, saved, status):
+        return
     layout = ChunkLayout(params)
     for i, (p, g, m) in enumerate(zip(params, grads, _masks(layout, mask_bits))):
         if p.numel() == 0:
@@ -218,7 +221,9 @@ def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=Fals
             w[m] = new[m]
 
 
-def restore_(params, mask_bits, save_offsets, saved):
+def restore_(params, mask_bits, save_offsets, saved, status=None):
+    if not host_runs_pass(params, mask_bits, save_offsets, saved, status):
+        return
     layout = ChunkLayout(params)
     for i, (p, m) in enumerate(zip(params, _masks(layout, mask_bits))):
         if p.numel() == 0:
@@ -316,7 +321,9 @@ def pac_noise_mask(params, log_stds, bases, seed, step, max_noise):
     return layout.pack([_inexact(w, n) for w, n in _pac_tensors(params, log_stds, bases, seed, step, max_noise)])
 
 
-def pac_perturb_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
+def pac_perturb_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None):
+    if not host_runs_pass(params, mask_bits, save_offsets, saved, status):
+        return
     layout = ChunkLayout(params)
     for i, (w, n) in enumerate(_pac_tensors(params, log_stds, bases, seed, step, max_noise)):
         if w.numel() == 0:
@@ -326,7 +333,9 @@ def pac_perturb_(params, log_stds, bases, seed, step, max_noise, mask_bits, save
         w.copy_((w.float() + n).to(w.dtype))
 
 
-def pac_restore_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
+def pac_restore_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None):
+    if not host_runs_pass(params, mask_bits, save_offsets, saved, status):
+        return
     layout = ChunkLayout(params)
     for i, (w, n) in enumerate(_pac_tensors(params, log_stds, bases, seed, step, max_noise)):
         if w.numel() == 0:

@@ -9,6 +9,7 @@ per-chunk popcounts (fsam_kernels/_layout.py).
 import torch
 
 from . import backends
+from ._checks import check_not_skipped
 from ._layout import ChunkLayout
 from .ops import save_layout
 from .sharding import LOCAL, check_placed_like, local
@@ -57,6 +58,9 @@ class ParamRoles:
         self.mask_layout = ChunkLayout(self.tensors["masked"])
         self.dense_offsets, self.dense_saved = save_layout(self.tensors["dense"])
         self.mask_bits = self.chunk_counts = self.masked_offsets = self.masked_saved = None
+        # set on the device by a perturb_/restore_ whose saved layout is bad (it then writes nothing),
+        # read at the mask steps' sync: perturbing costs no sync
+        self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self._perturbed = []  # the roles perturb() changed, which restore() puts back
 
     def gradients(self):
@@ -93,13 +97,14 @@ class ParamRoles:
     def set_mask(self, bits, counts, finite=None):
         """Use a new mask of the masked role (its per-chunk popcounts `counts`), unless the 0-dim
         bool device tensor `finite` is False (then nothing changes).  Reads the saved buffer's size
-        (under FSDP2 only this process's share of the mask is known) and `finite` in one sync;
-        returns whether the mask changed."""
+        (under FSDP2 only this process's share of the mask is known), `finite` and the status in one
+        sync; returns whether the mask changed."""
         if self.perturbed:
             raise RuntimeError("the mask cannot change while the weights are perturbed")
         offsets, needed = self.mask_layout.save_offsets(counts)
         ok = torch.ones((), dtype=torch.int64, device=needed.device) if finite is None else finite.to(torch.int64)
-        ok, needed = torch.stack([ok, needed]).tolist()  # the one sync of a mask step
+        ok, needed, skipped = torch.stack([ok, needed, self.status[0].to(torch.int64)]).tolist()  # a mask step's sync
+        check_not_skipped(skipped)
         if not ok:
             return False
         if self.masked_saved is None or self.masked_saved.numel() < needed:
@@ -116,10 +121,11 @@ class ParamRoles:
         op = self._op["perturb_"]
         if self.mask_bits is not None:
             op(self.tensors["masked"], grads["masked"], self.mask_bits, self.masked_offsets, self.masked_saved, scale,
-               adaptive, eta)
+               adaptive, eta, self.status)
             self._perturbed.append("masked")
         if self.tensors["dense"]:
-            op(self.tensors["dense"], grads["dense"], None, self.dense_offsets, self.dense_saved, scale, adaptive, eta)
+            op(self.tensors["dense"], grads["dense"], None, self.dense_offsets, self.dense_saved, scale, adaptive, eta,
+               self.status)
             self._perturbed.append("dense")
 
     def restore(self):
@@ -127,9 +133,9 @@ class ParamRoles:
         (a perturb() that raised halfway: those of the roles it changed)."""
         op = self._op["restore_"]
         if "masked" in self._perturbed:
-            op(self.tensors["masked"], self.mask_bits, self.masked_offsets, self.masked_saved)
+            op(self.tensors["masked"], self.mask_bits, self.masked_offsets, self.masked_saved, self.status)
         if "dense" in self._perturbed:
-            op(self.tensors["dense"], None, self.dense_offsets, self.dense_saved)
+            op(self.tensors["dense"], None, self.dense_offsets, self.dense_saved, self.status)
         self._perturbed = []
 
     def signature(self, params):

@@ -19,7 +19,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from . import backends
-from ._checks import check_int
+from ._checks import check_int, check_not_skipped
 from ._contract import FLOAT_DTYPES, check_disjoint
 from .params import param_groups_with_names
 from .roles import SUMSQ_ALL, ParamRoles
@@ -494,6 +494,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """What state_dict() keeps besides the base optimizer's."""
         if self.roles.perturbed:
             raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed")
+        check_not_skipped(int(self.roles.status))  # (SAM has no mask step to read it at)
         extra = {"step": self._step_count, "skipped": self._skipped.clone(), **self.perturbation.state(self.roles)}
         extra["layout"] = self.roles.signature(self._params)
         extra["type"] = type(self).__name__

@@ -188,10 +188,11 @@ FSAM_CPU_CLONES void add_noise(T* w, const float* noise, int64_t n) {
 template <bool kRestore>
 void pac_shift_cpu(at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases, int64_t seed, int64_t step,
                    double max_noise, const at::Tensor& mask_bits, const at::Tensor& save_offsets,
-                   const at::Tensor& saved) {
+                   const at::Tensor& saved, const std::optional<at::Tensor>& status) {
   constexpr const char* op = kRestore ? "pac_restore_" : "pac_perturb_";
   const NoiseInputs in = check_noise(op, params, log_stds, bases, seed, step, max_noise);
-  check_pac_saving(params, log_stds, mask_bits, save_offsets, saved, kCPU, op);
+  check_pac_saving(params, log_stds, mask_bits, save_offsets, saved, status, kCPU, op);
+  if (!host_runs_pass(op, params, mask_bits, save_offsets, saved, status)) return;
   const uint8_t* all_bits = mask_bits.const_data_ptr<uint8_t>();
   const int64_t* offsets = save_offsets.const_data_ptr<int64_t>();
   parallel_chunks(in.chunks, [&](const Chunk& c) {

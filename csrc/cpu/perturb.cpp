@@ -86,11 +86,12 @@ void perturb_chunk(scalar_t* w, const scalar_t* g, const uint8_t* bits, int64_t 
 
 void perturb_cpu(at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
                         const at::Tensor& save_offsets, const at::Tensor& saved, const at::Tensor& scale,
-                        bool adaptive, double eta) {
+                        bool adaptive, double eta, const std::optional<at::Tensor>& status) {
   const char* op = "perturb_";
   const Inputs in = check_inputs(op, params, grads, mask_bits);
-  check_perturb_saving(op, params, grads, mask_bits, save_offsets, saved, scale, kCPU);
+  check_perturb_saving(op, params, grads, mask_bits, save_offsets, saved, scale, status, kCPU);
   check_scalar(eta, 0.0, op, "eta");
+  if (!host_runs_pass(op, params, mask_bits, save_offsets, saved, status)) return;
   // scale == 0 (rho = 0, or a non-finite norm) leaves the weights untouched; restore stays exact.
   const float s = scale.item<float>();
   const float e = static_cast<float>(eta);
@@ -113,11 +114,13 @@ void perturb_cpu(at::TensorList params, const OptTensors& grads, const std::opti
 }
 
 void restore_cpu(at::TensorList params, const std::optional<at::Tensor>& mask_bits,
-                        const at::Tensor& save_offsets, const at::Tensor& saved) {
+                        const at::Tensor& save_offsets, const at::Tensor& saved,
+                        const std::optional<at::Tensor>& status) {
   const char* op = "restore_";
   const OptTensors none(std::vector<std::optional<at::Tensor>>(params.size()));
   const Inputs in = check_inputs(op, params, none, mask_bits);
-  check_perturb_saving(op, params, none, mask_bits, save_offsets, saved, std::nullopt, kCPU);
+  check_perturb_saving(op, params, none, mask_bits, save_offsets, saved, std::nullopt, status, kCPU);
+  if (!host_runs_pass(op, params, mask_bits, save_offsets, saved, status)) return;
   const int64_t* offsets = save_offsets.const_data_ptr<int64_t>();
   const uint8_t* store = saved.const_data_ptr<uint8_t>();
   parallel_chunks(in.chunks, [&](const Chunk& c) {

@@ -4,6 +4,7 @@
 // log-std strides (0: one value per tensor).  Lane l of a warp's word j is element 32 j + l of the
 // chunk, so accesses are coalesced and a word's mask bits come from one ballot.
 #include "multi_tensor.cuh"
+#include "saved_runs.cuh"
 #include "sumsq.cuh"
 
 #include <fsam/dispatch.h>
@@ -75,8 +76,10 @@ template <typename T>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) pac_perturb_kernel(TensorTable table, NoiseArgs args,
                                                                                const uint8_t* bits,
                                                                                const int64_t* save_offsets,
-                                                                               uint8_t* saved, int64_t capacity) {
+                                                                               uint8_t* saved, int64_t capacity,
+                                                                               const int* gate) {
   __shared__ int scratch[kWarps];
+  if (!may_write(gate)) return;
   for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
     const Chunk ch = locate(table, c);
     T* w = chunk_data<T>(table, kRoleParams, ch);
@@ -94,8 +97,10 @@ template <typename T>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) pac_restore_kernel(TensorTable table, NoiseArgs args,
                                                                                const uint8_t* bits,
                                                                                const int64_t* save_offsets,
-                                                                               const uint8_t* saved, int64_t capacity) {
+                                                                               const uint8_t* saved, int64_t capacity,
+                                                                               const int* gate) {
   __shared__ int scratch[kWarps];
+  if (!may_write(gate)) return;
   for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
     const Chunk ch = locate(table, c);
     T* w = chunk_data<T>(table, kRoleParams, ch);
@@ -221,23 +226,24 @@ std::tuple<at::Tensor, at::Tensor> pac_noise_mask_cuda(at::TensorList params, at
 template <bool kPerturb>
 void pac_shift_cuda(at::TensorList params, at::TensorList log_stds, at::IntArrayRef bases, int64_t seed, int64_t step,
                     double max_noise, const at::Tensor& mask_bits, const at::Tensor& save_offsets,
-                    const at::Tensor& saved) {
+                    const at::Tensor& saved, const std::optional<at::Tensor>& status) {
   const char* op = kPerturb ? "pac_perturb_" : "pac_restore_";
   const c10::Device device = device_of(params, save_offsets);
   check_pac_noise(params, log_stds, bases, seed, step, max_noise, device, op);
   const PacCall call(params, log_stds, bases, seed, step, max_noise, device);
-  check_pac_saving(params, log_stds, mask_bits, save_offsets, saved, device, op);
+  check_pac_saving(params, log_stds, mask_bits, save_offsets, saved, status, device, op);
+  const int* gate = check_saved_runs_on_device(op, params, mask_bits, save_offsets, saved, status, device);
   call.launch(params, {data_ptrs(params), data_ptrs(log_stds)}, [&](auto value, const TensorTable& t, unsigned grid,
                                                                       Stream stream) {
     using T = decltype(value);
     if constexpr (kPerturb) {
       launch<pac_perturb_kernel<T>>(grid, stream, t, call.args, mask_bits.const_data_ptr<uint8_t>(),
                                     save_offsets.const_data_ptr<int64_t>(), saved.data_ptr<uint8_t>(),
-                                    saved.numel());
+                                    saved.numel(), gate);
     } else {
       launch<pac_restore_kernel<T>>(grid, stream, t, call.args, mask_bits.const_data_ptr<uint8_t>(),
                                     save_offsets.const_data_ptr<int64_t>(), saved.const_data_ptr<uint8_t>(),
-                                    saved.numel());
+                                    saved.numel(), gate);
     }
   });
 }

@@ -3,6 +3,7 @@
 // entries (every entry without a mask), in their dtype and element order, from byte
 // save_offsets[c] of `saved`; a masked entry's slot is a warp prefix sum over the mask words.
 #include "multi_tensor.cuh"
+#include "saved_runs.cuh"
 #include "sumsq.cuh"
 
 #include <fsam/checks.h>
@@ -29,8 +30,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) sum_partials_kernel(c
 // Calls f(element, slot) for each entry a chunk saves: with kMasked its masked entries (warp w
 // takes the chunk's mask words kWarpWords * w on, lane l element l of each, the slot a prefix sum
 // of the words' popcounts), else all of them (f then gets packs: see for_each_pack).  Returns false,
-// touching nothing, when the chunk's run would not lie inside `saved` (fsam_kernels/ops.py checks
-// the layout first; this is the kernels' own bound).
+// touching nothing, when the chunk's run would not lie inside `saved` (saved_runs.cuh checks the
+// whole layout first; this is each block's own bound).
 template <typename T, bool kMasked, typename F>
 __device__ inline bool for_each_saved(const Chunk& ch, const uint8_t* bits, int64_t offset, int64_t capacity,
                                       int* scratch, const F& f) {
@@ -57,9 +58,10 @@ template <typename T, bool kAdaptive, bool kMasked>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) perturb_kernel(TensorTable table, const uint8_t* bits,
                                                                            const int64_t* save_offsets, uint8_t* saved,
                                                                            int64_t capacity, const float* scale_ptr,
-                                                                           float eta) {
+                                                                           float eta, const int* gate) {
   constexpr int N = kPack<T>;
   __shared__ int scratch[kWarps];
+  if (!may_write(gate)) return;
   const float scale = *scale_ptr;
   const Perturbation<kAdaptive> perturb{{eta}, scale};
   auto moved = [&](T x, T d) { return static_cast<T>(perturb(static_cast<float>(x), static_cast<float>(d))); };
@@ -95,9 +97,11 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) perturb_kernel(Tensor
 template <typename T, bool kMasked>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) restore_kernel(TensorTable table, const uint8_t* bits,
                                                                            const int64_t* save_offsets,
-                                                                           const uint8_t* saved, int64_t capacity) {
+                                                                           const uint8_t* saved, int64_t capacity,
+                                                                           const int* gate) {
   constexpr int N = kPack<T>;
   __shared__ int scratch[kWarps];
+  if (!may_write(gate)) return;
   for (int64_t c = blockIdx.x; c < table.chunks; c += gridDim.x) {
     const Chunk ch = locate(table, c);
     T* w = chunk_data<T>(table, 0, ch);
@@ -171,34 +175,36 @@ at::Tensor grad_sumsq_cuda(at::TensorList params, const OptTensors& grads, const
 
 void perturb_cuda(at::TensorList params, const OptTensors& grads, const std::optional<at::Tensor>& mask_bits,
                   const at::Tensor& save_offsets, const at::Tensor& saved, const at::Tensor& scale, bool adaptive,
-                  double eta) {
+                  double eta, const std::optional<at::Tensor>& status) {
   const char* op = "perturb_";
   const Inputs in(op, params, grads, mask_bits, save_offsets.device());
-  check_perturb_saving(op, params, grads, mask_bits, save_offsets, saved, scale, in.device);
+  check_perturb_saving(op, params, grads, mask_bits, save_offsets, saved, scale, status, in.device);
   check_scalar(eta, 0.0, op, "eta");
+  const int* gate = check_saved_runs_on_device(op, params, mask_bits, save_offsets, saved, status, in.device);
   const float e = static_cast<float>(eta);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
     with_bool(adaptive, [&](auto a) {
       with_bool(in.bits != nullptr, [&](auto m) {
         launch<perturb_kernel<decltype(value), decltype(a)::value, decltype(m)::value>>(
             grid, current_stream(), t, in.bits, save_offsets.const_data_ptr<int64_t>(), saved.data_ptr<uint8_t>(),
-            saved.numel(), scale.const_data_ptr<float>(), e);
+            saved.numel(), scale.const_data_ptr<float>(), e, gate);
       });
     });
   });
 }
 
 void restore_cuda(at::TensorList params, const std::optional<at::Tensor>& mask_bits, const at::Tensor& save_offsets,
-                  const at::Tensor& saved) {
+                  const at::Tensor& saved, const std::optional<at::Tensor>& status) {
   const char* op = "restore_";
   const OptTensors none(std::vector<std::optional<at::Tensor>>(params.size()));
   const Inputs in(op, params, none, mask_bits, save_offsets.device());
-  check_perturb_saving(op, params, none, mask_bits, save_offsets, saved, std::nullopt, in.device);
+  check_perturb_saving(op, params, none, mask_bits, save_offsets, saved, std::nullopt, status, in.device);
+  const int* gate = check_saved_runs_on_device(op, params, mask_bits, save_offsets, saved, status, in.device);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
     with_bool(in.bits != nullptr, [&](auto m) {
       launch<restore_kernel<decltype(value), decltype(m)::value>>(grid, current_stream(), t, in.bits,
                                                                   save_offsets.const_data_ptr<int64_t>(),
-                                                                  saved.const_data_ptr<uint8_t>(), saved.numel());
+                                                                  saved.const_data_ptr<uint8_t>(), saved.numel(), gate);
     });
   });
 }

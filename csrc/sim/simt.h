@@ -94,6 +94,7 @@ inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_R
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
   return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
+inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
 
 // CUDA's device min for arithmetic types (the kernels use no other).
 template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>

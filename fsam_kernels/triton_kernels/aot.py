@@ -28,10 +28,10 @@ from triton.runtime.jit import JITFunction
 from .._layout import CHUNK_BYTES, FIRST_HIST_SIZE, RADIX_HIST_SIZES, RADIX_STATE_SIZE, total_chunks
 from .._schemas import SCHEMAS
 from ..ops import FLOAT_DTYPES, save_layout
-from . import clip, fisher, pac, perturb, topk
+from . import clip, fisher, pac, perturb, saved_runs, topk
 from .library import _IMPLS
 
-MODULES = (clip, fisher, pac, perturb, topk)
+MODULES = (clip, fisher, pac, perturb, saved_runs, topk)
 SHAPES = [(5,), (3, 7), (4099,)]  # odd sizes, one over a chunk
 
 
@@ -94,6 +94,7 @@ def _argument(op, name, dtype, params):
         "found_inf": lambda: torch.zeros(1), "first_hist": lambda: torch.zeros(FIRST_HIST_SIZE, dtype=torch.int64),
         "mask_bits": lambda: bits, "scale": lambda: torch.tensor(0.5),
         "save_offsets": lambda: save_offsets, "saved": lambda: saved,
+        "status": lambda: torch.zeros(1, dtype=torch.int32),
         "state": lambda: torch.zeros(RADIX_STATE_SIZE, dtype=torch.int64),
         "hist": lambda: torch.zeros(max(RADIX_HIST_SIZES), dtype=torch.int64),
         "ties": lambda: torch.zeros(chunks, dtype=torch.int64),

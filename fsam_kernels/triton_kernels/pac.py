@@ -8,9 +8,9 @@ import triton
 import triton.language as tl
 
 from .._layout import total_chunks
-from . import tables
+from . import saved_runs, tables
 from .clip import tensor_sums
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, member_ptr, round_to, tl_dtype
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, member_ptr, only_if, round_to, tl_dtype
 
 # Philox and the transcendentals make these kernels compute-heavy: twice the warps of the others
 # halve the elements (and registers) a thread holds.
@@ -64,9 +64,11 @@ def _pac_mask_kernel(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start,
 
 
 @triton.jit
-def _runs(bits, save_offsets, capacity, chunk, lanes, ITEMSIZE: tl.constexpr, BLOCK: tl.constexpr):
-    """(lanes of a chunk whose saved run lies inside the buffer: none otherwise, so that its
-    weights stay as they are and restore stays exact; the marked ones; their slots)."""
+def _runs(bits, save_offsets, capacity, gate, chunk, lanes, ITEMSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """(lanes of a chunk whose saved run lies inside the buffer while the gate is zero: none
+    otherwise, so that its weights stay as they are and restore stays exact; the marked ones;
+    their slots)."""
+    lanes = only_if(lanes, tl.load(gate) == 0)
     marked = lanes & mask_lanes(bits, chunk, BLOCK)
     start = tl.load(save_offsets + chunk)
     count = tl.sum(marked.to(tl.int32), 0).to(tl.int64)
@@ -78,11 +80,11 @@ def _runs(bits, save_offsets, capacity, chunk, lanes, ITEMSIZE: tl.constexpr, BL
 
 @triton.jit
 def _shift_lanes(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start, chunk_index, numel, seed, step, max_noise,
-                 bits, save_offsets, capacity, DT: tl.constexpr, ITEMSIZE: tl.constexpr, BLOCK: tl.constexpr):
+                 bits, save_offsets, capacity, gate, DT: tl.constexpr, ITEMSIZE: tl.constexpr, BLOCK: tl.constexpr):
     """What perturb and restore share: (weight pointers, weights, noise, lanes, marked lanes, slots)."""
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
-    lanes, marked, slot = _runs(bits, save_offsets, capacity, chunk, lanes, ITEMSIZE, BLOCK)
+    lanes, marked, slot = _runs(bits, save_offsets, capacity, gate, chunk, lanes, ITEMSIZE, BLOCK)
     w_ptr = member_ptr(p_addr, t, DT) + offs
     w = tl.load(w_ptr, mask=lanes, other=0.0)
     _, n = _noise(s_addr, s_stride, bases, t, offs, lanes, seed, step, max_noise)
@@ -91,22 +93,22 @@ def _shift_lanes(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start, chu
 
 @triton.jit(do_not_specialize=["seed", "step", "capacity"])
 def _pac_perturb_kernel(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start, chunk_index, numel, seed, step,
-                        max_noise, bits, save_offsets, saved, capacity, DT: tl.constexpr, ITEMSIZE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        max_noise, bits, save_offsets, saved, capacity, gate, DT: tl.constexpr,
+                        ITEMSIZE: tl.constexpr, BLOCK: tl.constexpr):
     w_ptr, w, n, lanes, marked, slot = _shift_lanes(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start,
                                                     chunk_index, numel, seed, step, max_noise, bits, save_offsets,
-                                                    capacity, DT, ITEMSIZE, BLOCK)
+                                                    capacity, gate, DT, ITEMSIZE, BLOCK)
     tl.store(saved + slot, w, mask=marked)
     tl.store(w_ptr, round_to(w.to(tl.float32) + n, DT), mask=lanes)
 
 
 @triton.jit(do_not_specialize=["seed", "step", "capacity"])
 def _pac_restore_kernel(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start, chunk_index, numel, seed, step,
-                        max_noise, bits, save_offsets, saved, capacity, DT: tl.constexpr, ITEMSIZE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        max_noise, bits, save_offsets, saved, capacity, gate, DT: tl.constexpr,
+                        ITEMSIZE: tl.constexpr, BLOCK: tl.constexpr):
     w_ptr, w, n, lanes, marked, slot = _shift_lanes(p_addr, s_addr, s_stride, bases, chunk_tensor, chunk_start,
                                                     chunk_index, numel, seed, step, max_noise, bits, save_offsets,
-                                                    capacity, DT, ITEMSIZE, BLOCK)
+                                                    capacity, gate, DT, ITEMSIZE, BLOCK)
     back = round_to(w.to(tl.float32) - n, DT)
     tl.store(w_ptr, tl.where(marked, tl.load(saved + slot, mask=marked), back), mask=lanes)
 
@@ -162,23 +164,24 @@ def pac_noise_mask(params, log_stds, bases, seed, step, max_noise):
     return bits, counts
 
 
-def _shift(kernel, params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
+def _shift(kernel, params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status):
     device = params[0].device
+    gate = saved_runs.gate(params, mask_bits, save_offsets, saved, status)
     for g in tables.groups(params):
         itemsize = _itemsize(g.dtype)
         kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), *_noise_tables(params, log_stds, bases, g, device),
             g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel, seed, step, float(max_noise), mask_bits,
             save_offsets, saved[: saved.numel() // itemsize * itemsize].view(g.dtype), saved.numel() // itemsize,
-            DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, BLOCK=BLOCK, **PAC_LAUNCH)
+            gate, DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, BLOCK=BLOCK, **PAC_LAUNCH)
 
 
-def pac_perturb_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
-    _shift(_pac_perturb_kernel, params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved)
+def pac_perturb_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None):
+    _shift(_pac_perturb_kernel, params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status)
 
 
-def pac_restore_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved):
-    _shift(_pac_restore_kernel, params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved)
+def pac_restore_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None):
+    _shift(_pac_restore_kernel, params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status)
 
 
 def pac_bound_grads_(params, grads, log_stds, log_std_grads, anchors, prior_log_stds, bases, seed, step, max_noise,

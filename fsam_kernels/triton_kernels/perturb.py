@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tables
+from . import saved_runs, tables
 from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, member_ptr, only_if, round_to, tl_dtype
 
 
@@ -28,12 +28,13 @@ def _sumsq_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel,
 
 
 @triton.jit
-def _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED: tl.constexpr, ITEMSIZE: tl.constexpr,
+def _saved_slots(bits, save_offsets, capacity, gate, chunk, lanes, MASKED: tl.constexpr, ITEMSIZE: tl.constexpr,
                  BLOCK: tl.constexpr):
-    """(lanes saved, their slot in the saved buffer in elements).  A chunk whose run would not lie
-    inside `saved` (`capacity` elements) keeps no lane, so that its weights stay as they are and
-    restore stays exact: the kernels' own bound on a GPU, where the raw op does not read the
-    offsets on the host (the CUDA kernels skip such a chunk alike)."""
+    """(lanes saved, their slot in the saved buffer in elements).  No lane while the gate is
+    non-zero (saved_runs.gate).  A chunk whose run would not lie inside `saved` (`capacity`
+    elements) keeps no lane either, so that its weights stay as they are and restore stays exact:
+    each program's own bound (the CUDA kernels skip such a chunk alike)."""
+    lanes = only_if(lanes, tl.load(gate) == 0)
     if MASKED:
         lanes = lanes & mask_lanes(bits, chunk, BLOCK)
     start = tl.load(save_offsets + chunk)
@@ -46,11 +47,11 @@ def _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED: tl.constexp
 
 @triton.jit(do_not_specialize=["capacity"])  # one compiled variant whatever the size
 def _perturb_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel, bits, save_offsets, saved,
-                    capacity, scale_ptr, eta, DT: tl.constexpr, ITEMSIZE: tl.constexpr, MASKED: tl.constexpr,
+                    capacity, scale_ptr, eta, gate, DT: tl.constexpr, ITEMSIZE: tl.constexpr, MASKED: tl.constexpr,
                     ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
-    lanes, slot = _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
+    lanes, slot = _saved_slots(bits, save_offsets, capacity, gate, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
     w_ptr = member_ptr(p_addr, t, DT)
     w = tl.load(w_ptr + offs, mask=lanes, other=0.0)
     tl.store(saved + slot, w, mask=lanes)  # the originals, even when nothing moves: restore is exact
@@ -65,11 +66,11 @@ def _perturb_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, nume
 
 
 @triton.jit(do_not_specialize=["capacity"])  # one compiled variant whatever the size
-def _restore_kernel(p_addr, chunk_tensor, chunk_start, chunk_index, numel, bits, save_offsets, saved, capacity,
+def _restore_kernel(p_addr, chunk_tensor, chunk_start, chunk_index, numel, bits, save_offsets, saved, capacity, gate,
                     DT: tl.constexpr, ITEMSIZE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
-    lanes, slot = _saved_slots(bits, save_offsets, capacity, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
+    lanes, slot = _saved_slots(bits, save_offsets, capacity, gate, chunk, lanes, MASKED, ITEMSIZE, BLOCK)
     tl.store(member_ptr(p_addr, t, DT) + offs, tl.load(saved + slot, mask=lanes), mask=lanes)
 
 
@@ -90,24 +91,26 @@ def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
     return partials.sum(0).to(torch.float32)  # chunk partials added in fp64, rounded to fp32 once
 
 
-def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0):
+def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0, status=None):
     device = params[0].device
+    gate = saved_runs.gate(params, mask_bits, save_offsets, saved, status)
     for g in tables.groups(params):
         itemsize = torch.empty(0, dtype=g.dtype).element_size()
         _perturb_kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), tables.addresses(grads, g.members, device), g.chunk_tensor,
             g.chunk_start, g.chunk_index, g.numel, mask_bits if mask_bits is not None else _dummy(device),
-            save_offsets, saved.view(g.dtype), saved.numel() // itemsize, scale, float(eta), DT=tl_dtype(g.dtype),
+            save_offsets, saved.view(g.dtype), saved.numel() // itemsize, scale, float(eta), gate, DT=tl_dtype(g.dtype),
             ITEMSIZE=itemsize,
             MASKED=mask_bits is not None, ADAPTIVE=bool(adaptive), BLOCK=BLOCK, **LAUNCH_OPTIONS)
 
 
-def restore_(params, mask_bits, save_offsets, saved):
+def restore_(params, mask_bits, save_offsets, saved, status=None):
     device = params[0].device
+    gate = saved_runs.gate(params, mask_bits, save_offsets, saved, status)
     for g in tables.groups(params):
         itemsize = torch.empty(0, dtype=g.dtype).element_size()
         _restore_kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel,
             mask_bits if mask_bits is not None else _dummy(device), save_offsets, saved.view(g.dtype),
-            saved.numel() // itemsize, DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, MASKED=mask_bits is not None,
+            saved.numel() // itemsize, gate, DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, MASKED=mask_bits is not None,
             BLOCK=BLOCK, **LAUNCH_OPTIONS)

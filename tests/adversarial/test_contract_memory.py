@@ -15,8 +15,7 @@ def peak_bytes_of_check(numel):
     bits, counts = layout.pack([torch.rand(p.numel()) < 0.1 for p in params])
     offsets, saved = ops.save_layout(params, counts)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _contract.check("perturb_", params, grads, bits, offsets, saved, torch.tensor(0.1), False, 0.0,
-                        read_values=True)
+        _contract.check("perturb_", params, grads, bits, offsets, saved, torch.tensor(0.1), False, 0.0)
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage

@@ -4,7 +4,9 @@ misaligned, overlapping, past the end or near 2**63; a short or misaligned buffe
 twice; a buffer or gradient that aliases a weight).  Every backend must give the same answer as
 an independent oracle: accepted (and then the same bytes everywhere, guard regions untouched,
 the restore exact) or refused with the same exception and every input byte for byte as before.
-The raw ops (torch.ops.<namespace>, what torch.compile reaches) and the public ones alike."""
+The raw ops (torch.ops.<namespace>, what torch.compile reaches) and the public ones alike, and the
+raw ops given `status` (a bad saved layout then writes nothing and sets it: on cuda-sim and
+triton through the device-side check that the GPU runs)."""
 import math
 import os
 import subprocess
@@ -20,8 +22,7 @@ from fsam_kernels import backends, ops  # noqa: E402
 from fsam_kernels._layout import CHUNK, ChunkLayout  # noqa: E402
 from conftest import DTYPES, ROOT, all_backends  # noqa: E402
 
-# The backends whose tensors are on the CPU (here: all of them); the saved runs are checked on
-# the host for those (docs/errors.md: on a GPU the raw ops leave them to the kernels).
+# The backends whose tensors are on the CPU (here: all of them).
 CPU_BACKENDS = [b for b, d in all_backends() if d == "cpu"]
 SIZES = [0, 1, 5, CHUNK - 1, CHUNK, CHUNK + 7, 2 * CHUNK + 3]
 POISON = 0xA5
@@ -128,8 +129,9 @@ def build(case, backend):
         saved = arena.place(capacity)
     if mutation == "saved_aliases_param" and not saved.numel():
         aliasing = False  # nothing to save: no byte shared
-    ok = not aliasing and (mutation != "saved_unaligned" or not saved.numel()) and expected_ok(
-        chunk_counts, chunk_sizes, [int(o) for o in offsets], saved.numel(), True)
+    # (what the host sees: no aliasing, `saved` aligned; the saved runs, which status leaves to the device)
+    ok = (not aliasing and (mutation != "saved_unaligned" or not saved.numel()),
+          expected_ok(chunk_counts, chunk_sizes, [int(o) for o in offsets], saved.numel(), True))
     if op == "pac":
         args = (params, log_stds, ops.counter_bases(params), seed, 1, 2.0, bits, offsets, saved)
         return arena, ("pac_perturb_", args), ("pac_restore_", args), ok, [offsets, bits, *log_stds]
@@ -174,21 +176,31 @@ def test_saved_runs_and_aliasing(case):
     hypothesis.event(f"{case[3]} {case[4]}")
     results = {}
     for backend in CPU_BACKENDS:
-        for entry in ("raw", "public"):
-            arena, (name, args), (rname, rargs), ok, inputs = build(case, backend)
+        for entry in ("raw", "public", "status"):
+            arena, (name, args), (rname, rargs), (visible_ok, runs_ok), inputs = build(case, backend)
+            status = torch.zeros(1, dtype=torch.int32) if entry == "status" else None
+            extra = (status,) if entry == "status" else ()
             before = arena.snapshot()
             read_only = [t.clone() if t is not None else None for t in inputs]
-            call = (lambda: backends.op(name, backend)(*args)) if entry == "raw" else \
-                (lambda: public(name, args, backend))
+            call = (lambda: public(name, args, backend)) if entry == "public" else \
+                (lambda: backends.op(name, backend)(*args, *extra))
             got = outcome(call)
-            assert got == (None if ok else "ValueError"), (backend, entry, case, got)
+            refused = not visible_ok or (not runs_ok and entry != "status")
+            assert got == ("ValueError" if refused else None), (backend, entry, case, got)
             assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(inputs, read_only))
             if got is not None:  # refused: nothing changed
                 assert all(torch.equal(a, b) for a, b in zip(before, arena.snapshot())), (backend, entry, case)
                 continue
+            if status is not None:
+                assert int(status) == (0 if runs_ok else 1), (backend, case)
+            if not runs_ok:  # skipped, and its restore with the same status too: nothing written
+                assert outcome(lambda: backends.op(rname, backend)(*rargs, status)) is None
+                assert all(torch.equal(a, b) for a, b in zip(before, arena.snapshot())), (backend, entry, case)
+                continue
             assert arena.guards_intact(), (backend, entry, case)
             results[backend, entry] = arena.snapshot()
-            assert outcome(lambda: backends.op(rname, backend)(*rargs)) is None
+            assert outcome(lambda: backends.op(rname, backend)(*rargs, *extra)) is None
+            assert status is None or int(status) == 0
             assert arena.guards_intact()
             assert all(torch.equal(a, b) for a, (b, _) in zip(before[: len(case[0])], arena.buffers)), \
                 (backend, entry, case)  # the restore is exact
@@ -365,3 +377,28 @@ def test_topk_k_and_ties(sizes, dtype, distinct, k, absolute, seed):
         else:
             assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), backend
             assert int(got[1].sum()) == k
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_set_status_stops_the_ops(backend):
+    """A non-zero status on entry (an earlier call of the step was skipped) stops a valid call
+    too: a perturbation and its restore are both done or both skipped, and the status stays."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(CHUNK + 9, generator=g), torch.randn(17, generator=g).half()]
+    grads = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    bits, counts = ChunkLayout(params).pack([torch.rand(p.numel(), generator=g) < 0.4 for p in params])
+    before = [p.clone() for p in params]
+    for mask in (bits, None):
+        offsets, saved = ops.save_layout(params, counts if mask is not None else None)
+        saved.fill_(POISON)
+        status = torch.ones(1, dtype=torch.int32)
+        backends.op("perturb_", backend)(params, grads, mask, offsets, saved, torch.tensor(0.5), False, 0.0, status)
+        backends.op("restore_", backend)(params, mask, offsets, saved, status)
+        log_stds = [torch.full((1,), -3.0)] * 2
+        pac_bits, pac_counts = ops.pac_noise_mask(params, log_stds, seed=1, step=1, backend=backend)
+        pac_offsets, pac_saved = ops.save_layout(params, pac_counts)
+        backends.op("pac_perturb_", backend)(params, log_stds, ops.counter_bases(params), 1, 1, 2.0, pac_bits,
+                                             pac_offsets, pac_saved, status)
+        assert int(status) == 1
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+        assert bool((saved == POISON).all())

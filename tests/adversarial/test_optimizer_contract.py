@@ -352,3 +352,25 @@ def test_invalid_pac_states_are_refused_and_change_nothing(path, how):
         opt.load_state_dict(mutated)
     assert same(opt.state_dict(), mine) and same(weights(m), mine_w)
     opt.load_state_dict(state)  # and the valid state still loads
+
+
+# ---- a saved layout changed from outside -------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_layout_changed_from_outside_stops_the_perturbation_and_raises_at_the_next_sync(backend):
+    """The optimizers perturb without a host sync: their raw calls carry a status that the device
+    sets where a saved layout is bad.  A tampered offset makes the perturbation write nothing (the
+    weights stay exact) and the next mask step's sync raises."""
+    m, opt = make("FSAM", backend)
+    train(m, opt, 1)  # the first mask step; the next is under its mask
+    opt.roles.masked_offsets[-1] = 2 ** 62  # past any buffer
+    loss(m, 2).backward()
+    before = weights(m)
+    opt.first_step(zero_grad=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(m)))  # not perturbed
+    assert int(opt.roles.status) == 1
+    loss(m, 2).backward()
+    opt.second_step(zero_grad=True)
+    loss(m, 3).backward()
+    with pytest.raises(RuntimeError, match="a perturbation was skipped"):
+        opt.step(lambda: loss(m, 3))

@@ -8,6 +8,7 @@
 
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/StringUtil.h>
 
 #include <algorithm>
 #include <cmath>
@@ -188,17 +189,15 @@ inline void check_radix_writes(at::TensorList scores, const at::Tensor& state, c
   ranges.check(op);
 }
 
-// The saved runs of a perturbation, read on the host (CPU tensors: the CPU backend and the
-// emulated CUDA one): chunk c of `tensors` saves `entries(c)` values of its tensor's dtype from byte
-// save_offsets[c] of `saved`; each run starts aligned, at or after the previous run's end (chunk
-// order, no overlap), and ends inside `saved`, every end computed without overflow.  `bits`: the
-// packed mask (nullptr: every entry is saved).  O(chunks), before anything is written.
-inline void check_saved_runs(const char* op, at::TensorList tensors, const uint8_t* bits,
-                             const at::Tensor& save_offsets, const at::Tensor& saved) {
-  TORCH_CHECK_VALUE(saved.numel() == 0 || reinterpret_cast<uintptr_t>(saved.const_data_ptr()) % kSaveAlign == 0, op,
-                    ": saved must start on a ", kSaveAlign, "-byte boundary");
+// The saved runs of a perturbation, read on the host: chunk c of `tensors` saves `entries(c)`
+// values of its tensor's dtype from byte save_offsets[c] (a CPU tensor) of `saved`; each run starts
+// aligned, at or after the previous run's end (chunk order, no overlap), and ends inside `saved`,
+// every end computed without overflow.  `bits`: the packed mask on the host (nullptr: every entry
+// is saved; a chunk counts all its bits, as the device check does).  O(chunks).  Returns what is
+// wrong, or "" when nothing is.
+inline std::string saved_runs_error(at::TensorList tensors, const uint8_t* bits, const at::Tensor& save_offsets,
+                                    int64_t capacity) {
   const int64_t* offsets = save_offsets.const_data_ptr<int64_t>();
-  const int64_t capacity = saved.numel();
   int64_t chunk = 0;
   int64_t end = 0;
   for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
@@ -208,53 +207,82 @@ inline void check_saved_runs(const char* op, at::TensorList tensors, const uint8
       const int64_t n = std::min(kChunk, numel - begin);
       const int64_t entries = bits == nullptr ? n : popcount(bits + chunk * kChunkBytes, kChunkBytes);
       const int64_t offset = offsets[chunk];
-      TORCH_CHECK_VALUE(offset >= end && offset % itemsize == 0, op, ": save_offsets[", chunk, "] = ", offset,
-                        " must be a multiple of ", itemsize, " at or after the end of the previous run (", end,
-                        "): runs lie in chunk order without overlap");
-      TORCH_CHECK_VALUE(offset <= capacity && entries * itemsize <= capacity - offset, op, ": the run of chunk ",
-                        chunk, " (", entries, " values from byte ", offset, ") ends past saved (", capacity,
-                        " bytes): size it with save_layout");
+      if (offset < end || offset % itemsize != 0) {
+        return c10::str("save_offsets[", chunk, "] = ", offset, " must be a multiple of ", itemsize,
+                        " at or after the end of the previous run (", end, "): runs lie in chunk order without overlap");
+      }
+      if (offset > capacity || entries * itemsize > capacity - offset) {
+        return c10::str("the run of chunk ", chunk, " (", entries, " values from byte ", offset,
+                        ") ends past saved (", capacity, " bytes): size it with save_layout");
+      }
       end = offset + entries * itemsize;
     }
   }
+  return "";
+}
+
+// saved_runs_error for tensors anywhere (device ones copied to the host: only for a message).
+inline void check_saved_runs(const char* op, at::TensorList tensors, const std::optional<at::Tensor>& mask_bits,
+                             const at::Tensor& save_offsets, const at::Tensor& saved) {
+  const std::optional<at::Tensor> bits = mask_bits.has_value() ? std::optional(mask_bits->cpu()) : std::nullopt;
+  const std::string error = saved_runs_error(tensors, bits.has_value() ? bits->const_data_ptr<uint8_t>() : nullptr,
+                                             save_offsets.cpu(), saved.numel());
+  TORCH_CHECK_VALUE(error.empty(), op, ": ", error);
+}
+
+// Whether a call on CPU tensors writes, its saved runs read on the host: without `status` a bad
+// layout is refused; with it (int32 [1]) the call writes nothing when status is non-zero already or
+// the layout is bad, which then sets it to 1 (what the CUDA kernels do without a host sync).
+inline bool host_runs_pass(const char* op, at::TensorList tensors, const std::optional<at::Tensor>& mask_bits,
+                           const at::Tensor& save_offsets, const at::Tensor& saved,
+                           const std::optional<at::Tensor>& status) {
+  if (!status.has_value()) {
+    check_saved_runs(op, tensors, mask_bits, save_offsets, saved);
+    return true;
+  }
+  int32_t* flag = status->data_ptr<int32_t>();
+  const uint8_t* bits = mask_bits.has_value() ? mask_bits->const_data_ptr<uint8_t>() : nullptr;
+  if (*flag == 0 && !saved_runs_error(tensors, bits, save_offsets, saved.numel()).empty()) *flag = 1;
+  return *flag == 0;
 }
 
 // The buffers of a perturbation or a restore of `params` (checked already) and of every op that
 // shares its layout (perturb_, restore_, pac_perturb_, pac_restore_): mask_bits (optional),
-// save_offsets and saved; params and saved written apart from everything, `reads` holding the
-// op's other inputs; the saved runs where the host can read them (CPU tensors: on a GPU the
-// kernels bound each run).
+// save_offsets, saved (starting kSaveAlign-aligned) and status (optional, int32 [1]); params,
+// saved and status written apart from everything, `reads` holding the op's other inputs.  The
+// runs themselves depend on the offsets' and the mask's values: host_runs_pass checks them for
+// CPU tensors, the CUDA impls on the device (csrc/cuda/saved_runs.cuh).
 inline void check_saving(const char* op, at::TensorList params, const std::optional<at::Tensor>& mask_bits,
-                         const at::Tensor& save_offsets, const at::Tensor& saved, const c10::Device& device,
-                         Ranges reads) {
+                         const at::Tensor& save_offsets, const at::Tensor& saved,
+                         const std::optional<at::Tensor>& status, const c10::Device& device, Ranges reads) {
   int64_t chunks = 0;
   for (const at::Tensor& p : params) chunks += num_chunks(p.numel());
   if (mask_bits.has_value()) check_buffer(*mask_bits, at::kByte, chunks * kChunkBytes, device, op, "mask_bits");
   check_buffer(save_offsets, at::kLong, chunks, device, op, "save_offsets");
   check_buffer(saved, at::kByte, -1, device, op, "saved");
+  if (status.has_value()) check_buffer(*status, at::kInt, 1, device, op, "status");
+  TORCH_CHECK_VALUE(saved.numel() == 0 || reinterpret_cast<uintptr_t>(saved.const_data_ptr()) % kSaveAlign == 0, op,
+                    ": saved must start on a ", kSaveAlign, "-byte boundary");
   reads.add(params, "params", true);
   reads.add(saved, "saved", -1, true);
+  reads.add(status, "status", true);
   reads.add(mask_bits, "mask_bits", false);
   reads.add(save_offsets, "save_offsets", -1, false);
   reads.check(op);
-  if (device.is_cpu()) {
-    check_saved_runs(op, params, mask_bits.has_value() ? mask_bits->const_data_ptr<uint8_t>() : nullptr, save_offsets,
-                     saved);
-  }
 }
 
 // perturb_'s and restore_'s buffers (check_saving), the gradients and perturb_'s scale read beside them.
 inline void check_perturb_saving(const char* op, at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
                                  const std::optional<at::Tensor>& mask_bits, const at::Tensor& save_offsets,
                                  const at::Tensor& saved, const std::optional<at::Tensor>& scale,
-                                 const c10::Device& device) {
+                                 const std::optional<at::Tensor>& status, const c10::Device& device) {
   Ranges reads;
   reads.add(grads, "grads", false);
   if (scale.has_value()) {
     check_buffer(scale->reshape({-1}), at::kFloat, 1, device, op, "scale");
     reads.add(*scale, "scale", -1, false);
   }
-  check_saving(op, params, mask_bits, save_offsets, saved, device, reads);
+  check_saving(op, params, mask_bits, save_offsets, saved, status, device, reads);
 }
 
 }  // namespace fsam

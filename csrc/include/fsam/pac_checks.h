@@ -32,11 +32,11 @@ inline void check_pac_noise(at::TensorList params, at::TensorList log_stds, at::
 
 // The buffers of a perturbation or restore of `params` (check_saving), log_stds read beside them.
 inline void check_pac_saving(at::TensorList params, at::TensorList log_stds, const at::Tensor& mask_bits,
-                             const at::Tensor& save_offsets, const at::Tensor& saved, const c10::Device& device,
-                             const char* op) {
+                             const at::Tensor& save_offsets, const at::Tensor& saved,
+                             const std::optional<at::Tensor>& status, const c10::Device& device, const char* op) {
   Ranges reads;
   reads.add(log_stds, "log_stds", false);
-  check_saving(op, params, mask_bits, save_offsets, saved, device, reads);
+  check_saving(op, params, mask_bits, save_offsets, saved, status, device, reads);
 }
 
 // The stage-1 pass's lists: grads and log_std_grads both one per parameter or both empty, anchors
