@@ -62,6 +62,12 @@ def _inputs(family, shapes, device, seed, k, dtype):
     return x
 
 
+def _status(x):
+    """The status an optimizer passes to the ops that save: their layout checked on the device,
+    no sync (what a step costs)."""
+    return torch.zeros(1, dtype=torch.int32, device=x["P"][0].device)
+
+
 def providers(family, device, ours, with_compile):
     """name -> (setup(x) -> fn).  `ours` are fsam_kernels backends."""
     p = {}
@@ -93,10 +99,12 @@ def providers(family, device, ours, with_compile):
             sumsq, perturb = backends.op("grad_sumsq", b), backends.op("perturb_", b)
 
             def setup(x, sumsq=sumsq, perturb=perturb):
+                status = _status(x)
+
                 def fn():
                     stats = sumsq(x["P"], x["G"], x["bits"], False, 0.0)
                     scale = RHO / (stats[0].sqrt() + 1e-12)
-                    perturb(x["P"], x["G"], x["bits"], x["offsets"], x["saved"], scale, False, 0.0)
+                    perturb(x["P"], x["G"], x["bits"], x["offsets"], x["saved"], scale, False, 0.0, status)
                 return fn
             p[f"fsam-{b}"] = setup
     elif family == "clip":
@@ -113,11 +121,12 @@ def providers(family, device, ours, with_compile):
             ops_of = {name: backends.op(name, b) for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_")}
 
             def setup(x, ops_of=ops_of):
-                layout, bases = ChunkLayout(x["P"]), ops.counter_bases(x["P"])
+                layout, bases, status = ChunkLayout(x["P"]), ops.counter_bases(x["P"]), _status(x)
 
                 def fn():
                     noise = (x["S"], bases, 0, 1, 2.0)
-                    ops_of["pac_restore_"](x["P"], *noise, *perturb_with_noise(ops_of, layout, x["P"], noise))
+                    ops_of["pac_restore_"](x["P"], *noise, *perturb_with_noise(ops_of, layout, x["P"], noise, status),
+                                           status)
                 return fn
             p[f"fsam-{b}"] = setup
     elif family == "restore":
@@ -129,7 +138,8 @@ def providers(family, device, ours, with_compile):
             [t.clone() for t in x["P"]])
         for b in ours:
             restore = backends.op("restore_", b)
-            p[f"fsam-{b}"] = lambda x, restore=restore: lambda: restore(x["P"], x["bits"], x["offsets"], x["saved"])
+            p[f"fsam-{b}"] = lambda x, restore=restore: (lambda status: lambda: restore(
+                x["P"], x["bits"], x["offsets"], x["saved"], status))(_status(x))
     return p
 
 

@@ -151,6 +151,13 @@ def check_base_kwargs(method, base_optimizer, base_kwargs):
                         f"({', '.join(k for k in base_options if k != 'params')})")
 
 
+def unscaled_already(scaler, optimizer):
+    """Whether scaler.unscale_(optimizer) ran since the scaler's last update() (GradScaler.step's
+    own test, on its per-optimizer record)."""
+    from torch.amp.grad_scaler import OptState
+    return scaler.is_enabled() and scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.UNSCALED
+
+
 def state_dict_with_hooks(optimizer, make):
     """make()'s state dict between torch.optim's state-dict pre- and post-hooks of `optimizer`
     (a post-hook may return a replacement), as Optimizer.state_dict runs them."""
@@ -370,15 +377,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Perturb the weights to w + e, keeping what restores them.
 
         scaler: the torch.amp.GradScaler that scaled the first backward: the gradients are
-        unscaled in place first (`scaler.unscale_(self)`; the base optimizer's own unscale is
-        left for the second pass), and an overflow counts in the scaler's next update().
+        unscaled in place first (`scaler.unscale_(self)`, unless it ran since the scaler's last
+        update(): by the caller, or by a first_step that raised after it, as GradScaler.step
+        does; the base optimizer's own unscale is left for the second pass), and an overflow
+        counts in the scaler's next update().
 
         Returns a 0-dim bool device tensor: False when non-finite gradients skipped the
         perturbation (reading it syncs)."""
         if self.roles.perturbed:
             raise RuntimeError("first_step() called twice: call second_step() to restore the weights first")
         self._step_hooks(pre=True)
-        if scaler is not None:
+        if scaler is not None and not unscaled_already(scaler, self):
             scaler.unscale_(self)
         before = self._snapshot()
         try:

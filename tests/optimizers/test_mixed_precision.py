@@ -179,3 +179,25 @@ def test_sharpness_step_takes_the_references_steps(backend, cls):
                            max_grad_norm=0.5, clip="componentwise")
         runs.append(snapshot(model))
     assert_bits_equal(runs[1], runs[0])
+
+
+@pytest.mark.parametrize("cls", [FSAM, SAM])
+def test_a_first_step_retried_after_an_error_unscales_once(cls, monkeypatch):
+    """A first_step(scaler=...) that raises after unscaling (here: its perturbation) is rolled
+    back; retried, it does not unscale again (GradScaler.step's rule): the run is the unbroken one."""
+    m1, o1 = make(cls)
+    m2, o2 = make(cls)
+    sc1, sc2 = scaler(), scaler()
+    for s in range(3):
+        for m, o, sc, fail in ((m1, o1, sc1, False), (m2, o2, sc2, s == 1)):
+            sc.scale(loss_of(m, s)).backward()
+            if fail:
+                with monkeypatch.context() as patch:
+                    patch.setattr(o.roles, "perturb", lambda *a, **k: (_ for _ in ()).throw(MemoryError("boom")))
+                    with pytest.raises(MemoryError):
+                        o.first_step(zero_grad=False, scaler=sc)
+            o.first_step(zero_grad=True, scaler=sc)
+            sc.scale(loss_of(m, s)).backward()
+            o.second_step(zero_grad=True, scaler=sc)
+            sc.update()
+    assert_bits_equal(snapshot(m1), snapshot(m2))
