@@ -27,9 +27,10 @@ class FisherMask(SharpnessScale):
     """SAM's scale on the entries of a mask of the k entries of the pool (the roles' masked
     tensors) with the largest Fisher estimate, rebuilt every `mask_interval` steps (see FSAM)."""
 
-    def __init__(self, *, k, mask_interval, fisher, fisher_decay, backend, pool, **scale):
+    def __init__(self, *, k, mask_interval, fisher, fisher_decay, exact_rollback, backend, pool, **scale):
         super().__init__(**scale)
         self.k, self.mask_interval, self.fisher, self.fisher_decay = k, mask_interval, fisher, fisher_decay
+        self.exact_rollback = exact_rollback
         self.backend = backend
         self._fisher_op = backends.op("fisher_accumulate_", backend)
         self._sumsq_op = backends.op("grad_sumsq", backend)
@@ -84,12 +85,16 @@ class FisherMask(SharpnessScale):
         self.samples += 1
 
     def snapshot(self):
-        # the EMA estimate is updated in place and not copied back: a step that raises keeps the
-        # first pass's squares in it (a copy per step would cost as much as the estimate)
-        return self.steps_since_mask, self.samples
+        # The EMA estimate is updated in place: a copy of it, taken only with exact_rollback (as
+        # large as the estimate, held for the step), puts it back; without, a step that raises
+        # keeps the first pass's squares in it.
+        copy = [f.clone() for f in self.estimate] if self.exact_rollback and self.fisher == "ema" else None
+        return self.steps_since_mask, self.samples, copy
 
     def rollback(self, snapshot):
-        self.steps_since_mask, self.samples = snapshot
+        self.steps_since_mask, self.samples, copy = snapshot
+        if copy is not None:
+            torch._foreach_copy_(self.estimate, copy)
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -196,13 +201,19 @@ class FSAM(SharpnessAwareOptimizer):
     densely, "none" leaves them unperturbed (their gradients still count in the norm).
     Parameters frozen at construction (requires_grad=False) are never perturbed and count in
     neither the pool nor k.
+
+    A step that raises is rolled back (docs/errors.md).  With fisher="ema" the estimate is
+    updated in place by the first pass: exact_rollback=True copies it at the start of every step
+    (4 bytes per pool entry, held until the step ends) so that a step that raises puts it back
+    bit for bit; by default the failed step's squares stay in it.
     """
 
     def __init__(self, params: ParamsT, base_optimizer: type[torch.optim.Optimizer], *, rho: float = 0.05,
                  sparsity: float = 0.9, mask_interval: int = 100, fisher: str = "batch", fisher_decay: float = 0.95,
                  renormalize: bool = False, adaptive: bool = False, eta: float = 0.0, norm_eps: float = 1e-12,
                  pool: Union[None, str, Callable[[Optional[str], torch.Tensor], bool]] = None,
-                 outside_pool: str = "dense", backend: Optional[str] = "auto", **base_kwargs: Any):
+                 outside_pool: str = "dense", exact_rollback: bool = False, backend: Optional[str] = "auto",
+                 **base_kwargs: Any):
         check_number("sparsity", sparsity, 0.0)
         if not sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -215,6 +226,8 @@ class FSAM(SharpnessAwareOptimizer):
             raise ValueError(f"fisher_decay must be in [0, 1), got {fisher_decay}")
         if outside_pool not in OUTSIDE_POOL:
             raise ValueError(f"outside_pool must be one of {OUTSIDE_POOL}, got {outside_pool!r}")
+        if not isinstance(exact_rollback, bool):
+            raise TypeError(f"exact_rollback must be a bool, got {type(exact_rollback).__name__}")
         predicate = pool_predicate(pool)
         scale = dict(rho=rho, adaptive=adaptive, eta=eta, norm_eps=norm_eps, renormalize=renormalize)
         SharpnessScale(**scale)  # its checks, before the base optimizer is built
@@ -225,7 +238,7 @@ class FSAM(SharpnessAwareOptimizer):
         in_pool = [r == "masked" for r in roles]
         self._compose(roles,
                       FisherMask(k=k, mask_interval=mask_interval, fisher=fisher, fisher_decay=float(fisher_decay),
-                                 backend=self.backend, pool=[t for t, keep in zip(self._locals, in_pool) if keep],
+                                 exact_rollback=exact_rollback, backend=self.backend, pool=[t for t, keep in zip(self._locals, in_pool) if keep],
                                  **scale))
 
     def _plan_roles(self):

@@ -324,6 +324,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         self._step_count = 0
         self._in_step = False  # inside step(closure), whose wrapper runs the step hooks
+        self._step_snapshot = None  # step(closure)'s snapshot, which its first_step shares
 
     def _compose(self, role_of, perturbation):
         """Fix the roles (one per parameter, fsam_kernels/roles.py) and the perturbation policy
@@ -389,7 +390,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._step_hooks(pre=True)
         if scaler is not None and not unscaled_already(scaler, self):
             scaler.unscale_(self)
-        before = self._snapshot()
+        before = self._step_snapshot if self._in_step else self._snapshot()  # step()'s: the same, taken once
         try:
             policy = self.perturbation
             grads = self.roles.gradients()
@@ -475,7 +476,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if all(p.grad is None for p in self._params):
             raise RuntimeError("no gradients: run the first forward/backward before step(closure)")
         self._in_step = True
-        before = self._snapshot()
+        before = self._step_snapshot = self._snapshot()
         try:
             self.first_step(zero_grad=True)
             try:
@@ -486,7 +487,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 raise
             self.second_step()
         finally:
-            self._in_step = False
+            self._in_step, self._step_snapshot = False, None
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

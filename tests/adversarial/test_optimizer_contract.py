@@ -16,7 +16,8 @@ from conftest import all_backends  # noqa: E402
 from models import train as two_pass_steps  # noqa: E402
 
 CPU_BACKENDS = [b for b, d in all_backends() if d == "cpu"]
-KINDS = {"FSAM": dict(sparsity=0.5, mask_interval=2, fisher="ema"), "SAM": {}}
+KINDS = {"FSAM": dict(sparsity=0.5, mask_interval=2, fisher="ema"), "SAM": {},
+         "FSAM-exact": dict(sparsity=0.5, mask_interval=2, fisher="ema", exact_rollback=True)}
 
 
 def model(seed=0):
@@ -32,7 +33,7 @@ def loss(m, step):
 
 def make(kind, backend="reference", seed=0):
     m = model(seed)
-    cls = FSAM if kind == "FSAM" else SAM
+    cls = SAM if kind == "SAM" else FSAM
     return m, cls(m.named_parameters(), torch.optim.AdamW, lr=1e-2, backend=backend, **KINDS[kind])
 
 
@@ -116,7 +117,7 @@ class Boom(Exception):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("kind", ["FSAM", "SAM"])
+@pytest.mark.parametrize("kind", ["FSAM", "FSAM-exact", "SAM"])
 def test_an_exception_in_the_closure_leaves_the_step_unbegun(backend, kind):
     m, opt = make(kind, backend)
     twin_m, twin = make(kind, backend)
@@ -132,7 +133,7 @@ def test_an_exception_in_the_closure_leaves_the_step_unbegun(backend, kind):
     with pytest.raises(Boom):
         opt.step(closure)
     assert same(weights(m), before)
-    if kind == "SAM":  # FSAM's EMA keeps the first pass's squares (docs/errors.md)
+    if kind != "FSAM":  # FSAM's EMA keeps the first pass's squares without exact_rollback (docs/errors.md)
         assert same(opt.state_dict(), state)
     with pytest.raises(RuntimeError, match="second_step"):  # no pending second step
         opt.second_step()
@@ -169,6 +170,20 @@ def test_an_exception_halfway_through_the_perturbation_restores_it(backend):
     assert not opt.roles.perturbed and same(opt.state_dict(), state)
     with pytest.raises(RuntimeError, match="second_step"):
         opt.second_step()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_exact_rollback_puts_the_ema_back_after_a_failed_first_step(backend):
+    m, opt = make("FSAM-exact", backend)
+    train(m, opt, 3)
+    before, state = weights(m), opt.state_dict()
+    opt.roles.perturb = lambda *a, **k: (_ for _ in ()).throw(Boom())
+    loss(m, 3).backward()
+    with pytest.raises(Boom):
+        opt.first_step()
+    assert same(weights(m), before) and same(opt.state_dict(), state)  # the estimate included
+    with pytest.raises(TypeError, match="exact_rollback"):
+        FSAM(model().parameters(), torch.optim.SGD, lr=0.1, exact_rollback=1)
 
 
 # ---- load_state_dict: random single-field mutations ------------------------------------------------
