@@ -39,7 +39,7 @@ GLUE_TASKS = ("rte", "mrpc", "stsb", "cola", "sst2")  # small to large: the firs
 # sizes, each dtype), the multi-step FSAM and sharpness-step bit-identity runs, PAC-tuning, and the
 # no-host-sync tests; -k keeps the cases of the GPU backends (on the CPU: cuda-sim and Triton).
 OPS_TESTS = ("tests/ops", "tests/optimizers/test_optimizers.py", "tests/optimizers/test_mixed_precision.py",
-             "tests/optimizers/test_pac.py")
+             "tests/optimizers/test_pac.py", "tests/adversarial/test_saved_layouts.py")
 OPS_FILTER = "cuda or triton"
 PYTEST_JOBS = min(8, os.cpu_count() or 1)
 TRAINER_FSDP_TEST = "tests/optimizers/test_fsdp.py::test_trainer_under_fsdp2"

@@ -9,6 +9,11 @@ BLOCK = CHUNK  # one program per chunk of the layout
 LAUNCH_OPTIONS = {"enable_fp_fusion": False, "num_warps": 8}
 
 
+def itemsize(dtype):
+    import torch
+    return torch.empty(0, dtype=dtype).element_size()
+
+
 def tl_dtype(dtype):
     import torch
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]

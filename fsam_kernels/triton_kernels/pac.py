@@ -10,7 +10,7 @@ import triton.language as tl
 from .._layout import total_chunks
 from . import saved_runs, tables
 from .clip import tensor_sums
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, member_ptr, only_if, round_to, tl_dtype
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, itemsize, mask_lanes, member_ptr, only_if, round_to, tl_dtype
 
 # Philox and the transcendentals make these kernels compute-heavy: twice the warps of the others
 # halve the elements (and registers) a thread holds.
@@ -147,10 +147,6 @@ def _noise_tables(params, log_stds, bases, group, device):
             tables.int64_table(tuple(bases[m] for m in group.members), device))
 
 
-def _itemsize(dtype):
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def pac_noise_mask(params, log_stds, bases, seed, step, max_noise):
     device = params[0].device
     total = total_chunks(params)
@@ -160,7 +156,7 @@ def pac_noise_mask(params, log_stds, bases, seed, step, max_noise):
         _pac_mask_kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), *_noise_tables(params, log_stds, bases, g, device),
             g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel, seed, step, float(max_noise), bits, counts,
-            DT=tl_dtype(g.dtype), ITEMSIZE=_itemsize(g.dtype), BLOCK=BLOCK, **PAC_LAUNCH)
+            DT=tl_dtype(g.dtype), ITEMSIZE=itemsize(g.dtype), BLOCK=BLOCK, **PAC_LAUNCH)
     return bits, counts
 
 
@@ -168,12 +164,11 @@ def _shift(kernel, params, log_stds, bases, seed, step, max_noise, mask_bits, sa
     device = params[0].device
     gate = saved_runs.gate(params, mask_bits, save_offsets, saved, status)
     for g in tables.groups(params):
-        itemsize = _itemsize(g.dtype)
         kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), *_noise_tables(params, log_stds, bases, g, device),
             g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel, seed, step, float(max_noise), mask_bits,
-            save_offsets, saved[: saved.numel() // itemsize * itemsize].view(g.dtype), saved.numel() // itemsize,
-            gate, DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, BLOCK=BLOCK, **PAC_LAUNCH)
+            save_offsets, *saved_runs.elements(saved, g.dtype), gate, DT=tl_dtype(g.dtype), ITEMSIZE=itemsize(g.dtype),
+            BLOCK=BLOCK, **PAC_LAUNCH)
 
 
 def pac_perturb_(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None):

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import saved_runs, tables
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes, member_ptr, only_if, round_to, tl_dtype
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, itemsize, mask_lanes, member_ptr, only_if, round_to, tl_dtype
 
 
 @triton.jit
@@ -95,22 +95,19 @@ def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=Fals
     device = params[0].device
     gate = saved_runs.gate(params, mask_bits, save_offsets, saved, status)
     for g in tables.groups(params):
-        itemsize = torch.empty(0, dtype=g.dtype).element_size()
         _perturb_kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), tables.addresses(grads, g.members, device), g.chunk_tensor,
             g.chunk_start, g.chunk_index, g.numel, mask_bits if mask_bits is not None else _dummy(device),
-            save_offsets, saved.view(g.dtype), saved.numel() // itemsize, scale, float(eta), gate, DT=tl_dtype(g.dtype),
-            ITEMSIZE=itemsize,
-            MASKED=mask_bits is not None, ADAPTIVE=bool(adaptive), BLOCK=BLOCK, **LAUNCH_OPTIONS)
+            save_offsets, *saved_runs.elements(saved, g.dtype), scale, float(eta), gate, DT=tl_dtype(g.dtype),
+            ITEMSIZE=itemsize(g.dtype), MASKED=mask_bits is not None, ADAPTIVE=bool(adaptive), BLOCK=BLOCK, **LAUNCH_OPTIONS)
 
 
 def restore_(params, mask_bits, save_offsets, saved, status=None):
     device = params[0].device
     gate = saved_runs.gate(params, mask_bits, save_offsets, saved, status)
     for g in tables.groups(params):
-        itemsize = torch.empty(0, dtype=g.dtype).element_size()
         _restore_kernel[(g.chunks,)](
             tables.addresses(params, g.members, device), g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel,
-            mask_bits if mask_bits is not None else _dummy(device), save_offsets, saved.view(g.dtype),
-            saved.numel() // itemsize, gate, DT=tl_dtype(g.dtype), ITEMSIZE=itemsize, MASKED=mask_bits is not None,
-            BLOCK=BLOCK, **LAUNCH_OPTIONS)
+            mask_bits if mask_bits is not None else _dummy(device), save_offsets, *saved_runs.elements(saved, g.dtype),
+            gate, DT=tl_dtype(g.dtype), ITEMSIZE=itemsize(g.dtype), MASKED=mask_bits is not None, BLOCK=BLOCK,
+            **LAUNCH_OPTIONS)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, mask_lanes
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, itemsize, mask_lanes
 
 
 @triton.jit(do_not_specialize=["capacity"])
@@ -42,8 +42,18 @@ def gate(params, mask_bits, save_offsets, saved, status):
     for g in tables.groups(params):
         _run_ends_kernel[(g.chunks,)](
             g.chunk_tensor, g.chunk_start, g.chunk_index, g.numel, save_offsets if mask_bits is None else mask_bits,
-            save_offsets, saved.numel(), ends, ITEMSIZE=torch.empty(0, dtype=g.dtype).element_size(),
+            save_offsets, saved.numel(), ends, ITEMSIZE=itemsize(g.dtype),
             MASKED=mask_bits is not None, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     bad = (ends < 0).any() | (save_offsets[1:] < ends[:-1]).any()
     status.copy_(status.ne(0) | bad)
     return status
+
+
+def elements(saved, dtype):
+    """(the saved byte buffer as whole elements of `dtype`, their count): a byte tail shorter
+    than an element, which no valid run reaches, is left out (and an empty buffer, which need not
+    be aligned, holds none)."""
+    count = saved.numel() // itemsize(dtype)
+    if not count:
+        return torch.empty(0, dtype=dtype, device=saved.device), 0
+    return saved[: count * itemsize(dtype)].view(dtype), count
