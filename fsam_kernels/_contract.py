@@ -173,10 +173,11 @@ def host_runs_pass(tensors, mask_bits, save_offsets, saved, status):
     return not status.item()
 
 
-def check_saving(params, grads, mask_bits, save_offsets, saved, status, device, *, extra_read=()):
+def check_saving(params, grads, mask_bits, save_offsets, saved, status, device, *, runs, extra_read=()):
     """The buffers of a perturbation or a restore of `params` (checked floats, contiguous):
     mask_bits, save_offsets, saved (starting SAVE_ALIGN-aligned) and status, nothing written
-    overlapping anything, and, without `status`, the saved runs."""
+    overlapping anything, and, where `runs` and without `status`, the saved runs (False: the
+    caller hands them to a raw op, which reads them itself)."""
     chunks = total_chunks(params)
     if mask_bits is not None:
         check_buffer("mask_bits", mask_bits, torch.uint8, chunks * CHUNK_BYTES, device)
@@ -188,7 +189,7 @@ def check_saving(params, grads, mask_bits, save_offsets, saved, status, device, 
         raise ValueError(f"saved must start on a {SAVE_ALIGN}-byte boundary")
     check_disjoint([("params", params), ("saved", saved), ("status", status)],
                    [("grads", grads), ("mask_bits", mask_bits), ("save_offsets", save_offsets), *extra_read])
-    if status is None:
+    if runs and status is None:
         check_saved_runs(params, mask_bits, save_offsets, saved)
 
 
@@ -277,17 +278,18 @@ def grad_sumsq(params, grads, mask_bits=None, adaptive=False, eta=0.0):
     check_number("eta", eta, 0)
 
 
-def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0, status=None):
+def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=False, eta=0.0, status=None, *, runs=True):
     params, grads = _params(params, grads)
     device = device_of(params=params, grads=grads)
     check_scale(scale, device)
     check_number("eta", eta, 0)
-    check_saving(params, grads, mask_bits, save_offsets, saved, status, device, extra_read=[("scale", scale)])
+    check_saving(params, grads, mask_bits, save_offsets, saved, status, device, runs=runs,
+                 extra_read=[("scale", scale)])
 
 
-def restore_(params, mask_bits, save_offsets, saved, status=None):
+def restore_(params, mask_bits, save_offsets, saved, status=None, *, runs=True):
     params, _ = _params(params)
-    check_saving(params, None, mask_bits, save_offsets, saved, status, device_of(params=params))
+    check_saving(params, None, mask_bits, save_offsets, saved, status, device_of(params=params), runs=runs)
 
 
 def tensor_sumsq(tensors):
@@ -336,11 +338,13 @@ def pac_noise_mask(params, log_stds, bases, seed, step, max_noise):
     pac_noise(params, log_stds, bases, seed, step, max_noise)
 
 
-def _pac_shift(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None):
+def _pac_shift(params, log_stds, bases, seed, step, max_noise, mask_bits, save_offsets, saved, status=None, *,
+               runs=True):
     params, log_stds, device = pac_noise(params, log_stds, bases, seed, step, max_noise)
     if mask_bits is None:
         raise ValueError("mask_bits is required: pac_noise_mask gives it")
-    check_saving(params, None, mask_bits, save_offsets, saved, status, device, extra_read=[("log_stds", log_stds)])
+    check_saving(params, None, mask_bits, save_offsets, saved, status, device, runs=runs,
+                 extra_read=[("log_stds", log_stds)])
 
 
 pac_perturb_ = pac_restore_ = _pac_shift
@@ -371,9 +375,10 @@ def pac_bound_grads_(params, grads, log_stds, log_std_grads, anchors, prior_log_
                     ("log_stds", log_stds)])
 
 
-def check(name, *args):
-    """Check op `name`'s raw arguments (positional, in its schema's order)."""
-    globals()[name](*args)
+def check(name, *args, **options):
+    """Check op `name`'s raw arguments (positional, in its schema's order); `options`: its
+    checker's keywords (runs=False for the ops that save: the raw op reads the runs itself)."""
+    globals()[name](*args, **options)
 
 
 def checked(name, impl):

@@ -4,6 +4,8 @@ Every function takes lists of tensors (one call covers the whole list) and `back
 (the fastest for the tensors' device) or one of `available_backends()`.  The arguments are
 checked here by the contract of fsam_kernels/_contract.py, before any backend runs, and errors
 name the argument at fault (docs/errors.md); the raw ops check it again for their direct callers.
+The saved runs of the ops that save are left to the raw op alone: reading them twice would cost
+a second pass over the mask and, on a GPU, a second sync.
 """
 from collections.abc import Sequence
 from typing import Optional
@@ -124,7 +126,8 @@ def perturb(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tenso
     grads = _contiguous(_tensor_list("grads", grads, optional=True))
     if isinstance(scale, torch.Tensor):
         scale = scale.reshape(())
-    _contract.check("perturb_", params, grads, mask_bits, save_offsets, saved, scale, adaptive, eta, status)
+    _contract.check("perturb_", params, grads, mask_bits, save_offsets, saved, scale, adaptive, eta, status,
+                    runs=False)  # the backend's op reads the saved runs (one sync on a GPU), not both
     args = (params, grads, mask_bits, save_offsets, saved, scale, bool(adaptive), float(eta), status)
     if params:
         backends.op("perturb_", backends.resolve(backend, _device_of(params=params)))(*args)
@@ -137,7 +140,7 @@ def restore(params: Sequence[torch.Tensor], *, save_offsets: torch.Tensor, saved
     (given the same one, a skipped perturb's restore is skipped too)."""
     params = _tensor_list("params", params)
     args = (params, mask_bits, save_offsets, saved, status)
-    _contract.check("restore_", *args)
+    _contract.check("restore_", *args, runs=False)
     if params:
         backends.op("restore_", backends.resolve(backend, _device_of(params=params)))(*args)
 
@@ -186,7 +189,7 @@ def _pac_shift(op, params, log_stds, seed, step, mask_bits, save_offsets, saved,
     bases = counter_bases(params) if bases is None else list(bases)
     args = (params, [s.contiguous() for s in _tensor_list("log_stds", log_stds)], bases, seed, step, max_noise,
             mask_bits, save_offsets, saved, status)
-    _contract.check(op, *args)
+    _contract.check(op, *args, runs=False)
     args = args[:5] + (float(max_noise),) + args[6:]
     if params:
         backends.op(op, backends.resolve(backend, _device_of(params=params)))(*args)

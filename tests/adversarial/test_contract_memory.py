@@ -29,3 +29,17 @@ def test_the_saved_runs_check_does_not_grow_with_the_elements():
     assert large < (3 << 20) + 64 * chunks_large, large  # the 1 MiB popcount block, twice, and per-chunk tables
     assert large - small < 64 * (chunks_large - chunks_small) + (1 << 20), (small, large)
     assert large < (1 << 23) * 2 // 4  # a quarter of the former 2 bytes per element, at most
+
+
+def test_a_public_op_reads_the_saved_runs_once(monkeypatch):
+    """The public op leaves the saved runs to the backend's raw op, which reads them anyway: one
+    pass over the mask (on a GPU, one sync), not two."""
+    reads = []
+    real = _contract.saved_runs_error
+    monkeypatch.setattr(_contract, "saved_runs_error", lambda *a: reads.append(1) or real(*a))
+    params = [torch.randn(5000), torch.randn(7)]
+    offsets, saved = ops.save_layout(params)
+    ops.perturb(params, [torch.randn_like(p) for p in params], torch.tensor(0.1), save_offsets=offsets, saved=saved,
+                backend="reference")
+    ops.restore(params, save_offsets=offsets, saved=saved, backend="reference")
+    assert len(reads) == 2  # one each

@@ -212,8 +212,8 @@ inline std::string saved_runs_error(at::TensorList tensors, const uint8_t* bits,
                         " at or after the end of the previous run (", end, "): runs lie in chunk order without overlap");
       }
       if (offset > capacity || entries * itemsize > capacity - offset) {
-        return c10::str("the run of chunk ", chunk, " (", entries, " values from byte ", offset,
-                        ") ends past saved (", capacity, " bytes): size it with save_layout");
+        return c10::str("saved has ", capacity, " bytes but the run of chunk ", chunk, " (", entries,
+                        " values from byte ", offset, ") ends past it: size it with save_layout(params, chunk_counts)");
       }
       end = offset + entries * itemsize;
     }
