@@ -55,3 +55,23 @@ def test_a_set_status_stops_the_ops(backend, device):
         assert int(status) == 1
         assert all(torch.equal(a, b) for a, b in zip(params, before))
         assert bool((saved == POISON).all())
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_a_bad_status_is_refused(backend, device):
+    """status is written: of the wrong dtype or size, or over a tensor of the call, it is refused
+    before anything is written."""
+    params = [torch.randn(CHUNK + 9, device=device)]
+    grads = [torch.randn_like(params[0])]
+    offsets, saved = ops.save_layout(params)
+    before, saved_before = params[0].clone(), saved.clone()
+    op = backends.op("perturb_", backend)
+    scale = torch.tensor(0.5, device=device)
+    for status, error in ((torch.zeros(1, dtype=torch.int64, device=device), TypeError),
+                          (torch.zeros(2, dtype=torch.int32, device=device), ValueError),
+                          (saved[:4].view(torch.int32), ValueError),  # over saved
+                          (params[0][:1].view(torch.int32), ValueError),  # over a weight
+                          (offsets[:1].view(torch.int32)[:1], ValueError)):  # over an input
+        with pytest.raises(error, match="status"):
+            op(params, grads, None, offsets, saved, scale, False, 0.0, status)
+        assert torch.equal(params[0], before) and torch.equal(saved, saved_before)
