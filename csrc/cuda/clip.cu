@@ -54,10 +54,10 @@ at::Tensor tensor_sumsq_cuda(at::TensorList tensors) {
   const ListChunks list(tensors);
   const int64_t n = static_cast<int64_t>(tensors.size());
   const auto options = at::TensorOptions().dtype(at::kDouble).device(device);
-  if (list.total == 0) return at::zeros({n}, options);
+  if (list.total == 0) return device_zeros({n}, options, "sums");
   const DeviceGuard guard(device);
   const Stream stream = current_stream();
-  auto partials = at::empty({2 * list.total}, options);  // every chunk writes its two
+  auto partials = device_empty({2 * list.total}, options, "partials");  // every chunk writes its two
   const std::vector<const void*> data = data_ptrs(tensors);
   for_each_group(list, dtypes_of(tensors), {data, data}, device, [&](at::ScalarType dtype, const TensorTable& t,
                                                                       unsigned grid) {
@@ -70,7 +70,7 @@ at::Tensor tensor_sumsq_cuda(at::TensorList tensors) {
   std::copy(list.first.begin(), list.first.end(), first.data_ptr<int64_t>());
   first.data_ptr<int64_t>()[n] = list.total;
   const at::Tensor first_d = to_device(first, device);
-  auto sums = at::empty({n}, options);
+  auto sums = device_empty({n}, options, "sums");
   launch<tensor_sums_kernel>(resident_grid(n, n, sm_count(device)), stream, partials.const_data_ptr<double>(),
                              first_d.const_data_ptr<int64_t>(), n, sums.data_ptr<double>());
   return sums;
@@ -99,8 +99,8 @@ void clip_scale_cuda(at::TensorList tensors, const at::Tensor& norms, double max
 }  // namespace
 
 FSAM_CUDA_LIBRARY_IMPL(m) {
-  m.impl("tensor_sumsq", &tensor_sumsq_cuda);
-  m.impl("clip_scale_", &clip_scale_cuda);
+  FSAM_IMPL(m, "tensor_sumsq", tensor_sumsq_cuda);
+  FSAM_IMPL(m, "clip_scale_", clip_scale_cuda);
 }
 
 }  // namespace fsam::cuda

@@ -1,16 +1,24 @@
 // The host side of the CUDA kernels behind one seam, so that csrc/cuda keeps one text for two
 // builds: under nvcc the CUDA runtime and c10/cuda; in the emulated build (FSAM_SIM, the
 // cuda-sim backend: csrc/sim/) CPU tensors and the SIMT emulator.  Kernel launches, the stream,
-// the device guard, the pinned table copies, the device attributes and the op registration key
-// are the only things that differ.
+// the device guard, the pinned table copies, the device attributes, the op registration key and
+// the device memory of an op are the only things that differ.  Every tensor an op's kernels touch
+// is an argument of the op or comes from device_empty, device_zeros, to_device or aten_result: the
+// emulator gives exactly those to the op's launches (its memcheck) and counts their traffic.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
 #include <utility>
 
 #ifndef FSAM_SIM
@@ -49,6 +57,21 @@ inline at::Tensor to_device(const at::Tensor& host, const c10::Device& device) {
 
 inline void zero_async(void* p, size_t bytes, Stream stream) { C10_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream)); }
 
+// The op's device memory: scratch and outputs (`label` names it in the emulator's reports).
+inline at::Tensor device_empty(at::IntArrayRef sizes, const at::TensorOptions& options, const char*) {
+  return at::empty(sizes, options);
+}
+inline at::Tensor device_zeros(at::IntArrayRef sizes, const at::TensorOptions& options, const char*) {
+  return at::zeros(sizes, options);
+}
+// A device value read by the host: a sync.
+template <typename T>
+T device_read(const at::Tensor& t) {
+  return t.item<T>();
+}
+// What `kernels` ATen kernels the op launched gave (a conversion).
+inline at::Tensor aten_result(at::Tensor t, const char*, int) { return t; }
+
 // kernel<<<grid, kBlock, 0, stream>>>(args...), checked.
 template <auto kKernel, typename... A>
 void launch(unsigned grid, Stream stream, A&&... args) {
@@ -57,6 +80,7 @@ void launch(unsigned grid, Stream stream, A&&... args) {
 }
 
 #define FSAM_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(fsam, CUDA, m)
+#define FSAM_IMPL(m, name, fn) m.impl(name, &fn)
 
 #else  // the emulated build: CPU tensors, kernels run by csrc/sim/runtime.cpp when launched
 
@@ -70,15 +94,104 @@ inline Stream current_stream() { return {}; }
 inline c10::Device default_device() { return c10::Device(kDeviceType); }
 inline int sm_count(const c10::Device&) { return sim::sm_count(); }
 inline at::Tensor host_longs(int64_t n) { return at::empty({n}, at::TensorOptions().dtype(at::kLong)); }
-inline at::Tensor to_device(const at::Tensor& host, const c10::Device&) { return host; }
-inline void zero_async(void* p, size_t bytes, Stream) { std::memset(p, 0, bytes); }
+
+// The storage of t, given to the running op's launches under `label`.
+inline void give(const at::Tensor& t, const std::string& label) {
+  if (t.defined() && t.has_storage()) sim::give(t.storage().data(), t.storage().nbytes(), label);
+}
+
+inline at::Tensor to_device(const at::Tensor& host, const c10::Device&) {
+  give(host, "table");
+  sim::transfer(sim::Transfer::kCopy, host.nbytes());
+  return host;
+}
+inline void zero_async(void* p, size_t bytes, Stream) {
+  sim::transfer(sim::Transfer::kFill, bytes);
+  std::memset(p, 0, bytes);
+}
+inline at::Tensor device_empty(at::IntArrayRef sizes, const at::TensorOptions& options, const char* label) {
+  at::Tensor t = at::empty(sizes, options);
+  give(t, label);
+  return t;
+}
+inline at::Tensor device_zeros(at::IntArrayRef sizes, const at::TensorOptions& options, const char* label) {
+  at::Tensor t = at::zeros(sizes, options);
+  give(t, label);
+  sim::transfer(sim::Transfer::kFill, t.nbytes());
+  return t;
+}
+template <typename T>
+T device_read(const at::Tensor& t) {
+  sim::transfer(sim::Transfer::kSync, t.nbytes());
+  return t.item<T>();
+}
+inline at::Tensor aten_result(at::Tensor t, const char* label, int kernels) {
+  give(t, label);
+  for (int k = 0; k < kernels; ++k) sim::transfer(sim::Transfer::kAten, t.nbytes());
+  return t;
+}
+
+template <auto kKernel, typename Params>
+void run_kernel(const void* params) {
+  std::apply(kKernel, *static_cast<const Params*>(params));  // each thread its own copies
+}
 
 template <auto kKernel, typename... A>
 void launch(unsigned grid, Stream, A&&... args) {
-  sim::launch(grid, kBlock, __PRETTY_FUNCTION__, [&] { kKernel(args...); });  // each thread its own copies
+  const std::tuple<std::decay_t<A>...> params(std::forward<A>(args)...);
+  sim::launch(grid, kBlock, __PRETTY_FUNCTION__, &params, sizeof(params), &run_kernel<kKernel, decltype(params)>);
+}
+
+// An op's arguments given to its launches, named by its schema.
+inline void give_argument(size_t i, const at::Tensor& t) { give(t, sim::argument_label(i, -1)); }
+inline void give_argument(size_t i, const std::optional<at::Tensor>& t) {
+  if (t.has_value()) give(*t, sim::argument_label(i, -1));
+}
+inline void give_argument(size_t i, at::TensorList ts) {
+  for (size_t j = 0; j < ts.size(); ++j) give(ts[j], sim::argument_label(i, static_cast<int64_t>(j)));
+}
+inline void give_argument(size_t i, const c10::List<std::optional<at::Tensor>>& ts) {
+  for (size_t j = 0; j < ts.size(); ++j) {
+    const std::optional<at::Tensor> t = ts[j];
+    if (t.has_value()) give(*t, sim::argument_label(i, static_cast<int64_t>(j)));
+  }
+}
+template <typename T>
+void give_argument(size_t, const T&) {}
+
+// The elements and tensors of an op's first tensor list (elements < 0 until one is seen).
+inline void count_list(int64_t& elements, int64_t& tensors, at::TensorList ts) {
+  if (elements >= 0) return;
+  elements = 0;
+  tensors = static_cast<int64_t>(ts.size());
+  for (const auto& t : ts) elements += t.numel();
+}
+template <typename T>
+void count_list(int64_t&, int64_t&, const T&) {}
+
+// impl behind an op scope that gives it its arguments (FSAM_IMPL registers it).
+template <auto kImpl>
+struct Given;
+template <typename R, typename... A, R (*kImpl)(A...)>
+struct Given<kImpl> {
+  static inline const char* op = nullptr;
+  static R call(A... a) {
+    int64_t elements = -1, tensors = 0;
+    (count_list(elements, tensors, a), ...);
+    const sim::OpScope scope(op, std::max<int64_t>(elements, 0), tensors);
+    size_t i = 0;
+    (give_argument(i++, a), ...);
+    return kImpl(std::forward<A>(a)...);
+  }
+};
+template <auto kImpl>
+auto given(const char* op) {
+  Given<kImpl>::op = op;
+  return &Given<kImpl>::call;
 }
 
 #define FSAM_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(fsam_sim, CPU, m)
+#define FSAM_IMPL(m, name, fn) m.impl(name, ::fsam::cuda::given<&fn>(name))
 
 #endif
 

@@ -72,8 +72,11 @@ void fisher_accumulate_cuda(at::TensorList fisher, const c10::List<std::optional
   std::vector<at::ScalarType> dtypes;  // the gradients': F decays alone with the fp32 group
   for (const std::optional<at::Tensor> g : grads) dtypes.push_back(g.has_value() ? g->scalar_type() : at::kFloat);
   at::Tensor inf;
-  // on the device, no sync: non-zero (NaN included) skips, whatever its dtype (a huge int stays non-zero)
-  if (found_inf.has_value()) inf = found_inf->ne(0).to(at::kFloat).contiguous();
+  // on the device, no sync: non-zero (NaN included) skips; float32 (GradScaler's) as it is, another
+  // dtype through two ATen kernels (a huge int stays non-zero)
+  if (found_inf.has_value())
+    inf = found_inf->scalar_type() == at::kFloat ? *found_inf
+                                                 : aten_result(found_inf->ne(0).to(at::kFloat), "found_inf", 2);
   const DeviceGuard guard(device);
   const Stream stream = current_stream();
   const FisherUpdate update{static_cast<float>(decay), static_cast<float>(alpha)};
@@ -94,6 +97,6 @@ void fisher_accumulate_cuda(at::TensorList fisher, const c10::List<std::optional
 
 }  // namespace
 
-FSAM_CUDA_LIBRARY_IMPL(m) { m.impl("fisher_accumulate_", &fisher_accumulate_cuda); }
+FSAM_CUDA_LIBRARY_IMPL(m) { FSAM_IMPL(m, "fisher_accumulate_", fisher_accumulate_cuda); }
 
 }  // namespace fsam::cuda

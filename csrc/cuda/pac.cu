@@ -213,8 +213,8 @@ std::tuple<at::Tensor, at::Tensor> pac_noise_mask_cuda(at::TensorList params, at
   check_pac_noise(params, log_stds, bases, seed, step, max_noise, device, op);
   const PacCall call(params, log_stds, bases, seed, step, max_noise, device);
   const auto options = at::TensorOptions().device(device);
-  auto bits = at::empty({call.list.total * kChunkBytes}, options.dtype(at::kByte));  // every chunk writes its own
-  auto counts = at::empty({call.list.total}, options.dtype(at::kInt));
+  auto bits = device_empty({call.list.total * kChunkBytes}, options.dtype(at::kByte), "mask_bits");  // every chunk writes its own
+  auto counts = device_empty({call.list.total}, options.dtype(at::kInt), "chunk_counts");
   call.launch(params, {data_ptrs(params), data_ptrs(log_stds)}, [&](auto value, const TensorTable& t, unsigned grid,
                                                                       Stream stream) {
     launch<pac_mask_kernel<decltype(value)>>(grid, stream, t, call.args, bits.data_ptr<uint8_t>(),
@@ -259,8 +259,8 @@ at::Tensor pac_bound_grads_cuda(at::TensorList params, at::TensorList grads, at:
   const PacCall call(params, log_stds, bases, seed, step, max_noise, device);
   const int64_t n = static_cast<int64_t>(params.size());
   const auto options = at::TensorOptions().dtype(at::kDouble).device(device);
-  if (call.list.total == 0) return at::zeros({kBoundSums, n}, options);
-  auto partials = at::empty({kBoundSums * call.list.total}, options);  // every chunk writes its rows
+  if (call.list.total == 0) return device_zeros({kBoundSums, n}, options, "sums");
+  auto partials = device_empty({kBoundSums * call.list.total}, options, "partials");  // every chunk writes its rows
   const bool with_grads = !grads.empty();
   const std::vector<const void*> none;
   call.launch(params, {data_ptrs(params), data_ptrs(log_stds), with_grads ? data_ptrs(grads) : none,
@@ -272,7 +272,7 @@ at::Tensor pac_bound_grads_cuda(at::TensorList params, at::TensorList grads, at:
                       PacBoundTerms{static_cast<float>(coef)}, partials.data_ptr<double>());
                 });
               });
-  auto sums = at::empty({kBoundSums, n}, options);
+  auto sums = device_empty({kBoundSums, n}, options, "sums");
   const DeviceGuard guard(device);
   launch<pac_sums_kernel>(resident_grid(n, n, sm_count(device)), current_stream(), partials.const_data_ptr<double>(),
                           call.args.aux + 2 * n, n, sums.data_ptr<double>());
@@ -282,10 +282,10 @@ at::Tensor pac_bound_grads_cuda(at::TensorList params, at::TensorList grads, at:
 }  // namespace
 
 FSAM_CUDA_LIBRARY_IMPL(m) {
-  m.impl("pac_noise_mask", &pac_noise_mask_cuda);
-  m.impl("pac_perturb_", &pac_shift_cuda<true>);
-  m.impl("pac_restore_", &pac_shift_cuda<false>);
-  m.impl("pac_bound_grads_", &pac_bound_grads_cuda);
+  FSAM_IMPL(m, "pac_noise_mask", pac_noise_mask_cuda);
+  FSAM_IMPL(m, "pac_perturb_", pac_shift_cuda<true>);
+  FSAM_IMPL(m, "pac_restore_", pac_shift_cuda<false>);
+  FSAM_IMPL(m, "pac_bound_grads_", pac_bound_grads_cuda);
 }
 
 }  // namespace fsam::cuda

@@ -157,9 +157,10 @@ at::Tensor grad_sumsq_cuda(at::TensorList params, const OptTensors& grads, const
   const Inputs in("grad_sumsq", params, grads, mask_bits,
                   mask_bits.has_value() ? mask_bits->device() : default_device());
   check_scalar(eta, 0.0, "grad_sumsq", "eta");
-  auto out = at::empty({2}, at::TensorOptions().dtype(at::kFloat).device(in.device));
-  if (in.list.total == 0) return out.zero_();
-  auto partials = at::empty({2 * in.list.total}, out.options().dtype(at::kDouble));  // every chunk writes its two
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(in.device);
+  if (in.list.total == 0) return device_zeros({2}, options, "sums");
+  auto out = device_empty({2}, options, "sums");
+  auto partials = device_empty({2 * in.list.total}, options.dtype(at::kDouble), "partials");  // every chunk writes its two
   const float e = static_cast<float>(eta);
   in.launch([&](auto value, const TensorTable& t, unsigned grid) {
     with_bool(adaptive, [&](auto a) {
@@ -212,9 +213,9 @@ void restore_cuda(at::TensorList params, const std::optional<at::Tensor>& mask_b
 }  // namespace
 
 FSAM_CUDA_LIBRARY_IMPL(m) {
-  m.impl("grad_sumsq", &grad_sumsq_cuda);
-  m.impl("perturb_", &perturb_cuda);
-  m.impl("restore_", &restore_cuda);
+  FSAM_IMPL(m, "grad_sumsq", grad_sumsq_cuda);
+  FSAM_IMPL(m, "perturb_", perturb_cuda);
+  FSAM_IMPL(m, "restore_", restore_cuda);
 }
 
 }  // namespace fsam::cuda

@@ -60,13 +60,13 @@ inline const int* check_saved_runs_on_device(const char* op, at::TensorList para
                                              const at::Tensor& save_offsets, const at::Tensor& saved,
                                              const std::optional<at::Tensor>& status, const c10::Device& device) {
   const at::Tensor gate =
-      status.has_value() ? *status : at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
+      status.has_value() ? *status : device_zeros({1}, at::TensorOptions().dtype(at::kInt).device(device), "gate");
   const ListChunks list(params);
   if (list.total > 0) {
     const DeviceGuard guard(device);
     const uint8_t* bits = mask_bits.has_value() ? mask_bits->const_data_ptr<uint8_t>() : nullptr;
     const int64_t* offsets = save_offsets.const_data_ptr<int64_t>();
-    const at::Tensor ends = at::empty({list.total}, save_offsets.options());
+    const at::Tensor ends = device_empty({list.total}, save_offsets.options(), "run_ends");
     for_each_group(list, dtypes_of(params), {data_ptrs(params)}, device,
                    [&](at::ScalarType dtype, const TensorTable& t, unsigned grid) {
                      FSAM_DISPATCH_FLOATS(dtype, "check_saved_runs", [&] {
@@ -81,7 +81,7 @@ inline const int* check_saved_runs_on_device(const char* op, at::TensorList para
                              ends.const_data_ptr<int64_t>(), list.total, gate.data_ptr<int>());
   }
   if (status.has_value()) return gate.const_data_ptr<int>();
-  if (gate.item<int>() != 0) {  // the one sync of a call without status
+  if (device_read<int>(gate) != 0) {  // the one sync of a call without status
     check_saved_runs(op, params, mask_bits, save_offsets, saved);
     TORCH_CHECK(false, op, ": the device refused the saved runs and the host accepted them");
   }

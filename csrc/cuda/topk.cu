@@ -321,7 +321,7 @@ at::Tensor radix_tie_counts_cuda(at::TensorList scores, const at::Tensor& state,
   const char* op = "radix_tie_counts";
   const Scores s(scores, state, op);
   const Candidates cand = candidates_of(candidates, s.device, op);
-  auto ties = at::empty({s.list.total}, state.options());  // every chunk is written
+  auto ties = device_empty({s.list.total}, state.options(), "ties");  // every chunk is written
   const DeviceGuard guard(s.device);
   const Stream stream = current_stream();
   s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
@@ -342,8 +342,8 @@ std::tuple<at::Tensor, at::Tensor> radix_mask_cuda(at::TensorList scores, const 
   const Scores s(scores, state, op);
   check_buffer(ties, at::kLong, s.list.total, s.device, op, "ties");
   check_buffer(ties_before, at::kLong, s.list.total, s.device, op, "ties_before");
-  auto bits = at::empty({s.list.total * kChunkBytes}, state.options().dtype(at::kByte));  // every byte is written
-  auto counts = at::empty({s.list.total}, state.options().dtype(at::kInt));
+  auto bits = device_empty({s.list.total * kChunkBytes}, state.options().dtype(at::kByte), "mask_bits");  // every byte is written
+  auto counts = device_empty({s.list.total}, state.options().dtype(at::kInt), "chunk_counts");
   const DeviceGuard guard(s.device);
   const Stream stream = current_stream();
   s.launch(absolute, [&](auto value, auto abs, const TensorTable& t, unsigned grid) {
@@ -357,10 +357,10 @@ std::tuple<at::Tensor, at::Tensor> radix_mask_cuda(at::TensorList scores, const 
 }  // namespace
 
 FSAM_CUDA_LIBRARY_IMPL(m) {
-  m.impl("radix_histogram_", &radix_histogram_cuda);
-  m.impl("radix_select_", &radix_select_cuda);
-  m.impl("radix_tie_counts", &radix_tie_counts_cuda);
-  m.impl("radix_mask", &radix_mask_cuda);
+  FSAM_IMPL(m, "radix_histogram_", radix_histogram_cuda);
+  FSAM_IMPL(m, "radix_select_", radix_select_cuda);
+  FSAM_IMPL(m, "radix_tie_counts", radix_tie_counts_cuda);
+  FSAM_IMPL(m, "radix_mask", radix_mask_cuda);
 }
 
 }  // namespace fsam::cuda

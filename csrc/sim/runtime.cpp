@@ -12,6 +12,7 @@
 // one of them writing, not both atomically, is a data race; so is reading a word no thread of the
 // block has written.
 #include "fiber.h"
+#include "memory.h"
 
 #include <c10/util/Exception.h>
 
@@ -62,12 +63,6 @@ FSAM_SIM_UNCHECKED std::string str(const std::source_location& at) {
          std::to_string(at.column());
 }
 
-// Where code is in this module (for addr2line -e fsam_kernels/_sim*.so).
-FSAM_SIM_UNCHECKED uintptr_t module_offset(const void* pc) {
-  Dl_info info;
-  return reinterpret_cast<uintptr_t>(pc) - (dladdr(pc, &info) != 0 ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0);
-}
-
 FSAM_SIM_UNCHECKED std::string hex(unsigned x) {
   std::ostringstream s;
   s << "0x" << std::hex << x;
@@ -81,8 +76,19 @@ struct Config {
   uint64_t seed = 0;
   unsigned workers = 2;
   bool race_check = true;
-  // Mutations, to prove the checks can fail: barriers skipped, shuffles reading one lane further.
+  // Mutations, to prove the checks can fail: barriers skipped, shuffles reading one lane further,
+  // a kernel's global accesses seen shifted by some bytes or its atomics as plain stores.
   std::vector<Site> skipped_barriers, shifted_shuffles;
+  std::vector<std::pair<std::string, int64_t>> shifted_kernels;
+  std::vector<std::string> plain_atomic_kernels;
+
+  FSAM_SIM_UNCHECKED MemoryMutation memory_mutation(const std::string& kernel) const {
+    MemoryMutation m;
+    for (const auto& [name, bytes] : shifted_kernels)
+      if (name == kernel) m.shift += bytes;
+    for (const auto& name : plain_atomic_kernels) m.plain_atomics = m.plain_atomics || name == kernel;
+    return m;
+  }
 };
 
 FSAM_SIM_UNCHECKED const char* env(const char* name) {
@@ -100,7 +106,9 @@ FSAM_SIM_UNCHECKED int64_t env_int(const char* name, int64_t fallback, int64_t l
   return x;
 }
 
-// FSAM_SIM_MUTATE: comma-separated barrier@FILE:LINE and shuffle@FILE:LINE.
+// FSAM_SIM_MUTATE: comma-separated barrier@FILE:LINE, shuffle@FILE:LINE, shift@KERNEL:BYTES (the
+// kernel's global accesses seen BYTES further) and plain@KERNEL (its atomics seen as plain stores);
+// KERNEL is a kernel's name without its namespace and template arguments.
 FSAM_SIM_UNCHECKED void parse_mutations(Config& c) {
   const char* v = env("FSAM_SIM_MUTATE");
   if (v == nullptr) return;
@@ -109,12 +117,23 @@ FSAM_SIM_UNCHECKED void parse_mutations(Config& c) {
   while (std::getline(all, item, ',')) {
     const size_t at = item.find('@'), colon = item.rfind(':');
     const std::string kind = item.substr(0, at);
+    if (at != std::string::npos && kind == "plain" && at + 1 < item.size()) {
+      c.plain_atomic_kernels.push_back(item.substr(at + 1));
+      continue;
+    }
     char* end = nullptr;
-    const long line = colon == std::string::npos ? 0 : std::strtol(item.c_str() + colon + 1, &end, 10);
+    const long n = colon == std::string::npos ? 0 : std::strtol(item.c_str() + colon + 1, &end, 10);
+    const bool sited = kind == "barrier" || kind == "shuffle";
     TORCH_CHECK(at != std::string::npos && colon != std::string::npos && colon > at + 1 && *end == '\0' &&
-                    line > 0 && (kind == "barrier" || kind == "shuffle"),
-                "cuda-sim: FSAM_SIM_MUTATE entries are barrier@FILE:LINE or shuffle@FILE:LINE, got '", item, "'");
-    const Site site{item.substr(at + 1, colon - at - 1), static_cast<int>(line)};
+                    (sited ? n > 0 : kind == "shift" && n != 0),
+                "cuda-sim: FSAM_SIM_MUTATE entries are barrier@FILE:LINE, shuffle@FILE:LINE, shift@KERNEL:BYTES or "
+                "plain@KERNEL, got '", item, "'");
+    const std::string where = item.substr(at + 1, colon - at - 1);
+    if (!sited) {
+      c.shifted_kernels.emplace_back(where, n);
+      continue;
+    }
+    const Site site{where, static_cast<int>(n)};
     (kind == "barrier" ? c.skipped_barriers : c.shifted_shuffles).push_back(site);
   }
 }
@@ -177,6 +196,15 @@ const char* op_name(WarpOp op) {
 struct Worker;
 thread_local Worker* t_worker = nullptr;
 
+// Whether the running fiber is in the emulator's own code (a barrier, a warp op, an access being
+// checked): its accesses, through library code the instrumentation reaches, are not the kernel's.
+thread_local bool t_emulating = false;
+struct Emulating {
+  bool saved;
+  FSAM_SIM_UNCHECKED Emulating() : saved(t_emulating) { t_emulating = true; }
+  FSAM_SIM_UNCHECKED ~Emulating() { t_emulating = saved; }
+};
+
 // The blocks of a launch, handed out in order to its workers.
 struct Blocks {
   unsigned grid;
@@ -216,7 +244,10 @@ FSAM_SIM_UNCHECKED int find_tls_block(dl_phdr_info* info, size_t, void* data) {
 
 struct Worker {
   Config config;
-  const std::function<void()>* body = nullptr;
+  void (*body)(const void*) = nullptr;
+  const void* params = nullptr;
+  LaunchMemory* memory = nullptr;
+  BlockLog log;
   unsigned threads = 0;
   Index block_index{}, block_dim{}, grid_dim{};
   Thread thread[kMaxThreads];
@@ -424,6 +455,7 @@ struct Worker {
     rng.seed(config.seed * 0x9E3779B97F4A7C15ull + b);
     ++generation;
     interval = 0;
+    log.reset(threads);
     for (unsigned i = 0; i < threads; ++i) {
       Thread& t = thread[i];
       t.index = {i, 0, 0};
@@ -441,7 +473,8 @@ struct Worker {
         runnable = runnable || thread[i].state == State::kRunnable;
         live = live || thread[i].state != State::kExited;
       }
-      if (!error.empty() || !live) return;
+      if (!error.empty()) return;
+      if (!live) return memory->end_block(log);
       if (runnable || release_barrier()) continue;
       fail(stuck());
     }
@@ -507,8 +540,11 @@ struct Worker {
 FSAM_SIM_UNCHECKED void fiber_main(void* worker) {
   auto* w = static_cast<Worker*>(worker);
   try {
-    (*w->body)();
+    t_emulating = false;  // a fiber abandoned in the emulator's code may have left it set
+    w->body(w->params);
+    t_emulating = true;
   } catch (const std::exception& e) {
+    t_emulating = true;
     w->fail(w->where(*w->current) + ": the kernel threw: " + e.what());
   }
   w->current->state = State::kExited;
@@ -529,9 +565,10 @@ std::vector<std::unique_ptr<Worker>> g_workers;
 }  // namespace
 
 FSAM_SIM_UNCHECKED void on_access(const volatile void* p, size_t size, size_t align, Access kind, const void* pc) {
-  if (g_launches.load(std::memory_order_relaxed) == 0) return;
+  if (g_launches.load(std::memory_order_relaxed) == 0 || t_emulating) return;
   Worker* w = t_worker;
   if (w == nullptr || w->current == nullptr) return;
+  const Emulating emulating;
   const auto a = reinterpret_cast<uintptr_t>(p);
   if (a % align != 0) {
     std::ostringstream s;
@@ -539,9 +576,19 @@ FSAM_SIM_UNCHECKED void on_access(const volatile void* p, size_t size, size_t al
       << std::dec << align << " (a GPU faults), code at _sim+0x" << std::hex << module_offset(pc);
     w->abandon(s.str());  // nor may the host run it (an aligned vector load faults here too)
   }
-  if (!w->config.race_check) return;
-  if (a < w->shared_lo || a >= w->shared_hi || (a < w->own_hi && a + size > w->own_lo)) return;
-  w->access(a, size, kind, pc);
+  if (a >= w->shared_lo && a < w->shared_hi) {
+    if (a < w->own_hi && a + size > w->own_lo) return;  // the emulator's own thread-local
+    if (w->memory->recording()) ++w->log.traffic.shared_accesses, w->log.traffic.shared_bytes += size;
+    if (w->config.race_check) w->access(a, size, kind, pc);
+    return;
+  }
+  if (a >= reinterpret_cast<uintptr_t>(w->stacks) && a < reinterpret_cast<uintptr_t>(w->stacks) + w->stack_stride * kMaxThreads)
+    return;  // a thread's own stack: its locals
+  if (a >= reinterpret_cast<uintptr_t>(w) && a < reinterpret_cast<uintptr_t>(w + 1))
+    return;  // threadIdx, blockIdx, blockDim, gridDim: the worker's (the hardware's special registers)
+  const std::string error = w->memory->access(w->block_index.x, w->current->index.x, a, size, kind,
+                                              reinterpret_cast<uintptr_t>(pc), w->log);
+  if (!error.empty()) w->abandon(error);
 }
 
 FSAM_SIM_UNCHECKED const Index& thread_index() { return worker().current->index; }
@@ -550,6 +597,7 @@ FSAM_SIM_UNCHECKED const Index& block_dim() { return worker().block_dim; }
 FSAM_SIM_UNCHECKED const Index& grid_dim() { return worker().grid_dim; }
 
 FSAM_SIM_UNCHECKED void sync_threads(std::source_location at) {
+  const Emulating emulating;
   Worker& w = worker();
   for (const Site& s : w.config.skipped_barriers)
     if (s.matches(at)) return;
@@ -561,6 +609,7 @@ FSAM_SIM_UNCHECKED void sync_threads(std::source_location at) {
 
 FSAM_SIM_UNCHECKED uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width,
                                     std::source_location at) {
+  const Emulating emulating;
   Worker& w = worker();
   Thread& t = *w.current;
   if (!((mask >> (t.index.x % kWarp)) & 1u))  // CUDA: every calling lane is in the mask
@@ -579,6 +628,13 @@ FSAM_SIM_UNCHECKED uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, in
 
 FSAM_SIM_UNCHECKED int sm_count() { return read_config().sms; }
 
+// A kernel's name without its namespace and template arguments.
+FSAM_SIM_UNCHECKED std::string base_name(const std::string& kernel) {
+  std::string s = kernel.substr(0, kernel.find('<'));
+  const size_t colons = s.rfind("::");
+  return colons == std::string::npos ? s : s.substr(colons + 2);
+}
+
 // The kernel's name in the launch helper's signature ("... [with auto kKernel = NAME; ...]").
 FSAM_SIM_UNCHECKED std::string kernel_name(const char* signature) {
   const std::string s(signature), key = "kKernel = ";
@@ -587,8 +643,8 @@ FSAM_SIM_UNCHECKED std::string kernel_name(const char* signature) {
   return s.substr(at + key.size(), s.find_first_of(";]", at) - at - key.size());
 }
 
-FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* signature,
-                               const std::function<void()>& body) {
+FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* signature, const void* params,
+                               size_t params_bytes, void (*body)(const void*)) {
   const std::string kernel = kernel_name(signature);
   // What a GPU refuses at launch.
   TORCH_CHECK(grid >= 1 && grid <= 0x7fffffffu, "cuda-sim: ", kernel, " launched with ", grid,
@@ -596,6 +652,8 @@ FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* signat
   TORCH_CHECK(block >= 1 && block <= kMaxThreads && block % kWarp == 0, "cuda-sim: ", kernel, " launched with ", block,
               " threads a block (whole warps up to ", kMaxThreads, " are emulated)");
   const Config config = read_config();
+  const auto lo = reinterpret_cast<uintptr_t>(params);
+  LaunchMemory memory(kernel, lo, lo + params_bytes, config.race_check, config.memory_mutation(base_name(kernel)));
   const std::lock_guard<std::mutex> lock(g_launch_mutex);
   const unsigned n = std::min(config.workers, grid);
   while (g_workers.size() < n) g_workers.push_back(std::make_unique<Worker>());
@@ -603,7 +661,9 @@ FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* signat
   for (unsigned i = 0; i < n; ++i) {
     Worker& w = *g_workers[i];
     w.config = config;
-    w.body = &body;
+    w.body = body;
+    w.params = params;
+    w.memory = &memory;
     w.threads = block;
     w.block_dim = {block, 1, 1};
     w.grid_dim = {grid, 1, 1};
@@ -618,7 +678,7 @@ FSAM_SIM_UNCHECKED void launch(unsigned grid, unsigned block, const char* signat
   }
   for (unsigned i = 0; i < n; ++i)
     TORCH_CHECK(g_workers[i]->error.empty(), "cuda-sim: ", kernel, ": ", g_workers[i]->error);
+  memory.finish(grid, block);
 }
 
 }  // namespace fsam::sim
-

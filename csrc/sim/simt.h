@@ -7,8 +7,8 @@
 
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <source_location>
+#include <string>
 #include <type_traits>
 
 #define __global__
@@ -38,10 +38,39 @@ enum class WarpOp { kShfl, kShflUp, kShflDown, kBallot };
 // call (anything else is an error), and returns what this lane receives.
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, std::source_location at);
 
-// Runs body() in every thread of `grid` blocks of `block` threads; returns when all have finished
-// and raises if the emulator saw an error (divergence, a data race on shared memory).  `signature`:
-// the launching function's __PRETTY_FUNCTION__, which names the kernel.
-void launch(unsigned grid, unsigned block, const char* signature, const std::function<void()>& body);
+// ---- global memory as the launches see it (memory.cpp): the storages each may touch, counted
+
+// An op's call: the storages given to it are the global memory its launches may touch (anything
+// else is an invalid access), and its launches and transfers are recorded under its name, with the
+// elements and tensors of its (first) tensor list.
+class OpScope {
+ public:
+  OpScope(const char* op, int64_t elements, int64_t tensors);
+  ~OpScope();
+  OpScope(const OpScope&) = delete;
+  OpScope& operator=(const OpScope&) = delete;
+};
+
+// Gives the running op's launches the storage [data, data + bytes) under `label` (an argument's
+// name with its list position, or what the op allocated: "table", "partials").  A storage given
+// again replaces what it overlaps (memory freed and reused within the op).
+void give(const void* data, size_t bytes, const std::string& label);
+// The label of argument `index` of the running op (its schema's name), with `item` for a list entry.
+std::string argument_label(size_t index, int64_t item);
+
+// Device work of an op that is not one of its kernels: a fill (cudaMemsetAsync, at::zeros), a copy
+// of a host table to the device, a read of a device value by the host (a sync), an ATen kernel the
+// op launched.  Counted when recording.
+enum class Transfer { kFill, kCopy, kSync, kAten };
+void transfer(Transfer kind, size_t bytes);
+
+// Runs body(params) in every thread of `grid` blocks of `block` threads; returns when all have
+// finished and raises if the emulator saw an error (divergence, a data race on shared or global
+// memory, an access outside the storages given to the op).  `signature`: the launching function's
+// __PRETTY_FUNCTION__, which names the kernel; params: the kernel's arguments (read by every thread,
+// as the hardware's parameter space), params_bytes long.
+void launch(unsigned grid, unsigned block, const char* signature, const void* params, size_t params_bytes,
+            void (*body)(const void*));
 
 int sm_count();  // the emulated device's SMs (FSAM_SIM_SMS)
 

@@ -1,5 +1,6 @@
 """The checks can fail: the emulator removes a barrier or shifts a shuffle's source lane at a call
-site of csrc/cuda (FSAM_SIM_MUTATE, no source change).  With a barrier gone, the run of every op
+site of csrc/cuda, or sees a kernel's global accesses shifted or its atomics as plain stores
+(FSAM_SIM_MUTATE, no source change).  With a barrier gone, the run of every op
 family must be refused by the shared-memory race check; with that check off, under at least one
 schedule it must give other bits than the unmutated kernels or be refused (a divergent barrier or
 warp op, or a wrong count that a later op's checks refuse).  A wrong shuffle must show the same
@@ -14,6 +15,7 @@ import pytest
 
 from fsam_kernels import _extension
 from conftest import ROOT, SIM_ORDERS
+from workload import run_all
 
 pytestmark = pytest.mark.skipif(not _extension.SIM_LOADED, reason="the emulated build (fsam_kernels._sim) is absent")
 
@@ -90,3 +92,26 @@ def test_a_missing_barrier_is_seen(name):
 def test_a_wrong_shuffle_is_seen(name):
     source, function, call = SHUFFLES[name]
     assert all(run_mutant("shuffle@" + call_site(source, function, call), [{}]))
+
+
+# Global memory: an index one element too far must be refused by the memcheck, and a flush of
+# block-private counts made with plain stores instead of atomics by the race check between blocks.
+# The check sees the mutated access before it runs, so a mutant touches nothing it should not.
+MEMORY_MUTATIONS = {
+    "perturb_kernel's index one fp32 element too far": (
+        "shift@perturb_kernel:4", r"perturb_kernel<float, .*: an invalid global read of 4 bytes .* past (the|its) end"),
+    "restore_kernel's index one bf16 element too far": (
+        "shift@restore_kernel:2", r"restore_kernel<.*: an invalid global (read|write) of .* past (the|its) end"),
+    "the top-k histogram flushed with plain stores": (
+        "plain@histogram_kernel", r"histogram_kernel<.*: a data race on global memory: .* of hist, which block"),
+    "fisher_accumulate's first histogram flushed with plain stores": (
+        "plain@fisher_kernel", r"fisher_kernel<.*: a data race on global memory: .* of first_hist, which block"),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMORY_MUTATIONS))
+def test_a_global_memory_mutation_is_refused(name, monkeypatch):
+    mutation, message = MEMORY_MUTATIONS[name]
+    monkeypatch.setenv("FSAM_SIM_MUTATE", mutation)
+    with pytest.raises(RuntimeError, match=message):
+        run_all("cuda-sim")
