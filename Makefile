@@ -14,7 +14,7 @@ GLUE_ARGS ?= --tasks rte mrpc --epochs 2 --out benchmarks/results/glue_cpu
 GPU_PY ?= python3
 GPU_ARGS ?=
 
-.PHONY: test bench glue build clean gpu-carry gpu-first gpu-second gpu-build gpu-test gpu-ops gpu-sanitize gpu-bench \
+.PHONY: test bench glue build clean gpu-carry gpu-first gpu-second gpu-build gpu-test gpu-ops gpu-sanitize gpu-ncu gpu-bench \
 	gpu-glue gpu-fsdp gpu-rehearsal versions
 
 $(VENV)/.installed: requirements-dev.txt
@@ -58,7 +58,7 @@ gpu-first gpu-second:
 gpu-build:
 	$(GPU_PY) -m benchmarks.gpu build $(GPU_ARGS)
 
-gpu-test gpu-ops gpu-sanitize gpu-bench gpu-glue gpu-fsdp:
+gpu-test gpu-ops gpu-sanitize gpu-ncu gpu-bench gpu-glue gpu-fsdp:
 	$(GPU_PY) -m benchmarks.gpu build $(@:gpu-%=%) $(GPU_ARGS)
 
 # The GPU machine's software here: Python 3.12, torch 2.11.0, Triton 3.6.0, transformers 5.17,

@@ -345,11 +345,51 @@ def part_bench(ctx, allowance):
     code, seconds, output = _run_logged(cmd, os.path.join(ctx.out, "bench.log"), timeout=allowance)
     report = os.path.join(out, "report.md")
     body = open(report).read().split("\n", 2)[-1] if os.path.exists(report) else "(no report)"
+    results, predicted = os.path.join(out, "results.json"), os.path.join(out, "predicted.md")
+    if ctx.cuda and os.path.exists(results):  # the measured times beside the cost model's predictions
+        _run_logged([sys.executable, "-m", "benchmarks.traffic", "--compare-bench", results,
+                     torch.cuda.get_device_name(), predicted], os.path.join(ctx.out, "bench.log"), timeout=60)
+        if os.path.exists(predicted):
+            body += "\n\n### Measured against the cost model's prediction\n\n" + open(predicted).read()
     bw = _last(r"measured copy bandwidth ([\d.]+ GB/s)", body, "?")
     left = _last(r"^Not run, over the time budget: (.*)$", body)
     line = f"copy bandwidth {bw}; {len(re.findall(r'^[|] ', body, flags=re.M))} table rows" + (
         f"; not run: {left}" if left else "")
     return Outcome(_status(code), line, body, files=["bench.log", "bench/"])
+
+
+def _ncu():
+    found = shutil.which("ncu") or sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def part_ncu(ctx, allowance):
+    """Nsight Compute's counters of every package kernel of the traffic workload (each op family
+    once per GPU backend, fp32, at two sizes: benchmarks/traffic.py), set against the model counted
+    without a GPU (benchmarks/results/cpu/traffic/ncu_model.json), counter by counter.  On the CPU
+    (the dry run): the workload alone, on cuda-sim."""
+    log = os.path.join(ctx.out, "ncu.log")
+    workload = [sys.executable, "-m", "benchmarks.traffic", "--ncu-workload", ctx.device]
+    if not ctx.cuda:
+        code, seconds, _ = _run_logged(workload + ["--backends", "cuda-sim"], log, timeout=allowance)
+        return Outcome(_status(code), f"the workload on cuda-sim: exit {code} (no ncu on the CPU)", files=["ncu.log"])
+    ncu = _ncu()
+    if ncu is None:
+        return Outcome("refused", "no ncu on this machine")
+    with open(os.path.join(ROOT, "benchmarks", "results", "cpu", "traffic", "ncu_model.json")) as f:
+        kernels = sorted({r["kernel"] for r in json.load(f)["rows"]})
+    from fsam_kernels.traffic import NCU_METRICS  # after the build: the package imports
+    csv_path = os.path.join(ctx.out, "ncu.csv")
+    cmd = [ncu, "--clock-control", "none", "--csv", "--page", "details", "--print-units", "base",
+           "--print-kernel-base", "function", "--kernel-name-base", "function",
+           "--kernel-name", "regex:^(" + "|".join(kernels) + ")$", "--metrics", ",".join(NCU_METRICS.values()),
+           "--log-file", csv_path, *workload]
+    code, seconds, output = _run_logged(cmd, log, timeout=allowance)
+    md = os.path.join(ctx.out, "ncu_compare.md")
+    if os.path.exists(csv_path):
+        _run_logged([sys.executable, "-m", "benchmarks.traffic", "--compare", csv_path, md], log, timeout=60)
+    body = open(md).read() if os.path.exists(md) else "(no comparison: " + _last(r"^==ERROR==.*$", output, "?") + ")"
+    return Outcome(_status(code), body.split("\n", 1)[0][:200], body, files=["ncu.log", "ncu.csv", "ncu_compare.md"])
 
 
 def part_fsdp(ctx, allowance):
@@ -411,12 +451,13 @@ def part_glue(ctx, allowance):
 FEWSHOT_OPTIMIZERS = ("adamw", "sam", "fsam", "adamw-clip", "pac")
 CLIP_NORMS = (0.01, 0.05, 0.1, 0.5, 1.0)
 
-PARTS = {"build": part_build, "ops": part_ops, "test": part_test, "sanitize": part_sanitize, "bench": part_bench,
-         "fsdp": part_fsdp, "glue": part_glue}
-# (part, seconds allowed on a GPU, seconds allowed for the CPU dry run).  gpu-first's 530 s of
+PARTS = {"build": part_build, "ops": part_ops, "test": part_test, "sanitize": part_sanitize, "ncu": part_ncu,
+         "bench": part_bench, "fsdp": part_fsdp, "glue": part_glue}
+# (part, seconds allowed on a GPU, seconds allowed for the CPU dry run).  gpu-first's 540 s of
 # allowances fit its 540 s budget; a part that ends early leaves its time to the next ones.
 PLANS = {
-    "first": [("build", 150, 1200), ("ops", 160, 1800), ("sanitize", 100, 300), ("bench", 120, 300)],
+    "first": [("build", 150, 1200), ("ops", 140, 1800), ("sanitize", 80, 300), ("ncu", 70, 600),
+              ("bench", 100, 300)],
     "second": [("build", 150, 1200), ("fsdp", 150, 300), ("glue", 230, 600)],
 }
 

@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _extension
-from ._layout import CHUNK, CHUNK_BYTES, ChunkLayout, total_chunks
+from ._layout import CHUNK, ChunkLayout, total_chunks
 
 SECTOR = 32
 # The raw ops behind each public op; the last of each group is the one that counts its calls.
@@ -148,6 +148,18 @@ def record():
         _active.recording = None
         if sim:
             _take_sim_rows(rec, restart=False)
+
+
+@contextlib.contextmanager
+def label(name):
+    """Inside a recording: the ATen ops of the block count under op `name` (e.g. a base
+    optimizer's step, to tell it from the calls around it)."""
+    outer = getattr(_active, "op", None)
+    _active.op = _OpCall(name, None, ())
+    try:
+        yield
+    finally:
+        _active.op = outer
 
 
 # ---- cuda-sim: the emulator's rows
@@ -306,10 +318,12 @@ def _triton_hooks(rec):
                 buffers.setdefault(_storage_span(value), label)
         dtype = next((v for v in named.values() if isinstance(v, tl.dtype)), None)  # the first constexpr dtype
         state["launch"] = _TritonLaunch(executor.fn.__name__, buffers)
+        _active.launching = True  # the interpreter's own copies of the arguments are no GPU work
         try:
             out = original_call(executor, *args, **kwargs)
         finally:
             launch, state["launch"] = state["launch"], None
+            _active.launching = False
         rec._rows.append(launch.row(op.name if op else "", op.elements if op else 0, op.tensors if op else 0,
                                     str(dtype).replace("tl.", "") if dtype is not None else None))
         return out
@@ -328,7 +342,7 @@ def _triton_hooks(rec):
 
 # ATen ops that launch nothing on a GPU (views and metadata, allocation) and those that make the
 # host wait for the device (a value read back).
-_FREE_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
+_FREE_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach", "detach_",
              "alias", "set_", "resize_", "_unsafe_view", "_to_copy_meta", "is_same_size", "sym_size", "sym_numel",
              "sym_stride", "sym_storage_offset", "_has_compatible_shallow_copy_type", "is_pinned", "record_stream"}
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "item", "allclose"}
@@ -348,7 +362,7 @@ class _OpCall:
         self.buffers = {}
         self.elements = self.tensors = 0
         first = True
-        for arg, value in zip(schema.arguments, args):
+        for arg, value in zip(schema.arguments if schema is not None else (), args):
             if isinstance(value, (list, tuple)) and first and any(isinstance(v, torch.Tensor) for v in value):
                 first = False
                 self.elements = sum(v.numel() for v in value if v is not None)
@@ -374,7 +388,7 @@ class _TorchOps(TorchDispatchMode):
             return self._package_op(func, namespace, args, kwargs)
         out = func(*args, **kwargs)
         name = func._schema.name.split("::")[-1]
-        if func.is_view or name in _FREE_OPS or namespace == "prim":
+        if func.is_view or name in _FREE_OPS or namespace == "prim" or getattr(_active, "launching", False):
             return out
         op = getattr(_active, "op", None)
         nread = sum(t.nbytes for t in _tensors(list(args) + list(kwargs.values())))
@@ -411,7 +425,9 @@ def _nbytes(tensors):
 
 
 def _mask_bytes(tensors):
-    return total_chunks(tensors) * CHUNK_BYTES
+    """The sectors of the mask bits of the tensors' elements (a chunk's bits start a sector)."""
+    return sum(SECTOR * (CHUNK // (8 * SECTOR) * (t.numel() // CHUNK) + -(-(t.numel() % CHUNK) // (8 * SECTOR)))
+               for t in tensors)
 
 
 def _touched_sectors(params, mask_bits):

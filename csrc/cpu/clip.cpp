@@ -38,6 +38,7 @@ void clip_scale_cpu(at::TensorList tensors, const at::Tensor& norms, double max_
   const float* n = norms.const_data_ptr<float>();
   parallel_chunks(chunk_table(tensors), [&](const Chunk& c) {
     const float f = coefficient(n[c.tensor]);
+    if (f == 1.0f) return;  // x * 1 is x, bit for bit: an unclipped tensor is neither read nor written
     FSAM_DISPATCH_FLOATS(tensors[c.tensor].scalar_type(), "clip_scale_", [&] {
       scalar_t* x = tensors[c.tensor].data_ptr<scalar_t>();
       for (int64_t i = c.begin; i < c.end; ++i) x[i] = static_cast<scalar_t>(static_cast<float>(x[i]) * f);

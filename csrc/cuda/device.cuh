@@ -16,10 +16,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <list>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #ifndef FSAM_SIM
 #include <c10/cuda/CUDAException.h>
@@ -51,9 +55,10 @@ inline int sm_count(const c10::Device& device) {
 inline at::Tensor host_longs(int64_t n) {
   return at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
 }
-inline at::Tensor to_device(const at::Tensor& host, const c10::Device& device) {
+inline at::Tensor copy_to_device(const at::Tensor& host, const c10::Device& device) {
   return host.to(device, /*non_blocking=*/true);
 }
+inline void give(const at::Tensor&, const std::string&) {}  // the emulator's memcheck: nothing here
 
 inline void zero_async(void* p, size_t bytes, Stream stream) { C10_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream)); }
 
@@ -79,6 +84,16 @@ void launch(unsigned grid, Stream stream, A&&... args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A pack of elements (multi_tensor.cuh's Pack) loaded and stored whole: one vector access.
+template <typename P>
+__device__ inline P load_pack(const P* p) {
+  return *p;
+}
+template <typename P>
+__device__ inline void store_pack(P* p, const P& v) {
+  *p = v;
+}
+
 #define FSAM_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(fsam, CUDA, m)
 #define FSAM_IMPL(m, name, fn) m.impl(name, &fn)
 
@@ -94,17 +109,16 @@ inline Stream current_stream() { return {}; }
 inline c10::Device default_device() { return c10::Device(kDeviceType); }
 inline int sm_count(const c10::Device&) { return sim::sm_count(); }
 inline at::Tensor host_longs(int64_t n) { return at::empty({n}, at::TensorOptions().dtype(at::kLong)); }
+inline at::Tensor copy_to_device(const at::Tensor& host, const c10::Device&) {
+  sim::transfer(sim::Transfer::kCopy, host.nbytes());
+  return host;
+}
 
 // The storage of t, given to the running op's launches under `label`.
 inline void give(const at::Tensor& t, const std::string& label) {
   if (t.defined() && t.has_storage()) sim::give(t.storage().data(), t.storage().nbytes(), label);
 }
 
-inline at::Tensor to_device(const at::Tensor& host, const c10::Device&) {
-  give(host, "table");
-  sim::transfer(sim::Transfer::kCopy, host.nbytes());
-  return host;
-}
 inline void zero_async(void* p, size_t bytes, Stream) {
   sim::transfer(sim::Transfer::kFill, bytes);
   std::memset(p, 0, bytes);
@@ -129,6 +143,27 @@ inline at::Tensor aten_result(at::Tensor t, const char* label, int kernels) {
   give(t, label);
   for (int k = 0; k < kernels; ++k) sim::transfer(sim::Transfer::kAten, t.nbytes());
   return t;
+}
+
+// A pack as one access of its size, as nvcc's vector load and store (LDG.128): the host compiler
+// would split a struct copy into element accesses, which the traffic records would count as such.
+template <typename P>
+using PackWord = std::conditional_t<sizeof(P) == 16, unsigned __int128,
+                                    std::conditional_t<sizeof(P) == 8, uint64_t,
+                                                       std::conditional_t<sizeof(P) == 4, uint32_t, uint16_t>>>;
+template <typename P>
+inline P load_pack(const P* p) {
+  static_assert(sizeof(P) == sizeof(PackWord<P>), "a pack of 2, 4, 8 or 16 bytes");
+  const PackWord<P> w = *reinterpret_cast<const volatile PackWord<P>*>(p);
+  P v;
+  std::memcpy(&v, &w, sizeof(P));
+  return v;
+}
+template <typename P>
+inline void store_pack(P* p, const P& v) {
+  PackWord<P> w;
+  std::memcpy(&w, &v, sizeof(P));
+  *reinterpret_cast<volatile PackWord<P>*>(p) = w;
 }
 
 template <auto kKernel, typename Params>
@@ -194,5 +229,39 @@ auto given(const char* op) {
 #define FSAM_IMPL(m, name, fn) m.impl(name, ::fsam::cuda::given<&fn>(name))
 
 #endif
+
+// The int64 table `host` on the device.  The tables seen last are kept there, so that a launch
+// repeating one (the same tensors at the next step) costs no copy; a new one is copied without a
+// host sync.  Kept for the life of the process (never destroyed: CUDA may be gone at exit).
+inline at::Tensor to_device(const at::Tensor& host, const c10::Device& device) {
+  struct Entry {
+    c10::Device device;
+    std::vector<int64_t> values;
+    at::Tensor on_device;
+  };
+  constexpr size_t kKept = 64;
+  static auto* mutex = new std::mutex;
+  static auto* kept = new std::list<Entry>;  // the most recently used first
+  const int64_t* v = host.const_data_ptr<int64_t>();
+  const auto n = static_cast<size_t>(host.numel());
+  at::Tensor found;
+  {
+    const std::lock_guard<std::mutex> lock(*mutex);
+    for (auto it = kept->begin(); it != kept->end(); ++it) {
+      if (it->device == device && it->values.size() == n && std::equal(v, v + n, it->values.begin())) {
+        kept->splice(kept->begin(), *kept, it);
+        found = it->on_device;
+        break;
+      }
+    }
+    if (!found.defined()) {
+      found = copy_to_device(host, device);
+      kept->push_front({device, std::vector<int64_t>(v, v + n), found});
+      if (kept->size() > kKept) kept->pop_back();
+    }
+  }
+  give(found, "table");
+  return found;
+}
 
 }  // namespace fsam::cuda

@@ -170,7 +170,7 @@ __host__ __device__ inline bool aligned(const void* p, int bytes) {
 
 template <int N, typename T>
 __device__ inline void load(const T* p, T (&out)[N]) {
-  const Pack<T, N> v = *reinterpret_cast<const Pack<T, N>*>(p);
+  const Pack<T, N> v = load_pack(reinterpret_cast<const Pack<T, N>*>(p));
 #pragma unroll
   for (int j = 0; j < N; ++j) out[j] = v.v[j];
 }
@@ -180,7 +180,7 @@ __device__ inline void store(T* p, const T (&in)[N]) {
   Pack<T, N> v;
 #pragma unroll
   for (int j = 0; j < N; ++j) v.v[j] = in[j];
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
+  store_pack(reinterpret_cast<Pack<T, N>*>(p), v);
 }
 
 // Calls f(i, std::integral_constant<int, W>) over a chunk's n elements, each thread a strided share:

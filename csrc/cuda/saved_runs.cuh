@@ -51,14 +51,18 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) run_order_kernel(cons
   }
 }
 
-// Checks the saved runs of `params` (checked by check_saving) on the device and returns the gate
-// the op's kernels read (they write nothing where it is non-zero).  With `status`, without a host
-// sync: the gate is status, which a bad layout sets to 1 and which, non-zero already, stops the op
-// alike.  Without, synchronously: a bad layout is refused (with the host check's message).
+// Checks the saved runs of `params` (checked by check_saving) on the device, unless they are
+// checked_layouts()'s, and returns the gate the op's kernels read (they write nothing where it is
+// non-zero).  With `status`, without a host sync: the gate is status, which a bad layout sets to 1
+// and which, non-zero already, stops the op alike.  Without, synchronously: a bad layout is refused
+// (with the host check's message).
 inline const int* check_saved_runs_on_device(const char* op, at::TensorList params,
                                              const std::optional<at::Tensor>& mask_bits,
                                              const at::Tensor& save_offsets, const at::Tensor& saved,
                                              const std::optional<at::Tensor>& status, const c10::Device& device) {
+  CheckedLayouts& known = checked_layouts();
+  if (known.contains(params, mask_bits, save_offsets, saved, status))
+    return status.has_value() ? status->const_data_ptr<int>() : nullptr;
   const at::Tensor gate =
       status.has_value() ? *status : device_zeros({1}, at::TensorOptions().dtype(at::kInt).device(device), "gate");
   const ListChunks list(params);
@@ -80,12 +84,12 @@ inline const int* check_saved_runs_on_device(const char* op, at::TensorList para
     launch<run_order_kernel<>>(resident_grid(blocks, blocks, sm_count(device)), current_stream(), offsets,
                              ends.const_data_ptr<int64_t>(), list.total, gate.data_ptr<int>());
   }
-  if (status.has_value()) return gate.const_data_ptr<int>();
-  if (device_read<int>(gate) != 0) {  // the one sync of a call without status
+  if (!status.has_value() && device_read<int>(gate) != 0) {  // the one sync of a call without status
     check_saved_runs(op, params, mask_bits, save_offsets, saved);
     TORCH_CHECK(false, op, ": the device refused the saved runs and the host accepted them");
   }
-  return nullptr;
+  known.add(params, mask_bits, save_offsets, saved, status);  // with status: a bad layout has set it
+  return status.has_value() ? gate.const_data_ptr<int>() : nullptr;
 }
 
 // Whether a block of a gated kernel may write: the gate is null (checked synchronously) or zero.

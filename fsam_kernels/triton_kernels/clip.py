@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .._layout import num_chunks
 from . import tables
-from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, member_ptr, round_to, tl_dtype
+from .common import BLOCK, LAUNCH_OPTIONS, chunk_lanes, member_ptr, only_if, round_to, tl_dtype
 from .perturb import _sumsq_kernel
 
 SEGMENT_BLOCK = 1024  # chunk partials a program adds at once
@@ -48,6 +48,7 @@ def _clip_scale_kernel(x_addr, chunk_tensor, chunk_start, numel, positions, norm
     norm = tl.load(norms + tl.load(positions + t))
     c = tl.math.div_rn(max_norm, norm + eps)  # rounded as the other backends divide
     c = tl.where(c > 1.0, 1.0, c)  # a NaN norm stays NaN, as torch's clamp keeps it
+    lanes = only_if(lanes, c != 1.0)  # x * 1 is x, bit for bit: an unclipped tensor is neither read nor written
     ptr = member_ptr(x_addr, t, DT) + offs
     x = tl.load(ptr, mask=lanes, other=0.0).to(tl.float32)
     tl.store(ptr, round_to(x * c, DT), mask=lanes)

@@ -4,6 +4,7 @@
 // contract).  They guard the ops when they are called directly through torch.ops.
 #pragma once
 
+#include "checked_layouts.h"
 #include "layout.h"
 
 #include <ATen/core/List.h>
@@ -230,20 +231,25 @@ inline void check_saved_runs(const char* op, at::TensorList tensors, const std::
   TORCH_CHECK_VALUE(error.empty(), op, ": ", error);
 }
 
-// Whether a call on CPU tensors writes, its saved runs read on the host: without `status` a bad
-// layout is refused; with it (int32 [1]) the call writes nothing when status is non-zero already or
-// the layout is bad, which then sets it to 1 (what the CUDA kernels do without a host sync).
+// Whether a call on CPU tensors writes, its saved runs read on the host (unless checked_layouts()
+// holds them): without `status` a bad layout is refused; with it (int32 [1]) the call writes nothing
+// when status is non-zero already or the layout is bad, which then sets it to 1 (what the CUDA
+// kernels do without a host sync).
 inline bool host_runs_pass(const char* op, at::TensorList tensors, const std::optional<at::Tensor>& mask_bits,
                            const at::Tensor& save_offsets, const at::Tensor& saved,
                            const std::optional<at::Tensor>& status) {
+  CheckedLayouts& known = checked_layouts();
+  const bool checked = known.contains(tensors, mask_bits, save_offsets, saved, status);
   if (!status.has_value()) {
-    check_saved_runs(op, tensors, mask_bits, save_offsets, saved);
-    return true;
+    if (!checked) check_saved_runs(op, tensors, mask_bits, save_offsets, saved);
+  } else {
+    int32_t* flag = status->data_ptr<int32_t>();
+    const uint8_t* bits = mask_bits.has_value() ? mask_bits->const_data_ptr<uint8_t>() : nullptr;
+    if (*flag == 0 && !checked && !saved_runs_error(tensors, bits, save_offsets, saved.numel()).empty()) *flag = 1;
+    if (*flag != 0) return false;
   }
-  int32_t* flag = status->data_ptr<int32_t>();
-  const uint8_t* bits = mask_bits.has_value() ? mask_bits->const_data_ptr<uint8_t>() : nullptr;
-  if (*flag == 0 && !saved_runs_error(tensors, bits, save_offsets, saved.numel()).empty()) *flag = 1;
-  return *flag == 0;
+  if (!checked) known.add(tensors, mask_bits, save_offsets, saved, status);
+  return true;
 }
 
 // The buffers of a perturbation or a restore of `params` (checked already) and of every op that
