@@ -371,7 +371,8 @@ def part_ncu(ctx, allowance):
     log = os.path.join(ctx.out, "ncu.log")
     workload = [sys.executable, "-m", "benchmarks.traffic", "--ncu-workload", ctx.device]
     if not ctx.cuda:
-        code, seconds, _ = _run_logged(workload + ["--backends", "cuda-sim"], log, timeout=allowance)
+        code, seconds, _ = _run_logged(workload + ["--backends", "cuda-sim", "--ncu-scales", "4096"], log,
+                                       timeout=allowance)
         return Outcome(_status(code), f"the workload on cuda-sim: exit {code} (no ncu on the CPU)", files=["ncu.log"])
     ncu = _ncu()
     if ncu is None:

@@ -500,6 +500,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="folder for traffic.json and traffic.md (default benchmarks/results/local/)")
     ap.add_argument("--ncu-workload", metavar="DEVICE",
                     help="only run the workload that ncu profiles (the GPU plan's ncu part), on DEVICE")
+    ap.add_argument("--ncu-scales", default=",".join(map(str, NCU_SCALES)), help="the workload's two scales")
     ap.add_argument("--ncu-model", action="store_true",
                     help="only record that workload here and write its counters to " + os.path.relpath(NCU_MODEL))
     ap.add_argument("--compare", nargs=2, metavar=("NCU_CSV", "OUT_MD"), help="compare an ncu run with the model")
@@ -517,7 +518,8 @@ def counted_backends():
 def main(argv=None):
     a = parse_args(argv)
     if a.ncu_workload:
-        return workload(a.ncu_workload, (a.backends or "cuda,triton").split(","))
+        return workload(a.ncu_workload, (a.backends or "cuda,triton").split(","),
+                        [int(x) for x in a.ncu_scales.split(",")])
     if a.compare_bench:
         with open(a.compare_bench[2], "w") as f:
             f.write(compare_bench(a.compare_bench[0], a.compare_bench[1]) + "\n")

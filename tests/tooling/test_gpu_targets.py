@@ -26,14 +26,16 @@ def summary(out):
 
 def test_first_plan_dry_run(tmp_path, capsys):
     """Every part of gpu-first but the build, small: the op tests (here one file), the sanitizer's
-    workload (no sanitizer on the CPU), the BERT-base-style benchmark on 200K parameters."""
+    workload (no sanitizer on the CPU), ncu's workload (no ncu on the CPU), the BERT-base-style
+    benchmark on 200K parameters."""
     argv = ["first", "--device", "cpu", "--out", str(tmp_path), "--skip", "build",
             "--pytest-args", "tests/ops/test_fallback.py"]
     assert gpu.main(argv) == 0
     text, parts = summary(tmp_path)
-    assert list(parts) == ["build", "ops", "sanitize", "bench"]
+    assert list(parts) == ["build", "ops", "sanitize", "ncu", "bench"]
     assert parts["build"]["status"] == "skipped" and parts["build"]["result"] == "--skip"
-    assert all(parts[p]["status"] == "passed" for p in ("ops", "sanitize", "bench")), parts
+    assert all(parts[p]["status"] == "passed" for p in ("ops", "sanitize", "ncu", "bench")), parts
+    assert "the workload on cuda-sim: exit 0" in parts["ncu"]["result"]
     assert "passed" in parts["ops"]["result"] and "| test_fallback |" in text
     assert "| none | n/a | 0 |" in text and "every result equal to reference" in text
     assert "copy bandwidth" in parts["bench"]["result"] and "| perturb | 200K |" in text
