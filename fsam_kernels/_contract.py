@@ -50,10 +50,24 @@ def device_of(**lists):
     return device or torch.device("cpu")
 
 
-def check_floats(name, tensors, dtypes=FLOAT_DTYPES):
+# c10's names of the dtypes, which the C++ checks print: the messages match word for word.
+_C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+              torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+              torch.bool: "Bool"}
+
+
+def type_name(dtype):
+    return _C10_NAMES.get(dtype, str(dtype))
+
+
+def check_floats(name, tensors, fp32_only=False):
     for i, t in enumerate(tensors):
-        if t is not None and t.dtype not in dtypes:
-            raise TypeError(f"{name}[{i}] must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+        if t is None:
+            continue
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}[{i}] must be float32, bfloat16 or float16, got {type_name(t.dtype)}")
+        if fp32_only and t.dtype != torch.float32:
+            raise TypeError(f"{name}[{i}] must be float32")
 
 
 def check_contiguous(name, tensors):
@@ -64,14 +78,14 @@ def check_contiguous(name, tensors):
 
 def check_grads(params, grads, *, params_name="params", same_dtype=True):
     if len(grads) != len(params):
-        raise ValueError(f"grads has {len(grads)} entries, {params_name} has {len(params)}")
+        raise ValueError(f"grads has {len(grads)} tensors, {params_name} has {len(params)}")
     for i, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             continue
         if g.numel() != p.numel():
             raise ValueError(f"grads[{i}] has {g.numel()} elements, {params_name}[{i}] has {p.numel()}")
         if same_dtype and g.dtype != p.dtype:
-            raise TypeError(f"grads[{i}] is {g.dtype} but {params_name}[{i}] is {p.dtype}")
+            raise TypeError(f"grads[{i}] is {type_name(g.dtype)} but {params_name}[{i}] is {type_name(p.dtype)}")
 
 
 def check_buffer(name, t, dtype, numel, device):
@@ -269,7 +283,7 @@ def check_scale(scale, device):
 def fisher_accumulate_(fisher, grads, decay, alpha, found_inf=None, first_hist=None):
     fisher = tensor_list("fisher", fisher)
     grads = tensor_list("grads", grads, optional=True)
-    check_floats("fisher", fisher, (torch.float32,))
+    check_floats("fisher", fisher, fp32_only=True)
     check_floats("grads", grads)
     check_contiguous("fisher", fisher)
     check_contiguous("grads", grads)
@@ -366,24 +380,29 @@ def pac_noise(params, log_stds, bases, seed, step, max_noise, *, per_element=Fal
     """The arguments every PAC noise op shares; returns (params, log_stds, device)."""
     params, _ = _params(params)
     log_stds = tensor_list("log_stds", log_stds)
-    check_floats("log_stds", log_stds, (torch.float32,))
+    check_floats("log_stds", log_stds, fp32_only=True)
     check_contiguous("log_stds", log_stds)
     if len(log_stds) != len(params):
-        raise ValueError(f"log_stds has {len(log_stds)} entries, params has {len(params)}")
+        raise ValueError(f"log_stds has {len(log_stds)} tensors, params has {len(params)}")
     for i, (p, s) in enumerate(zip(params, log_stds)):
         if s.numel() != p.numel() and (s.numel() != 1 or per_element):
             raise ValueError(f"log_stds[{i}] has {s.numel()} elements; params[{i}] has {p.numel()}"
                              f"{'' if per_element else ' (or give 1)'}")
     device = device_of(params=params, log_stds=log_stds)
+    pac_scalars(bases, seed, step, max_noise, len(params))
+    return params, log_stds, device
+
+
+def pac_scalars(bases, seed, step, max_noise, tensors):
+    """The noise's counters and clamp: one base per tensor, seed, step, max_noise."""
     bases = list(bases)
-    if len(bases) != len(params) or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in bases):
-        raise ValueError(f"bases must hold one int >= 0 per tensor ({len(params)}), got {bases!r}")
+    if len(bases) != tensors or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in bases):
+        raise ValueError(f"bases must hold one int >= 0 per tensor ({tensors}), got {bases!r}")
     for name, value in (("seed", seed), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
             raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
     if isinstance(max_noise, bool) or not isinstance(max_noise, (int, float)) or not max_noise > 0:
         raise ValueError(f"max_noise must be a number > 0 (inf: no clamp), got {max_noise!r}")
-    return params, log_stds, device
 
 
 def pac_noise_mask(params, log_stds, bases, seed, step, max_noise):
@@ -411,15 +430,15 @@ def pac_bound_grads_(params, grads, log_stds, log_std_grads, anchors, prior_log_
     if bool(grads) != bool(log_std_grads) or (grads and len(grads) != len(params)):
         raise ValueError("grads and log_std_grads must both have one tensor per parameter, or both be empty")
     if len(anchors) != len(params):
-        raise ValueError(f"anchors has {len(anchors)} entries, params has {len(params)}")
+        raise ValueError(f"anchors has {len(anchors)} tensors, params has {len(params)}")
     for name, tensors in (("grads", grads), ("log_std_grads", log_std_grads), ("anchors", anchors)):
-        check_floats(name, tensors, (torch.float32,) if name == "log_std_grads" else FLOAT_DTYPES)
+        check_floats(name, tensors, fp32_only=name == "log_std_grads")
         check_contiguous(name, tensors)
         for i, (p, t) in enumerate(zip(params, tensors)):
             if t.numel() != p.numel():
                 raise ValueError(f"{name}[{i}] has {t.numel()} elements, params[{i}] has {p.numel()}")
             if name != "log_std_grads" and t.dtype != p.dtype:
-                raise TypeError(f"{name}[{i}] is {t.dtype} but params[{i}] is {p.dtype}")
+                raise TypeError(f"{name}[{i}] is {type_name(t.dtype)} but params[{i}] is {type_name(p.dtype)}")
     device_of(params=params, grads=grads, log_std_grads=log_std_grads, anchors=anchors)
     check_buffer("prior_log_stds", prior_log_stds, torch.float32, len(params), device)
     check_disjoint([("grads", grads), ("log_std_grads", log_std_grads)],
@@ -434,14 +453,23 @@ def check(name, *args, **options):
 
 
 def checked(name, impl):
-    """`impl` (op `name` of a Python backend) behind the contract: what its torch.ops op runs."""
-    signature = inspect.signature(impl)
+    """`impl` (op `name` of a Python backend) behind the contract: what its torch.ops op runs.
+    Its parameters are read once, here: a call only fills in what it leaves out."""
+    parameters = list(inspect.signature(impl).parameters.values())
+    names = [p.name for p in parameters]
+    checker = globals()[name]
 
     def op(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        check(name, *bound.args)
-        return impl(*bound.args)
+        if kwargs or len(args) < len(names):
+            unknown = set(kwargs) - set(names[len(args):])
+            if unknown or len(args) > len(names):
+                raise TypeError(f"{name}() got unexpected arguments: {sorted(unknown) or len(args)}")
+            missing = [p.name for p in parameters[len(args):] if p.name not in kwargs and p.default is p.empty]
+            if missing:
+                raise TypeError(f"{name}() missing arguments: {missing}")
+            args = args + tuple(kwargs.get(p.name, p.default) for p in parameters[len(args):])
+        checker(*args)
+        return impl(*args)
     op.__name__ = op.__qualname__ = name
     op.__doc__ = impl.__doc__
     return op

@@ -4,6 +4,7 @@ emulator, torch.ops.fsam_sim) and registers their fake impls for torch.compile.
 Without the extension the package still imports and runs on the `reference` backend; it
 warns once.
 """
+import functools
 import warnings
 
 import torch
@@ -37,6 +38,7 @@ def warn_if_missing():
                       stacklevel=3)
 
 
+@functools.lru_cache(maxsize=None)  # asked at every call's backend choice: the registry is read once
 def has_cuda_kernels():
     """Whether the extension registered a CUDA kernel for every op."""
     return LOADED and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fsam::{name}", "CUDA")

@@ -1,6 +1,7 @@
 """Which implementation of the ops runs: `reference` (eager PyTorch), `cpu` (C++), the GPU
 backends as they are built, and `cuda-sim`: the CUDA kernels run on CPU tensors by the SIMT
 emulator of csrc/sim, for testing them without a GPU (never chosen by "auto")."""
+import functools
 import importlib.util
 import os
 from typing import Optional, Union
@@ -22,9 +23,13 @@ def device_of(backend: str) -> Optional[str]:
     return {"cpu": "cpu", "cuda": "cuda", "triton": _triton_device(), "cuda-sim": "cpu"}.get(backend)
 
 
+@functools.lru_cache(maxsize=None)  # a file-system search: once
+def _triton_installed():
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_usable():
-    return importlib.util.find_spec("triton") is not None and (
-        _triton_device() == "cpu" or torch.cuda.is_available())
+    return _triton_installed() and (_triton_device() == "cpu" or torch.cuda.is_available())
 
 
 # The backends of CUDA tensors in the order "auto" tries them.  Triton comes first until the CUDA
@@ -73,10 +78,15 @@ def resolve(backend: Optional[str], device: Union[torch.device, str]) -> str:
 NAMESPACES = {"cpu": "fsam", "cuda": "fsam", "triton": "fsam_triton", "cuda-sim": "fsam_sim"}
 
 
+_REFERENCE = {}  # the reference ops behind the contract, wrapped once
+
+
 def op(name, backend):
     """The implementation of op `name` (e.g. "topk_mask") for a resolved backend."""
     if backend == "reference":
-        return _contract.checked(name, getattr(reference, name))
+        if name not in _REFERENCE:
+            _REFERENCE[name] = _contract.checked(name, getattr(reference, name))
+        return _REFERENCE[name]
     if backend == "triton":
         from .triton_kernels import library  # noqa: F401  (defines torch.ops.fsam_triton)
     return getattr(getattr(torch.ops, NAMESPACES[backend]), name)

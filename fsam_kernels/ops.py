@@ -1,11 +1,13 @@
-"""The ops' Python entry points: check the arguments, pick the backend, run it.
+"""The ops' Python entry points: normalise the arguments, pick the backend, run it.
 
 Every function takes lists of tensors (one call covers the whole list) and `backend=None`
-(the fastest for the tensors' device) or one of `available_backends()`.  The arguments are
-checked here by the contract of fsam_kernels/_contract.py, before any backend runs, and errors
-name the argument at fault (docs/errors.md); the raw ops check it again for their direct callers.
-The saved runs of the ops that save are left to the raw op alone: reading them twice would cost
-a second pass over the mask and, on a GPU, a second sync.
+(the fastest for the tensors' device) or one of `available_backends()`.  The argument contract
+(fsam_kernels/_contract.py, csrc/include/fsam/checks.h) is checked once, before anything is
+written, by the backend's raw op, which every caller goes through: in C++ for the compiled
+backends, in Python for `reference` and `triton`; errors name the argument at fault
+(docs/errors.md).  Here only what the raw op cannot see: the lists themselves, the scalars it
+would convert, k and NaN scores; an empty list, which runs no backend, is checked here whole.
+Checking it twice cost a step more host time than the kernels' launches (benchmarks/host.py).
 """
 from collections.abc import Sequence
 from typing import Optional
@@ -13,11 +15,17 @@ from typing import Optional
 import torch
 
 from . import _contract, backends, radix_topk
+from ._checks import check_number
 from ._layout import FIRST_HIST_SIZE, ChunkLayout, total_chunks
 
 FLOAT_DTYPES = _contract.FLOAT_DTYPES
 _tensor_list = _contract.tensor_list
 _device_of = _contract.device_of
+
+
+def _number(name, value, low=0.0):
+    check_number(name, value, low)
+    return float(value)
 
 
 def new_first_hist(device: torch.device | str) -> torch.Tensor:
@@ -37,12 +45,10 @@ def fisher_accumulate(fisher: Sequence[torch.Tensor], grads: Sequence[Optional[t
     """
     fisher = _tensor_list("fisher", fisher)
     grads = [g if g is None else g.contiguous() for g in _tensor_list("grads", grads, optional=True)]
-    _contract.check("fisher_accumulate_", fisher, grads, decay, alpha, found_inf, first_hist)
-    args = (fisher, grads, float(decay), float(alpha), found_inf, first_hist)
+    args = (fisher, grads, _number("decay", decay), _number("alpha", alpha), found_inf, first_hist)
     if not fisher:
-        return
-    device = _device_of(fisher=fisher)
-    backends.op("fisher_accumulate_", backends.resolve(backend, device))(*args)
+        return _contract.check("fisher_accumulate_", *args)
+    backends.op("fisher_accumulate_", backends.resolve(backend, fisher[0].device))(*args)
 
 
 def topk_mask_packed(scores: Sequence[torch.Tensor], k: int, *, absolute: bool = False,
@@ -99,13 +105,11 @@ def grad_sumsq(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
     means a non-finite gradient (or an overflow).  None gradients are skipped."""
     params = _tensor_list("params", params)
     grads = _contiguous(_tensor_list("grads", grads, optional=True))
-    _contract.check("grad_sumsq", params, grads, mask_bits, adaptive, eta)
-    args = (params, grads, mask_bits, bool(adaptive), float(eta))
-    device = _device_of(params=params, grads=grads)
+    args = (params, grads, mask_bits, bool(adaptive), _number("eta", eta))
     if not params:
-        return torch.zeros(2, dtype=torch.float32, device=device)
-    impl = backends.op("grad_sumsq", backends.resolve(backend, device))
-    return impl(*args)
+        _contract.check("grad_sumsq", *args)
+        return torch.zeros(2, dtype=torch.float32, device=_device_of(params=params, grads=grads))
+    return backends.op("grad_sumsq", backends.resolve(backend, params[0].device))(*args)
 
 
 def _contiguous(grads):
@@ -126,11 +130,12 @@ def perturb(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tenso
     grads = _contiguous(_tensor_list("grads", grads, optional=True))
     if isinstance(scale, torch.Tensor):
         scale = scale.reshape(())
-    _contract.check("perturb_", params, grads, mask_bits, save_offsets, saved, scale, adaptive, eta, status,
-                    runs=False)  # the backend's op reads the saved runs (one sync on a GPU), not both
-    args = (params, grads, mask_bits, save_offsets, saved, scale, bool(adaptive), float(eta), status)
-    if params:
-        backends.op("perturb_", backends.resolve(backend, _device_of(params=params)))(*args)
+    elif params:  # refused in the contract's words: the schema's own error would not name it
+        _contract.check_scale(scale, params[0].device)
+    args = (params, grads, mask_bits, save_offsets, saved, scale, bool(adaptive), _number("eta", eta), status)
+    if not params:
+        return _contract.check("perturb_", *args)
+    backends.op("perturb_", backends.resolve(backend, params[0].device))(*args)
 
 
 def restore(params: Sequence[torch.Tensor], *, save_offsets: torch.Tensor, saved: torch.Tensor,
@@ -140,9 +145,9 @@ def restore(params: Sequence[torch.Tensor], *, save_offsets: torch.Tensor, saved
     (given the same one, a skipped perturb's restore is skipped too)."""
     params = _tensor_list("params", params)
     args = (params, mask_bits, save_offsets, saved, status)
-    _contract.check("restore_", *args, runs=False)
-    if params:
-        backends.op("restore_", backends.resolve(backend, _device_of(params=params)))(*args)
+    if not params:
+        return _contract.check("restore_", *args)
+    backends.op("restore_", backends.resolve(backend, params[0].device))(*args)
 
 
 def save_layout(params: Sequence[torch.Tensor],
@@ -176,12 +181,13 @@ def pac_noise_mask(params: Sequence[torch.Tensor], log_stds: Sequence[torch.Tens
     bases = counter_bases(params) if bases is None else list(bases)
     args = (_tensor_list("params", params), [s.contiguous() for s in _tensor_list("log_stds", log_stds)], bases,
             seed, step, max_noise)
-    _contract.check("pac_noise_mask", *args)
-    args = args[:-1] + (float(max_noise),)
-    device = _device_of(params=args[0], log_stds=args[1])
     if not args[0]:
+        _contract.check("pac_noise_mask", *args)
+        device = _device_of(params=args[0], log_stds=args[1])
         return torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(0, dtype=torch.int32, device=device)
-    return backends.op("pac_noise_mask", backends.resolve(backend, device))(*args)
+    _contract.pac_scalars(bases, seed, step, max_noise, len(args[0]))
+    args = args[:-1] + (float(max_noise),)
+    return backends.op("pac_noise_mask", backends.resolve(backend, args[0][0].device))(*args)
 
 
 def _pac_shift(op, params, log_stds, seed, step, mask_bits, save_offsets, saved, max_noise, bases, status, backend):
@@ -189,10 +195,11 @@ def _pac_shift(op, params, log_stds, seed, step, mask_bits, save_offsets, saved,
     bases = counter_bases(params) if bases is None else list(bases)
     args = (params, [s.contiguous() for s in _tensor_list("log_stds", log_stds)], bases, seed, step, max_noise,
             mask_bits, save_offsets, saved, status)
-    _contract.check(op, *args, runs=False)
+    if not params:
+        return _contract.check(op, *args)
+    _contract.pac_scalars(bases, seed, step, max_noise, len(params))
     args = args[:5] + (float(max_noise),) + args[6:]
-    if params:
-        backends.op(op, backends.resolve(backend, _device_of(params=params)))(*args)
+    backends.op(op, backends.resolve(backend, params[0].device))(*args)
 
 
 def pac_perturb(params: Sequence[torch.Tensor], log_stds: Sequence[torch.Tensor], *, seed: int, step: int, mask_bits: torch.Tensor,
@@ -229,12 +236,12 @@ def pac_bound_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     args = (params, grads, [s.contiguous() for s in _tensor_list("log_stds", log_stds)], log_std_grads,
             [a.contiguous() for a in _tensor_list("anchors", anchors)], prior_log_stds, bases, seed, step, max_noise,
             coef)
-    _contract.check("pac_bound_grads_", *args)
-    args = args[:9] + (float(max_noise), float(coef))
-    device = _device_of(params=params)
     if not params:
-        return torch.zeros(4, 0, dtype=torch.float64, device=device)
-    return backends.op("pac_bound_grads_", backends.resolve(backend, device))(*args)
+        _contract.check("pac_bound_grads_", *args)
+        return torch.zeros(4, 0, dtype=torch.float64, device=_device_of(params=params))
+    _contract.pac_scalars(bases, seed, step, max_noise, len(params))
+    args = args[:9] + (float(max_noise), float(coef))
+    return backends.op("pac_bound_grads_", backends.resolve(backend, params[0].device))(*args)
 
 
 # The names of fsam_kernels 0.1 (they did the dense perturbation too, mask_bits=None).

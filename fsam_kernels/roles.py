@@ -12,31 +12,34 @@ from . import backends
 from ._checks import check_not_skipped
 from ._layout import ChunkLayout
 from .ops import save_layout
-from .sharding import LOCAL, check_placed_like, local
+from .sharding import LOCAL, DTensor, check_placed_like, local
 
 ROLES = ("masked", "dense", "norm_only")
 _FORMER_NAMES = {"pool": "masked", "rest": "norm_only"}  # in states saved by fsam_kernels 0.1
 SUMSQ_ALL, SUMSQ_PERTURBED = 0, 1  # grad_sumsq's entries: over every gradient, over the perturbed entries
 
 
-def gradients_of(params):
-    """The gradients of `params` as the kernels read them (local shards of sharded ones), checked
-    before anything is written (every backend reads them as contiguous arrays of the parameter's
-    dtype)."""
+def gradients_of(params, sharded=True):
+    """The gradients of `params` as the kernels read them (local shards of sharded ones, with
+    sharded=True), checked before anything is written (every backend reads them as contiguous
+    arrays of the parameter's dtype; PyTorch's .grad setter has checked their shapes)."""
     grads = []
+    append = grads.append  # every step, every parameter: kept lean (benchmarks/host.py)
+    sharded = sharded and DTensor is not None
     for p in params:
         g = p.grad
         if g is None:
-            grads.append(None)
+            append(None)
             continue
         if g.is_sparse:
             raise RuntimeError("sparse gradients are not supported by SAM/FSAM")
-        if g.dtype != p.dtype or g.shape != p.shape:
+        if g.dtype is not p.dtype:
             raise RuntimeError(f"a gradient is {g.dtype} {tuple(g.shape)} but its parameter is "
                                f"{p.dtype} {tuple(p.shape)}")
-        check_placed_like(g, p, "a gradient")
-        g = local(g)
-        grads.append(g if g.is_contiguous() else g.contiguous())
+        if sharded and (isinstance(g, DTensor) or isinstance(p, DTensor)):
+            check_placed_like(g, p, "a gradient")
+            g = local(g)
+        append(g if g.is_contiguous() else g.contiguous())
     return grads
 
 
@@ -65,21 +68,30 @@ class ParamRoles:
 
     def gradients(self):
         """{role: the gradients of its tensors}, checked."""
-        return {r: gradients_of(ps) for r, ps in self.params.items()}
+        sharded = self.sharding is not LOCAL
+        return {r: gradients_of(ps, sharded) for r, ps in self.params.items()}
 
     def sumsq(self, grads, adaptive, eta):
         """Device tensor [sum of (T g)^2 over every gradient, the same over what is perturbed]
         (SUMSQ_ALL, SUMSQ_PERTURBED) over the whole model; the masked role counts as perturbed
         only under a mask."""
         op = self._op["grad_sumsq"]
-        stats = torch.zeros(2, dtype=torch.float32, device=self.device)
+        stats = None  # the first role's sums themselves: no launch to zero and add them
         for role, tensors in self.tensors.items():
             if not tensors:
                 continue
-            if role == "dense" or (role == "masked" and self.mask_bits is not None):
-                stats += op(tensors, grads[role], self.mask_bits if role == "masked" else None, adaptive, eta)
+            perturbed = role == "dense" or (role == "masked" and self.mask_bits is not None)
+            part = op(tensors, grads[role], self.mask_bits if role == "masked" else None, adaptive, eta)
+            if stats is not None and perturbed:
+                stats += part
+            elif stats is not None:
+                stats[SUMSQ_ALL] += part[SUMSQ_ALL]
             else:
-                stats[SUMSQ_ALL] += op(tensors, grads[role], None, adaptive, eta)[SUMSQ_ALL]
+                stats = part
+                if not perturbed:
+                    stats[SUMSQ_PERTURBED] = 0.0
+        if stats is None:
+            stats = torch.zeros(2, dtype=torch.float32, device=self.device)
         return self.sharding.all_reduce_(stats)
 
     @property

@@ -215,13 +215,13 @@ class _TritonLaunch:
             self._invalid(kind, addr[~inside][0], itemsize)
         offset = addr - self.lo[buf]
         sector = (buf.astype(np.uint64) << np.uint64(40)) | (offset // np.uint64(SECTOR))
-        group = lanes // (32 * max(1, 16 // itemsize))  # a warp's 32 lanes of 16 bytes
-        key = {"read": "read", "written": "written", "atomic": "atomic"}[kind]
-        self.counts["requests_" + key] += np.unique(group).size
-        sectors = np.unique(np.stack([group.astype(np.uint64), sector]), axis=1).shape[1]
-        self.counts["l1_sectors_" + ("read" if kind == "read" else "written")] += sectors
-        distinct = np.unique(np.stack([group.astype(np.uint64), addr]), axis=1)  # lanes asking for one address ask once
-        per_group = np.unique(distinct[0], return_counts=True)[1] * itemsize
+        # a warp's 32 lanes of 16 bytes: at most 128 groups of a block, in the top 8 bits of a key
+        # whose low 56 hold a sector (buffer << 40 | sector) or an address (user space: 47 bits)
+        group = (lanes // (32 * max(1, 16 // itemsize))).astype(np.uint64) << np.uint64(56)
+        self.counts["requests_" + kind] += np.unique(group).size
+        self.counts["l1_sectors_" + ("read" if kind == "read" else "written")] += np.unique(group | sector).size
+        distinct = np.unique(group | addr)  # lanes asking for one address ask for it once
+        per_group = np.unique(distinct >> np.uint64(56), return_counts=True)[1] * itemsize
         self.counts["bytes_requested"] += int(per_group.sum())
         self.counts["ideal_sectors"] += int(np.sum(-(-per_group // SECTOR)))
         if kind == "atomic":

@@ -38,7 +38,9 @@ __device__ inline bool for_each_saved(const Chunk& ch, const uint8_t* bits, int6
   if constexpr (kMasked) {
     const int word = chunk_word();
     const uint32_t mine =
-        lane_id() < kWarpWords ? mask_word(bits + ch.index * kChunkBytes, word) & valid_bits(word, ch.n) : 0u;
+        lane_id() < kWarpWords && 32 * word < ch.n  // a short chunk's words past its end are not read
+          ? mask_word(bits + ch.index * kChunkBytes, word) & valid_bits(word, ch.n)
+          : 0u;
     const Scan scan = block_scan(__popc(mine), scratch);
     if (!saved_run_fits(offset, scan.total, sizeof(T), capacity)) return false;
 #pragma unroll

@@ -184,9 +184,29 @@ void transfer(Transfer kind, size_t bytes) {
 
 // ---- the module
 
+// The segments as plain arrays, for the hot path.
+struct ModuleRanges {
+  static constexpr int kMax = 16;
+  uintptr_t lo[kMax] = {}, hi[kMax] = {};
+  int count = 0;
+};
+FSAM_SIM_UNCHECKED const ModuleRanges& module_ranges() {
+  static const ModuleRanges r = [] {
+    ModuleRanges found;
+    for (const auto& [lo, hi] : segments().ranges) {
+      TORCH_CHECK(found.count < ModuleRanges::kMax, "cuda-sim: more loaded segments than ", ModuleRanges::kMax);
+      found.lo[found.count] = lo;
+      found.hi[found.count++] = hi;
+    }
+    return found;
+  }();
+  return r;
+}
+
 FSAM_SIM_UNCHECKED bool in_module(uintptr_t addr) {
-  for (const auto& [lo, hi] : segments().ranges)
-    if (lo <= addr && addr < hi) return true;
+  const ModuleRanges& r = module_ranges();
+  for (int k = 0; k < r.count; ++k)
+    if (r.lo[k] <= addr && addr < r.hi[k]) return true;
   return false;
 }
 
@@ -255,18 +275,26 @@ FSAM_SIM_UNCHECKED LaunchMemory::LaunchMemory(std::string kernel, uintptr_t para
       s->read = std::vector<std::atomic<uint64_t>>(words);
       s->written = std::vector<std::atomic<uint64_t>>(words);
     }
+    states_.push_back(s.get());
     state_.push_back(std::move(s));
+    lo_.push_back(b.lo);
+    hi_.push_back(b.hi);
   }
+  lo_data_ = lo_.data();
+  hi_data_ = hi_.data();
+  state_data_ = states_.data();
+  count_ = static_cast<int>(buffers_.size());
 }
 
 LaunchMemory::~LaunchMemory() = default;
 
 FSAM_SIM_UNCHECKED int LaunchMemory::find(uintptr_t addr) const {
-  auto it = std::upper_bound(buffers_.begin(), buffers_.end(), addr,
-                             [](uintptr_t a, const Buffer& b) { return a < b.lo; });
-  if (it == buffers_.begin()) return -1;
-  --it;
-  return addr < it->hi ? static_cast<int>(it - buffers_.begin()) : -1;
+  int lo = 0, hi = count_;  // the first buffer starting above addr, by hand (see access())
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (addr < lo_data_[mid]) hi = mid; else lo = mid + 1;
+  }
+  return lo > 0 && addr < hi_data_[lo - 1] ? lo - 1 : -1;
 }
 
 FSAM_SIM_UNCHECKED std::string LaunchMemory::outside(unsigned block, unsigned thread, uintptr_t addr, size_t size,
@@ -293,14 +321,18 @@ FSAM_SIM_UNCHECKED std::string LaunchMemory::outside(unsigned block, unsigned th
   return s.str();
 }
 
-FSAM_SIM_UNCHECKED std::string LaunchMemory::access(unsigned block, unsigned thread, uintptr_t addr, size_t size,
-                                                    Access kind, uintptr_t pc, BlockLog& log) {
-  if ((params_lo_ <= addr && addr < params_hi_) || in_module(addr)) return "";
+FSAM_SIM_UNCHECKED bool LaunchMemory::access(unsigned block, unsigned thread, uintptr_t addr, size_t size,
+                                             Access kind, uintptr_t pc, BlockLog& log, std::string& error) {
+  if ((params_lo_ <= addr && addr < params_hi_) || in_module(addr)) return true;
   const int i = find(addr);
   addr += static_cast<uintptr_t>(mutation_.shift);  // a mutated index stays in its array or is refused
-  if (i < 0 || addr < buffers_[i].lo || addr + size > buffers_[i].hi) return outside(block, thread, addr, size, kind, pc);
+  if (i < 0 || addr < lo_data_[i] || addr + size > hi_data_[i]) {
+    error = outside(block, thread, addr, size, kind, pc);
+    return false;
+  }
+  if (!race_check_ && !recording_) return true;
   const Buffer& b = buffers_[i];
-  State& st = *state_[i];
+  State& st = *state_data_[i];
   const uint64_t offset = addr - b.lo;
   const Access seen = kind == Access::kAtomic && mutation_.plain_atomics ? Access::kWrite : kind;
   if (race_check_ && seen != Access::kAtomic) {
@@ -328,7 +360,8 @@ FSAM_SIM_UNCHECKED std::string LaunchMemory::access(unsigned block, unsigned thr
             << (other == kSeveral ? std::string("several blocks") : "block " + std::to_string(other - 1))
             << (other == writer ? " wrote" : " read") << " in the same launch, neither atomically (code at _sim+0x"
             << std::hex << module_offset(reinterpret_cast<const void*>(pc)) << ")";
-          return s.str();
+          error = s.str();
+          return false;
         }
         uint64_t next = v;
         if (seen == Access::kRead) {
@@ -355,7 +388,7 @@ FSAM_SIM_UNCHECKED std::string LaunchMemory::access(unsigned block, unsigned thr
       if (kind != Access::kRead) st.written[sec / 64].fetch_or(bit, std::memory_order_relaxed);
     }
   }
-  return "";
+  return true;
 }
 
 FSAM_SIM_UNCHECKED void LaunchMemory::end_block(BlockLog& log) {

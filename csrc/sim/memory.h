@@ -68,10 +68,12 @@ class LaunchMemory {
                const MemoryMutation& mutation);
   ~LaunchMemory();
 
-  // A kernel thread's access outside shared memory and its own stack: "" if fine, else the error
-  // (an access outside every storage given to the op, or a race with another block).
-  std::string access(unsigned block, unsigned thread, uintptr_t addr, size_t size, Access kind, uintptr_t pc,
-                     BlockLog& log);
+  // A kernel thread's access outside shared memory and its own stack: true if fine, else false with
+  // the error in `error` (an access outside every storage given to the op, or a race with another
+  // block).  The hot path of the emulator: no allocation, no library call (the library's templates
+  // are instrumented, and each of their accesses would come back here).
+  bool access(unsigned block, unsigned thread, uintptr_t addr, size_t size, Access kind, uintptr_t pc,
+              BlockLog& log, std::string& error);
   void end_block(BlockLog& log);
   // Records the launch (grid, block, what it covered) if recording is on.
   void finish(unsigned grid, unsigned block);
@@ -87,6 +89,13 @@ class LaunchMemory {
   MemoryMutation mutation_;
   std::vector<Buffer> buffers_;  // sorted by lo, disjoint
   std::vector<std::unique_ptr<State>> state_;
+  // The same, as plain arrays for the hot path.
+  std::vector<uintptr_t> lo_, hi_;
+  std::vector<State*> states_;
+  const uintptr_t* lo_data_ = nullptr;
+  const uintptr_t* hi_data_ = nullptr;
+  State* const* state_data_ = nullptr;
+  int count_ = 0;
   std::mutex mutex_;
   Traffic traffic_;
   int find(uintptr_t addr) const;

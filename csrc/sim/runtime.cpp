@@ -194,15 +194,21 @@ const char* op_name(WarpOp op) {
 }
 
 struct Worker;
-thread_local Worker* t_worker = nullptr;
+// One thread_local for both (the worker the thread runs and whether the running fiber is in the
+// emulator's own code): each emulated access reads both, and a module's dynamic TLS costs a lookup
+// per variable.
+struct ThreadState {
+  Worker* worker = nullptr;
+  bool emulating = false;
+};
+thread_local ThreadState t_state;
 
-// Whether the running fiber is in the emulator's own code (a barrier, a warp op, an access being
-// checked): its accesses, through library code the instrumentation reaches, are not the kernel's.
-thread_local bool t_emulating = false;
+// While it lives, the running fiber is in the emulator's own code (a barrier, a warp op, an access
+// being checked): its accesses, through library code the instrumentation reaches, are not the kernel's.
 struct Emulating {
   bool saved;
-  FSAM_SIM_UNCHECKED Emulating() : saved(t_emulating) { t_emulating = true; }
-  FSAM_SIM_UNCHECKED ~Emulating() { t_emulating = saved; }
+  FSAM_SIM_UNCHECKED Emulating() : saved(t_state.emulating) { t_state.emulating = true; }
+  FSAM_SIM_UNCHECKED ~Emulating() { t_state.emulating = saved; }
 };
 
 // The blocks of a launch, handed out in order to its workers.
@@ -248,6 +254,7 @@ struct Worker {
   const void* params = nullptr;
   LaunchMemory* memory = nullptr;
   BlockLog log;
+  std::string memory_error;  // filled only when an access is refused
   unsigned threads = 0;
   Index block_index{}, block_dim{}, grid_dim{};
   Thread thread[kMaxThreads];
@@ -292,9 +299,9 @@ struct Worker {
 
   // The module's thread-local block in this OS thread: where its __shared__ arrays are.
   FSAM_SIM_UNCHECKED void find_shared_memory() {
-    t_worker = this;  // allocates the block
-    const auto own = reinterpret_cast<uintptr_t>(&t_worker);
-    own_lo = own, own_hi = own + sizeof(t_worker);
+    t_state.worker = this;  // allocates the block
+    const auto own = reinterpret_cast<uintptr_t>(&t_state.worker);
+    own_lo = own, own_hi = own + sizeof(t_state.worker);
     TlsBlock found{reinterpret_cast<uintptr_t>(&fiber_main), 0, 0};
     dl_iterate_phdr(&find_tls_block, &found);
     TORCH_CHECK(found.hi > found.lo, "cuda-sim: cannot find the thread-local block of its module");
@@ -489,7 +496,7 @@ struct Worker {
     }
     for (unsigned b; error.empty() && !blocks.stop && (b = blocks.next.fetch_add(1)) < blocks.grid;) run_block(b);
     if (!error.empty()) blocks.stop = true;
-    t_worker = nullptr;
+    t_state.worker = nullptr;
   }
 
   // ---- the race check: only a barrier orders the shared-memory accesses of two threads (a warp
@@ -540,11 +547,11 @@ struct Worker {
 FSAM_SIM_UNCHECKED void fiber_main(void* worker) {
   auto* w = static_cast<Worker*>(worker);
   try {
-    t_emulating = false;  // a fiber abandoned in the emulator's code may have left it set
+    t_state.emulating = false;  // a fiber abandoned in the emulator's code may have left it set
     w->body(w->params);
-    t_emulating = true;
+    t_state.emulating = true;
   } catch (const std::exception& e) {
-    t_emulating = true;
+    t_state.emulating = true;
     w->fail(w->where(*w->current) + ": the kernel threw: " + e.what());
   }
   w->current->state = State::kExited;
@@ -553,7 +560,7 @@ FSAM_SIM_UNCHECKED void fiber_main(void* worker) {
 }
 
 FSAM_SIM_UNCHECKED Worker& worker() {
-  Worker* w = t_worker;
+  Worker* w = t_state.worker;
   TORCH_CHECK(w != nullptr && w->current != nullptr, "cuda-sim: a device function was called outside a kernel");
   return *w;
 }
@@ -565,10 +572,15 @@ std::vector<std::unique_ptr<Worker>> g_workers;
 }  // namespace
 
 FSAM_SIM_UNCHECKED void on_access(const volatile void* p, size_t size, size_t align, Access kind, const void* pc) {
-  if (g_launches.load(std::memory_order_relaxed) == 0 || t_emulating) return;
-  Worker* w = t_worker;
+  ThreadState& ts = t_state;  // one TLS lookup
+  if (g_launches.load(std::memory_order_relaxed) == 0 || ts.emulating) return;
+  Worker* w = ts.worker;
   if (w == nullptr || w->current == nullptr) return;
-  const Emulating emulating;
+  ts.emulating = true;  // as Emulating does, without looking the state up again
+  struct Restore {
+    ThreadState& ts;
+    FSAM_SIM_UNCHECKED ~Restore() { ts.emulating = false; }
+  } restore{ts};
   const auto a = reinterpret_cast<uintptr_t>(p);
   if (a % align != 0) {
     std::ostringstream s;
@@ -586,9 +598,9 @@ FSAM_SIM_UNCHECKED void on_access(const volatile void* p, size_t size, size_t al
     return;  // a thread's own stack: its locals
   if (a >= reinterpret_cast<uintptr_t>(w) && a < reinterpret_cast<uintptr_t>(w + 1))
     return;  // threadIdx, blockIdx, blockDim, gridDim: the worker's (the hardware's special registers)
-  const std::string error = w->memory->access(w->block_index.x, w->current->index.x, a, size, kind,
-                                              reinterpret_cast<uintptr_t>(pc), w->log);
-  if (!error.empty()) w->abandon(error);
+  if (!w->memory->access(w->block_index.x, w->current->index.x, a, size, kind, reinterpret_cast<uintptr_t>(pc),
+                         w->log, w->memory_error))
+    w->abandon(w->memory_error);
 }
 
 FSAM_SIM_UNCHECKED const Index& thread_index() { return worker().current->index; }

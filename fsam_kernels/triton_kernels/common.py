@@ -43,11 +43,12 @@ def member_ptr(addr_table, t, DT: tl.constexpr):
 
 
 @triton.jit
-def mask_lanes(bits, chunk, BLOCK: tl.constexpr):
-    """The chunk's mask bits, one per lane (bit j of byte b is lane 8 b + j)."""
+def mask_lanes(bits, chunk, lanes, BLOCK: tl.constexpr):
+    """`lanes` that the chunk's mask bits select (bit j of byte b is lane 8 b + j); a byte no
+    lane of `lanes` needs is not read (a short chunk's mask past its end costs nothing)."""
     lane = tl.arange(0, BLOCK)
-    byte = tl.load(bits + chunk * (BLOCK // 8) + lane // 8)
-    return ((byte >> (lane % 8).to(tl.uint8)) & 1) != 0
+    byte = tl.load(bits + chunk * (BLOCK // 8) + lane // 8, mask=lanes, other=0)
+    return lanes & (((byte >> (lane % 8).to(tl.uint8)) & 1) != 0)
 
 
 @triton.jit

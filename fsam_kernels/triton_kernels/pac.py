@@ -69,7 +69,7 @@ def _runs(bits, save_offsets, capacity, gate, chunk, lanes, ITEMSIZE: tl.constex
     otherwise, so that its weights stay as they are and restore stays exact; the marked ones;
     their slots)."""
     lanes = only_if(lanes, tl.load(gate) == 0)
-    marked = lanes & mask_lanes(bits, chunk, BLOCK)
+    marked = mask_lanes(bits, chunk, lanes, BLOCK)
     start = tl.load(save_offsets + chunk)
     count = tl.sum(marked.to(tl.int32), 0).to(tl.int64)
     fits = (start >= 0) & (start % ITEMSIZE == 0) & (start // ITEMSIZE + count <= capacity)

@@ -23,7 +23,7 @@ def _sumsq_kernel(p_addr, g_addr, chunk_tensor, chunk_start, chunk_index, numel,
     sq = v * v  # exact in fp64; the chunk's sum in fp64 (the summation order of every backend)
     tl.store(partials + 2 * chunk, tl.sum(sq, 0))
     if MASKED:
-        sq = tl.where(mask_lanes(bits, chunk, BLOCK), sq, 0.0)
+        sq = tl.where(mask_lanes(bits, chunk, lanes, BLOCK), sq, 0.0)
     tl.store(partials + 2 * chunk + 1, tl.sum(sq, 0))
 
 
@@ -36,7 +36,7 @@ def _saved_slots(bits, save_offsets, capacity, gate, chunk, lanes, MASKED: tl.co
     each program's own bound (the CUDA kernels skip such a chunk alike)."""
     lanes = only_if(lanes, tl.load(gate) == 0)
     if MASKED:
-        lanes = lanes & mask_lanes(bits, chunk, BLOCK)
+        lanes = mask_lanes(bits, chunk, lanes, BLOCK)
     start = tl.load(save_offsets + chunk)
     count = tl.sum(lanes.to(tl.int32), 0).to(tl.int64)
     fits = (start >= 0) & (start % ITEMSIZE == 0) & (start // ITEMSIZE + count <= capacity)

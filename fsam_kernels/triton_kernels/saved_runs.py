@@ -21,7 +21,7 @@ def _run_ends_kernel(chunk_tensor, chunk_start, chunk_index, numel, bits, save_o
     _, _, lanes = chunk_lanes(chunk_tensor, chunk_start, numel, BLOCK)
     chunk = tl.load(chunk_index + tl.program_id(0))
     if MASKED:
-        lanes = mask_lanes(bits, chunk, BLOCK)  # every bit of the chunk counts, as on the host
+        lanes = mask_lanes(bits, chunk, tl.arange(0, BLOCK) < BLOCK, BLOCK)  # every bit counts, as on the host
     nbytes = tl.sum(lanes.to(tl.int32), 0).to(tl.int64) * ITEMSIZE
     start = tl.load(save_offsets + chunk)
     fits = (start >= 0) & (start % ITEMSIZE == 0) & (start <= capacity) & (nbytes <= capacity - start)

@@ -54,7 +54,7 @@ def test_bad_input(backend, device):
             ops.fisher_accumulate([torch.zeros(3, dtype=torch.float16)], [torch.randn(3)], backend=backend)
         with pytest.raises(ValueError, match=r"grads\[0\] has 4 elements"):
             ops.fisher_accumulate([torch.zeros(3)], [torch.randn(4)], backend=backend)
-        with pytest.raises(ValueError, match="grads has 2 entries"):
+        with pytest.raises(ValueError, match="grads has 2 tensors"):
             ops.fisher_accumulate([torch.zeros(3)], [torch.randn(3), torch.randn(3)], backend=backend)
         with pytest.raises(ValueError, match=r"fisher\[0\] must be contiguous"):
             ops.fisher_accumulate([torch.zeros(3, 4).t()], [torch.randn(12)], backend=backend)

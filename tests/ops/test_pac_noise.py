@@ -303,7 +303,7 @@ def test_bad_arguments_raise_before_writing():
     s = [torch.zeros(10)]
     with pytest.raises(ValueError, match="log_stds\\[0\\] has 3 elements"):
         ops.pac_noise_mask(params, [torch.zeros(3)], seed=0, step=0)
-    with pytest.raises(TypeError, match="log_stds\\[0\\] must be one of"):
+    with pytest.raises(TypeError, match="log_stds\\[0\\] must be float32"):
         ops.pac_noise_mask(params, [torch.zeros(10, dtype=torch.float64)], seed=0, step=0)
     with pytest.raises(ValueError, match="seed must be an int"):
         ops.pac_noise_mask(params, s, seed=-1, step=0)

@@ -107,3 +107,30 @@ def test_a_recording_is_one_at_a_time_and_counts_aten_ops():
     assert kernels == ["aten.ones", "aten.mul", "aten.sum", "aten.gt", "aten._local_scalar_dense"]
     assert [r["kind"] for r in t.rows()][-1] == "sync" and t.summary()[""]["syncs"] == 1
     assert t.rows()[1]["sectors_read"] == t.rows()[1]["sectors_written"] == 4000 // 32
+
+
+@SIM
+def test_the_tables_per_element_figures_agree_at_two_scales(monkeypatch):
+    # benchmarks.traffic carries a list scaled down by s to full size by a line through s and 2 s
+    # (bytes = a n + c: c the tensors' and chunks' fixed costs).  Drawn through 1/2048 and 1/4096
+    # of MiniLM's 12 largest tensors, and through 1/1024 and 1/2048, the line must give every op
+    # the same bytes over its floor at full size, and the same launches and full reads of the
+    # scores at each scale: else the table's full-size figures depend on the scale it ran at
+    from benchmarks import traffic as table
+    for name, value in table.SIM_SETTINGS.items():
+        monkeypatch.setenv(name, value)
+    found = []
+    for scale in (1024, 2048, 4096):
+        shapes = sorted(table.scaled_shapes("minilm", scale), key=lambda s: -s[1])[:12]
+        case = table.Case(shapes, table.gradients(shapes, None, seed=2), torch.float32, "cuda-sim")
+        found.append(table.records(case, steps=False))
+    assert set(found[0]) == set(found[1]) == set(found[2]) and len(found[0]) >= 15
+    full = found[0]["fisher_accumulate"]["elements"] * 1024  # the tensors at full size
+    for item in found[0]:
+        assert len({f[item]["launches"] for f in found}) == 1, item
+        if "score_reads" in found[0][item]:
+            reads = [f[item]["score_reads"] for f in found]
+            assert max(reads) - min(reads) <= 0.1, (item, reads)
+            continue
+        near, far = (table.at_full_size(found[i][item], found[i + 1][item], full)["over_floor"] for i in (0, 1))
+        assert abs(near - far) <= 0.03 * far and 0.97 <= near, (item, near, far)
