@@ -11,7 +11,9 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME
 BENCH_ARGS ?=
 HOST_ARGS ?=
-TRAFFIC_ARGS ?=
+# The cost model on the emulated CUDA kernels (minutes); Triton's interpreter takes about 5 minutes a
+# list and dtype more here (TRAFFIC_ARGS="--backends cuda-sim,triton").
+TRAFFIC_ARGS ?= --backends cuda-sim
 GLUE_ARGS ?= --tasks rte mrpc --epochs 2 --out benchmarks/results/glue_cpu
 GPU_PY ?= python3
 GPU_ARGS ?=

