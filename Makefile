@@ -18,7 +18,7 @@ GLUE_ARGS ?= --tasks rte mrpc --epochs 2 --out benchmarks/results/glue_cpu
 GPU_PY ?= python3
 GPU_ARGS ?=
 
-.PHONY: test bench glue build clean gpu-carry gpu-first gpu-second gpu-build gpu-test gpu-ops gpu-sanitize gpu-ncu gpu-bench \
+.PHONY: test bench glue build rebuild clean gpu-carry gpu-first gpu-second gpu-build gpu-test gpu-ops gpu-sanitize gpu-ncu gpu-bench \
 	gpu-glue gpu-fsdp gpu-rehearsal versions
 
 $(VENV)/.installed: requirements-dev.txt
@@ -26,9 +26,18 @@ $(VENV)/.installed: requirements-dev.txt
 	$(PY) -m pip install -q "$(TORCH)" -r requirements-dev.txt
 	touch $@
 
-# Warnings are errors here (our toolchain); gpu-build, on another torch, keeps them warnings.
-build: $(VENV)/.installed
+# Warnings are errors here (our toolchain); gpu-build, on another torch, keeps them warnings.  The
+# extension is rebuilt only when a source of it changed (make bench after make test builds nothing).
+BUILD_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+BUILT := $(VENV)/.built
+# (and when the compiled module is gone)
+$(BUILT): $(VENV)/.installed $(BUILD_SOURCES) $(if $(wildcard fsam_kernels/_C*.so),,rebuild)
 	FSAM_WERROR=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+rebuild:
+
+build: $(BUILT)
 	$(PY) -c "import fsam_kernels as f; print('fsam_kernels backends:', f.available_backends())"
 
 test: build
@@ -93,4 +102,4 @@ versions:
 	$(PYTHON) tools/versions.py $(VERSIONS)
 
 clean:
-	rm -rf build *.egg-info fsam_kernels/_C*.so fsam_kernels/_sim*.so .gpu
+	rm -rf build *.egg-info fsam_kernels/_C*.so fsam_kernels/_sim*.so .gpu $(BUILT)

@@ -32,7 +32,7 @@ OPTIMIZERS = ("fsam mask step", "fsam", "sam", "pac")
 
 def make(name, params):
     from fsam_kernels import FSAM, SAM, PACTuning
-    from fsam_kernels.pac import KTable
+    from fsam_kernels.optim.pac import KTable
     sgd = dict(lr=LR)
     if name == "sam":
         return SAM(params, torch.optim.SGD, rho=RHO, **sgd)

@@ -7,7 +7,7 @@ import torch
 
 from fsam_kernels import backends, clip_grad_norm_componentwise_, ops, radix_topk
 from fsam_kernels._layout import ChunkLayout
-from fsam_kernels.pac import perturb_with_noise
+from fsam_kernels.optim.pac import perturb_with_noise
 
 from . import anchors
 from .param_lists import dtype_of, random_tensors, shapes_for

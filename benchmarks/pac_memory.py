@@ -18,7 +18,7 @@ def main(argv=None):
     from transformers import AutoModelForSequenceClassification
 
     from fsam_kernels import PACTuning
-    from fsam_kernels.pac import KTable
+    from fsam_kernels.optim.pac import KTable
 
     from .finetune_glue import model_dir
     from .timing import environment

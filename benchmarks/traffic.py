@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
 import fsam_kernels  # noqa: E402
 from fsam_kernels import FSAM, SAM, PACTuning, clip_grad_norm_componentwise_, ops, traffic  # noqa: E402
 from fsam_kernels._layout import FIRST_SHIFT, RADIX_SHIFTS, num_chunks  # noqa: E402
-from fsam_kernels.pac import KTable  # noqa: E402
+from fsam_kernels.optim.pac import KTable  # noqa: E402
 
 from .param_lists import model_shapes  # noqa: E402
 

@@ -4,9 +4,7 @@ from . import ops
 from ._extension import LOADED as EXTENSION_LOADED
 from .backends import available_backends
 from .clipping import clip_grad_norm_componentwise_
-from .fsam import FSAM
-from .pac import PACTuning, estimate_k
-from .sam import SAM
+from .optim import FSAM, SAM, PACTuning, estimate_k
 
 __all__ = ["FSAM", "SAM", "PACTuning", "estimate_k", "ops", "available_backends", "clip_grad_norm_componentwise_", "EXTENSION_LOADED"]
 __version__ = "0.1.0"

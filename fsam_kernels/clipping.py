@@ -5,7 +5,7 @@ the formula of torch.nn.utils.clip_grad_norm_ applied to one tensor at a time.  
 multi-tensor passes (the per-tensor sums of squares, then the scaling), no host sync and no
 per-parameter Python loop.  Where it runs in a training step (after unscaling, once per
 accumulation window, after the DDP all-reduce, on the gradient the base optimizer uses) is up to
-the caller: fsam_kernels.training.sharpness_step and the Trainer integration do it there.
+the caller: fsam_kernels.optim.micro_batches.sharpness_step and the Trainer integration do it there.
 """
 from collections.abc import Iterable
 from typing import Optional, Union

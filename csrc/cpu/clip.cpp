@@ -1,5 +1,5 @@
 // Component-wise gradient-norm clipping (Yang & Ma, 2022): the per-tensor sums of squares in
-// SPEC's summation order, and the scaling of each tensor by its clip factor.  The CPU impls.
+// the norm's summation order (sumsq.h), and the scaling of each tensor by its clip factor.  The CPU impls.
 #include "chunks.h"
 #include "sumsq.h"
 

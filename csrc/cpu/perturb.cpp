@@ -56,8 +56,9 @@ at::Tensor grad_sumsq_cpu(at::TensorList params, const OptTensors& grads,
                                   : chunk_sumsq<false>(w, gp, in.chunk_bits(c), n, e);
     });
   });
-  // The one summation order of every backend: fp64 within a chunk, the chunk partials added in
-  // fp64 in chunk order (so the result does not depend on the thread count), fp32 once.
+  // This backend's fixed order: fp64 within a chunk, the chunk partials added in fp64 in chunk
+  // order (so the result does not depend on the thread count), fp32 once.  CUDA and Triton add
+  // in fixed orders of their own (docs/algorithm.md, "One summation order for the norm").
   double all = 0, masked = 0;
   for (const auto& p : partial) all += p[0], masked += p[1];
   auto out = at::empty({2}, at::TensorOptions().dtype(at::kFloat));

@@ -1,4 +1,4 @@
-// The fp64 sum of squares of a chunk in SPEC's summation order, shared by the norm of the
+// The fp64 sum of squares of a chunk in the CPU's summation order, shared by the norm of the
 // perturbation (perturb.cpp) and the per-tensor norms of component-wise clipping (clip.cpp).
 #pragma once
 
@@ -19,7 +19,7 @@ inline const auto kByteLanes = [] {
   return t;
 }();
 
-// SPEC's summation order within a chunk: the fp64 terms added in element order (8 lanes, one mask
+// The CPU's summation order within a chunk: the fp64 terms added in element order (8 lanes, one mask
 // byte per step, so that the loop vectorises: each lane stays one sum in element order, so every
 // vector width gives the same bits; the lanes are then added in order).  Returns {all, masked}.
 template <bool kAdaptive, typename scalar_t>

@@ -1,4 +1,4 @@
-// The fp64 sums of squares in SPEC's summation order, shared by the norm of the perturbation
+// The fp64 sums of squares in the CUDA kernels' fixed summation order, shared by the norm of the perturbation
 // (perturb.cu) and the per-tensor norms of component-wise clipping (clip.cu): per chunk a block sum
 // of the fp64 terms, then the chunk partials added in a fixed order.
 #pragma once

@@ -6,7 +6,7 @@ optimizer class says what runs before the base step (`training_passes`).
 Per optimizer step (one accumulation window) the Trainer's loop hands the micro-batches to
 `training_step`; this trainer runs them only when the window is complete: the first pass
 over all of them, one perturbation, the second pass over the same micro-batches at it, then
-the restore (`fsam_kernels.training.sharpness_passes`).  The Trainer then does what it
+the restore (`fsam_kernels.optim.micro_batches.sharpness_passes`).  The Trainer then does what it
 always does with the gradient in .grad, now the second-pass one: unscale, clip, the base
 step (skipped by the GradScaler on overflow), the LR scheduler and zero_grad.
 """
@@ -18,9 +18,7 @@ import torch.distributed as dist
 from transformers import Trainer
 
 from ..clipping import CLIP_MODES, clip_gradients_
-from ..fsam import FSAM
-from ..pac import PACTuning
-from ..sam import SAM
+from ..optim import FSAM, SAM, PACTuning
 from ..sharding import end_process_group
 
 # name -> optimizer class (built as cls(param_groups, base_optimizer_class, **kwargs)); None

@@ -346,7 +346,7 @@ PAC_TARGETED = [(("pac", "log_stds", 0), "shape"), (("pac", "log_stds", 1), "nan
 
 @pytest.mark.parametrize("path,how", PAC_TARGETED, ids=[f"{'.'.join(map(str, p))}-{h}" for p, h in PAC_TARGETED])
 def test_invalid_pac_states_are_refused_and_change_nothing(path, how):
-    from fsam_kernels.pac import KTable
+    from fsam_kernels.optim.pac import KTable
     table = KTable([math.exp(-6), math.exp(-2)], [0.01, 0.2])
 
     def pac(seed):

@@ -285,7 +285,7 @@ def test_pac_tuning_is_by_hand(tmp_path):
     then per window perturb, both micro-batches at the noisy weights, restore with the stage-1
     gradients, the Trainer's clip, the updates; num_examples defaults to the training set's size."""
     from fsam_kernels import PACTuning
-    from fsam_kernels.pac import estimate_k
+    from fsam_kernels.optim.pac import estimate_k
     pac_kw = dict(stage1_steps=2, k_samples=2, backend="reference")
     t = trainer(tmp_path, sharpness="pac", sharpness_kwargs=pac_kw, gradient_accumulation_steps=2)
     t.train()
@@ -319,5 +319,5 @@ def test_pac_tuning_is_by_hand(tmp_path):
     for (n, a), b in zip(t.model.named_parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
     with pytest.raises(NotImplementedError, match="GradScaler"):
-        from fsam_kernels.training import noise_passes
+        from fsam_kernels.optim.micro_batches import noise_passes
         noise_passes(by_hand, [windows(0)[0]], lambda b: model(**b).loss.backward(), scaler=object())

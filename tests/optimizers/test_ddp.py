@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fsam_kernels import FSAM
-from fsam_kernels.training import sharpness_step
+from fsam_kernels.optim.micro_batches import sharpness_step
 from spawned import run_in_group
 
 WORLD, MICRO, STEPS = 2, 2, 3

@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fsam_kernels import FSAM, SAM, PACTuning, checkpoint, clip_grad_norm_componentwise_
-from fsam_kernels.pac import KTable
-from fsam_kernels.training import sharpness_step
+from fsam_kernels import FSAM, SAM, PACTuning, clip_grad_norm_componentwise_
+from fsam_kernels.optim import checkpoint
+from fsam_kernels.optim.pac import KTable
+from fsam_kernels.optim.micro_batches import sharpness_step
 from models import tiny_bert
 from spawned import run_in_group
 

@@ -1,10 +1,10 @@
 """The split step (restore() then second_step()), and the GradScaler path of the optimizers and
-of `fsam_kernels.training.sharpness_step`: unscaled first pass, overflow skips."""
+of `fsam_kernels.optim.micro_batches.sharpness_step`: unscaled first pass, overflow skips."""
 import pytest
 import torch
 
 from fsam_kernels import FSAM, SAM
-from fsam_kernels.training import sharpness_step
+from fsam_kernels.optim.micro_batches import sharpness_step
 from conftest import compiled_backends
 from models import assert_bits_equal, batch, loss_of, overflow_backward, snapshot, tiny_bert, train
 

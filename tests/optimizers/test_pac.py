@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fsam_kernels import backends, reference
-from fsam_kernels.pac import KTable, PACTuning, estimate_k
+from fsam_kernels.optim.pac import KTable, PACTuning, estimate_k
 from conftest import all_backends
 
 # every backend that runs here, on its device (Triton on CPU tensors under the interpreter)

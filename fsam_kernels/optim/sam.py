@@ -5,9 +5,9 @@ from typing import Any, Optional
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._checks import check_number
-from .roles import SUMSQ_ALL, SUMSQ_PERTURBED
-from .two_pass import Perturbation, SharpnessAwareOptimizer
+from .._checks import check_number
+from .perturbation import SUMSQ_ALL, SUMSQ_PERTURBED, Perturbation
+from .two_pass import SharpnessAwareOptimizer
 
 __all__ = ["SAM", "SharpnessScale", "SharpnessAwareOptimizer"]
 

@@ -1,5 +1,4 @@
-"""Parameter lists as users pass them (tensors, param-group dicts, `named_parameters()`) and
-the pool presets of FSAM."""
+"""Parameter lists as users pass them (tensors, param-group dicts, `named_parameters()`)."""
 import torch
 
 
@@ -43,26 +42,3 @@ def param_groups_with_names(params):
         raise TypeError("params mixes param-group dicts with tensors")
     tensors, names = _split_named(items, "params")
     return [{"params": tensors}], names
-
-
-def fsam4plm(name, param):
-    """The official FSAM code's pool: every parameter but biases and embeddings (which it
-    perturbs densely)."""
-    return "bias" not in name and "embed" not in name
-
-
-POOL_PRESETS = {"fsam4plm": fsam4plm}
-
-
-def pool_predicate(pool):
-    """The (name, param) -> bool filter for FSAM's `pool` argument (None: every parameter)."""
-    if pool is None:
-        return None
-    if isinstance(pool, str):
-        if pool not in POOL_PRESETS:
-            raise ValueError(f"pool must be a callable (name, param) -> bool or one of {sorted(POOL_PRESETS)}, "
-                             f"got {pool!r}")
-        return POOL_PRESETS[pool]
-    if not callable(pool):
-        raise TypeError(f"pool must be a callable (name, param) -> bool or a preset name, got {type(pool).__name__}")
-    return pool

@@ -1,9 +1,9 @@
 """Checkpoints of a model and its SAM, FSAM or PACTuning optimizer with torch.distributed.checkpoint
 (DCP), sharded under FSDP2: each process writes and reads its own shards.
 
-    fsam_kernels.checkpoint.save(path, model, optimizer)
+    fsam_kernels.optim.checkpoint.save(path, model, optimizer)
     ...
-    fsam_kernels.checkpoint.load(path, model, optimizer)   # an optimizer built as the saved one
+    fsam_kernels.optim.checkpoint.load(path, model, optimizer)   # an optimizer built as the saved one
 
 What is saved: the model's state (get_model_state_dict), the base optimizer's by parameter name
 (get_optimizer_state_dict) and the optimizer's own state, whose tensors with a value per parameter

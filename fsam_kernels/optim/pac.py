@@ -16,15 +16,15 @@ from typing import Any, Optional
 import torch
 from torch.optim.optimizer import ParamsT
 
-from . import backends
-from ._checks import check_int, check_not_skipped, check_number
-from ._layout import ChunkLayout
-from .params import param_groups_with_names
-from .roles import SUMSQ_ALL, gradients_of
-from .sharding import local, shard_like, sharding_of
-from .training import noise_passes
-from .two_pass import check_counter, check_groups_like, check_optimizer_state, init_composed, load_or_nothing, \
-    load_with_hooks, state_dict_with_hooks, stateful
+from .. import backends
+from .._checks import check_int, check_not_skipped, check_number
+from .._layout import ChunkLayout
+from ..sharding import local, shard_like, sharding_of
+from .composed import ComposedOptimizer
+from .micro_batches import noise_passes
+from .param_groups import param_groups_with_names
+from .perturbation import SUMSQ_ALL, gradients_of
+from .state_checks import check_optimizer_state
 
 __all__ = ["PACTuning", "KTable", "estimate_k", "DEFAULT_PRIOR_GRID"]
 
@@ -173,7 +173,7 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc)
 
 
-class PACTuning(torch.optim.Optimizer):
+class PACTuning(ComposedOptimizer):
     """PAC-tuning around a base optimizer (davda54/sam's shape: a base optimizer class, shared
     `param_groups`, params as tensors, groups or `named_parameters()`).
 
@@ -237,7 +237,7 @@ class PACTuning(torch.optim.Optimizer):
             g.setdefault("log_std_power", log_std_power)
             check_number("noise_lr", g["noise_lr"], 0.0)
             check_number("log_std_power", g["log_std_power"], 0.0, low_open=True)
-        init_composed(self, groups, names, base_optimizer, base_kwargs)
+        super().__init__(groups, names, base_optimizer, base_kwargs)
         self.backend = backends.resolve(backend, self._device)
         self._op = {name: backends.op(name, self.backend)
                     for name in ("pac_noise_mask", "pac_perturb_", "pac_restore_", "pac_bound_grads_", "grad_sumsq")}
@@ -341,7 +341,7 @@ class PACTuning(torch.optim.Optimizer):
             raise RuntimeError("perturb() after restore(): call step() to finish the step first")
         if self.stage == 1 and self.k_table is None:
             raise RuntimeError("stage 1 needs the K table: call opt.estimate_k(model, loss_fn, data) or pass "
-                               "k_table= (fsam_kernels.pac.estimate_k)")
+                               "k_table= (fsam_kernels.optim.pac.estimate_k)")
         self._perturbed = perturb_with_noise(self._op, self._layout, self._locals, self._noise(),  # perturb's sync
                                              self._status)
 
@@ -452,10 +452,10 @@ class PACTuning(torch.optim.Optimizer):
             with torch.no_grad():
                 if self.stage == 1:
                     self.noise_optimizer.step()
-                self.base_optimizer.step()
+                self._base_step()
         else:
             self._skipped += 1
-        self._opt_called = True
+            self._opt_called = True  # a skipped step still counts as one for LR schedulers (see _base_step)
         self._step += 1
         if self._step == self.stage1_steps:
             self._enter_stage2()
@@ -471,17 +471,19 @@ class PACTuning(torch.optim.Optimizer):
         for b in self.prior_log_stds:
             b.grad = None
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
-
     # ---- state -------------------------------------------------------------------------------
+
+    STATE_KEY = "pac"
+    MADE_BY = "PACTuning"
+
+    def _check_between_steps(self, call):
+        if self._perturbed is not None or self._restored is not None:
+            raise RuntimeError(f"{call} in the middle of a step (after perturb() or restore())")
 
     def _signature(self):
         return [(tuple(p.shape), str(p.dtype)) for p in self._params]
 
     def _own_state(self):
-        if self._perturbed is not None or self._restored is not None:
-            raise RuntimeError("state_dict() in the middle of a step (after perturb() or restore())")
         clone = lambda ts: None if ts is None else [t.detach().clone() for t in ts]  # noqa: E731
         return {"type": type(self).__name__, "step": self._step, "seed": self.seed, "skipped": self._skipped.clone(),
                 "layout": self._signature(), "log_stds": clone(self.log_stds),
@@ -489,24 +491,8 @@ class PACTuning(torch.optim.Optimizer):
                 "noise_optimizer": None if self.noise_optimizer is None else self.noise_optimizer.state_dict(),
                 "k_table": None if self.k_table is None else self.k_table.state()}
 
-    def state_dict(self) -> dict[str, Any]:
-        def make():
-            base = self.base_optimizer.state_dict()
-            return {"base": base, "pac": {**self._own_state(), "base_stateful": stateful(base)}}
-        return state_dict_with_hooks(self, make)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        load_with_hooks(self, state_dict, self._load)
-
-    def _load(self, state_dict):
-        if not isinstance(state_dict, dict) or set(state_dict) != {"base", "pac"}:
-            raise ValueError("load_state_dict expects a dict made by PACTuning.state_dict() (keys 'base', 'pac')")
-        own, base = state_dict["pac"], state_dict["base"]
-
-        def check_base():
-            check_optimizer_state("the base optimizer's state", base, self._params, own.get("base_stateful"))
-            check_groups_like("the base optimizer's state", base["param_groups"], self.base_optimizer)
-        self._load_parts(own, lambda: self.base_optimizer.load_state_dict(base), check_base)
+    def _layout_matches(self, layout):
+        return [tuple(x) for x in layout] == self._signature()
 
     def _check_tensors(self, name, saved, like, same_dtype):
         """A saved list shaped like `like` (and of its dtypes, or float32), finite."""
@@ -519,24 +505,15 @@ class PACTuning(torch.optim.Optimizer):
             if not bool(torch.isfinite(s).all()):
                 raise ValueError(f"the saved {name}[{i}] is not finite")
 
-    def _load_parts(self, pac, load_base, check_base=lambda: None):
-        """Check `pac` (the own state) and, by check_base(), the base optimizer's, then load_base()
-        and load `pac`: all of it, or nothing changes."""
-        if self._perturbed is not None or self._restored is not None:
-            raise RuntimeError("load_state_dict() in the middle of a step (after perturb() or restore())")
-        if not isinstance(pac, dict) or pac.get("type") != type(self).__name__:
-            raise ValueError(f"this state comes from {pac.get('type') if isinstance(pac, dict) else pac!r}, not {type(self).__name__}")
-        if not isinstance(pac.get("layout"), list) or [tuple(x) for x in pac["layout"]] != self._signature():
-            raise ValueError("this state was saved for a different parameter layout (shapes or dtypes differ)")
+    def _in_stage1(self, pac):
+        return pac["step"] < self.stage1_steps
+
+    def _check_own_state(self, pac):
         if pac.get("seed") != self.seed:
             raise ValueError(f"this state was saved with seed {pac.get('seed')!r}, this optimizer has seed {self.seed}")
-        step = pac.get("step")
-        check_int("the saved step", step, 0)
-        check_counter("the saved skipped count", pac.get("skipped"))
-        check_base()
         self._check_tensors("log_stds", pac.get("log_stds"), self.log_stds, same_dtype=False)
         self._check_tensors("prior_log_stds", pac.get("prior_log_stds"), self.prior_log_stds, same_dtype=False)
-        in_stage1 = step < self.stage1_steps
+        in_stage1 = self._in_stage1(pac)
         if in_stage1 and (pac.get("anchors") is None or pac.get("noise_optimizer") is None):
             raise ValueError("this state left stage 1 but this optimizer's stage1_steps puts it in stage 1")
         if in_stage1 and self.anchors is None:
@@ -548,29 +525,30 @@ class PACTuning(torch.optim.Optimizer):
                                   [p for g in self.noise_optimizer.param_groups for p in g["params"]])
         if not isinstance(pac.get("k_table"), (dict, type(None))):
             raise ValueError("the saved k_table must be a dict (KTable.state()) or None")
-        k_table = None if pac["k_table"] is None else KTable(**pac["k_table"])
-        optimizers = [self.base_optimizer] + ([self.noise_optimizer] if in_stage1 else [])
+        if pac["k_table"] is not None:
+            KTable(**pac["k_table"])
 
-        def load():
-            load_base()
-            if in_stage1:
-                self.noise_optimizer.load_state_dict(pac["noise_optimizer"])
+    def _inner_optimizers(self, pac):
+        return [self.base_optimizer] + ([self.noise_optimizer] if self._in_stage1(pac) else [])
 
-        load_or_nothing(optimizers, load)  # then nothing below can fail: everything was checked
-        self.param_groups = self.base_optimizer.param_groups
+    def _load_own_state(self, pac):
+        in_stage1 = self._in_stage1(pac)
+        if in_stage1:
+            self.noise_optimizer.load_state_dict(pac["noise_optimizer"])
+        # nothing below can fail: everything was checked
         with torch.no_grad():
             for dst, src in zip(self.log_stds + self.prior_log_stds, pac["log_stds"] + pac["prior_log_stds"]):
                 dst.copy_(src)
             if in_stage1:
                 for dst, src in zip(self.anchors, pac["anchors"]):
                     dst.copy_(src)
-        self._step = step
+        self._step = pac["step"]
         self._skipped = pac["skipped"].to(self._device, torch.int64).clone()
-        self.k_table = k_table
+        self.k_table = None if pac["k_table"] is None else KTable(**pac["k_table"])
         if not in_stage1:
             self._enter_stage2()
 
-    # ---- torch.distributed.checkpoint (fsam_kernels/checkpoint.py) --------------------------
+    # ---- torch.distributed.checkpoint (fsam_kernels/optim/checkpoint.py) --------------------------
 
     def _sharded(self, tensors):
         """{index: the per-element tensor of parameter i as sharded as the parameter}."""
@@ -580,7 +558,7 @@ class PACTuning(torch.optim.Optimizer):
         """The own state in the form torch.distributed.checkpoint saves: p, the anchors and the Adam
         moments of p sharded like their parameters (DTensors under FSDP2), every Adam entry present
         (zeros before the first step, which Adam's own start equals)."""
-        pac = self._own_state()
+        pac = super().checkpoint_state()
         pac["log_stds"] = self._sharded(pac["log_stds"])
         pac["prior_log_stds"] = {str(i): b for i, b in enumerate(pac["prior_log_stds"])}
         if pac["anchors"] is not None:
@@ -614,4 +592,4 @@ class PACTuning(torch.optim.Optimizer):
             pac["noise_optimizer"] = {"state": {int(i): {k: local(v) for k, v in e.items()}
                                                 for i, e in saved["state"].items()},
                                       "param_groups": saved["param_groups"]}
-        self._load_parts(pac, load_base)
+        super().load_checkpoint_state(pac, load_base)

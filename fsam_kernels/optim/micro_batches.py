@@ -12,8 +12,8 @@ The second-pass gradient, the one the base optimizer uses, is always all-reduced
 """
 import contextlib
 
-from .clipping import CLIP_MODES, clip_gradients_
-from .sharding import LOCAL
+from ..clipping import CLIP_MODES, clip_gradients_
+from ..sharding import LOCAL
 
 
 def _accumulate(micro_batches, backward, no_sync, sync_last):

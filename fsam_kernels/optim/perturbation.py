@@ -1,4 +1,6 @@
-"""The parameters of a perturbation by role, and the saved originals that restore them exactly.
+"""The perturbation of the two-pass optimizers: the parameters by role with the saved originals
+that restore them exactly (`ParamRoles`), and the policy that decides e in w + e
+(`Perturbation`: SAM/ASAM's scale in sam.py, FSAM's Fisher mask in fsam.py).
 
 Roles: `masked` (perturbed where a packed mask says: FSAM's pool), `dense` (perturbed
 everywhere: what SAM does, at the cost of a full copy) and `norm_only` (never perturbed, but
@@ -8,11 +10,11 @@ per-chunk popcounts (fsam_kernels/_layout.py).
 """
 import torch
 
-from . import backends
-from ._checks import check_not_skipped
-from ._layout import ChunkLayout
-from .ops import save_layout
-from .sharding import LOCAL, DTensor, check_placed_like, local
+from .. import backends
+from .._checks import check_not_skipped
+from .._layout import ChunkLayout
+from ..ops import save_layout
+from ..sharding import LOCAL, DTensor, check_placed_like, local
 
 ROLES = ("masked", "dense", "norm_only")
 _FORMER_NAMES = {"pool": "masked", "rest": "norm_only"}  # in states saved by fsam_kernels 0.1
@@ -158,3 +160,42 @@ class ParamRoles:
     def current_names(signature):
         """A saved signature with the role names of this version."""
         return [(_FORMER_NAMES.get(role, role), *rest) for role, *rest in signature]
+
+
+class Perturbation:
+    """What decides e in w + e.  The protocol calls, per first_step: prepare() (may change the
+    roles' mask; returns whether the norm must be recomputed), then scale() on the norm stats."""
+
+    adaptive = False
+    eta = 0.0
+
+    def prepare(self, roles, grads, finite):
+        return False
+
+    def scale(self, stats, finite):
+        raise NotImplementedError
+
+    def state(self, roles):
+        """What state_dict() keeps of the policy and of the roles' mask (tensors cloned)."""
+        return {}
+
+    def check_state(self, state, roles):
+        """Raise if `state` does not fit this policy (before anything is loaded)."""
+
+    def load_state(self, state, roles):
+        pass
+
+    def snapshot(self):
+        """What prepare() changes, for rollback() after an exception in the step (cheap: no copy
+        of a tensor as large as the model)."""
+        return None
+
+    def rollback(self, snapshot):
+        pass
+
+    def to_checkpoint(self, state, roles):
+        """state() as torch.distributed.checkpoint saves it (see ComposedOptimizer.checkpoint_state)."""
+        return state
+
+    def from_checkpoint(self, state, roles):
+        return state

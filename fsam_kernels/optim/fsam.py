@@ -11,16 +11,38 @@ from typing import Any, Optional, Union
 import torch
 from torch.optim.optimizer import ParamsT
 
-from . import backends, ops, radix_topk
-from ._checks import check_int, check_number
-from .params import pool_predicate
-from .roles import SUMSQ_ALL, gradients_of
+from .. import backends, ops, radix_topk
+from .._checks import check_int, check_number
+from ..sharding import LOCAL, local, shard_like
+from .perturbation import SUMSQ_ALL, gradients_of
 from .sam import SharpnessScale
-from .sharding import LOCAL, local, shard_like
 from .two_pass import SharpnessAwareOptimizer
 
 FISHER_ESTIMATES = ("batch", "ema", "samples")
 OUTSIDE_POOL = ("dense", "none")
+
+
+def fsam4plm(name, param):
+    """The official FSAM code's pool: every parameter but biases and embeddings (which it
+    perturbs densely)."""
+    return "bias" not in name and "embed" not in name
+
+
+POOL_PRESETS = {"fsam4plm": fsam4plm}
+
+
+def pool_predicate(pool):
+    """The (name, param) -> bool filter for FSAM's `pool` argument (None: every parameter)."""
+    if pool is None:
+        return None
+    if isinstance(pool, str):
+        if pool not in POOL_PRESETS:
+            raise ValueError(f"pool must be a callable (name, param) -> bool or one of {sorted(POOL_PRESETS)}, "
+                             f"got {pool!r}")
+        return POOL_PRESETS[pool]
+    if not callable(pool):
+        raise TypeError(f"pool must be a callable (name, param) -> bool or a preset name, got {type(pool).__name__}")
+    return pool
 
 
 class FisherMask(SharpnessScale):
