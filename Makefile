@@ -1,4 +1,5 @@
 # make test: create .venv, install torch and the test dependencies, build the extension, run the tests.
+# make test-fast: the same with the tests not marked slow (the inner loop, about 3 minutes here).
 # make bench: the same set-up, then the benchmarks: timed, host time, the GPU cost model (benchmarks/results/).
 # make gpu-first / gpu-second / gpu-*: on the GPU machine (docs/gpu.md); make gpu-carry (here)
 #   prepares .gpu/ to carry there; make gpu-rehearsal runs gpu-first's dry run on that machine's software.
@@ -18,7 +19,7 @@ GLUE_ARGS ?= --tasks rte mrpc --epochs 2 --out benchmarks/results/glue_cpu
 GPU_PY ?= python3
 GPU_ARGS ?=
 
-.PHONY: test bench glue build rebuild clean gpu-carry gpu-first gpu-second gpu-build gpu-test gpu-ops gpu-sanitize gpu-ncu gpu-bench \
+.PHONY: test test-fast bench glue build rebuild clean gpu-carry gpu-first gpu-second gpu-build gpu-test gpu-ops gpu-sanitize gpu-ncu gpu-bench \
 	gpu-glue gpu-fsdp gpu-rehearsal versions
 
 $(VENV)/.installed: requirements-dev.txt
@@ -42,6 +43,10 @@ build: $(BUILT)
 
 test: build
 	$(PY) -m pytest -q tests
+
+# The inner loop (a few minutes): the tests not marked slow (tests/conftest.py says which are).
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The kernels and steps timed, then host time per call and step, then the GPU cost model (counted).
 bench: build

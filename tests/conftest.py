@@ -33,6 +33,24 @@ def interpreted(backend, device):
 BACKENDS = pytest.mark.parametrize("backend,device", compiled_backends() or [pytest.param(
     None, None, marks=pytest.mark.skip(reason="no compiled backend built"))])
 
+# The tiers: `pytest -m "not slow"` is the inner loop (a few minutes); CI runs everything.  Slow by
+# rule: the interpreted and emulated backends (Triton under the interpreter, cuda-sim), the
+# emulator's own tests, spawned process groups, builds and the GPU plans' dry runs; slow by mark
+# (@pytest.mark.slow): the long property tests.
+SLOW_FILES = {"sim/test_emulator.py", "sim/test_mutations.py", "sim/test_schedules.py", "optimizers/test_ddp.py",
+              "optimizers/test_fsdp.py", "integrations/test_finetune_glue.py", "ops/test_triton_aot.py",
+              "tooling/test_sdist.py", "tooling/test_ptxas_report.py", "tooling/test_gpu_targets.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        where = os.path.relpath(str(item.path), os.path.join(ROOT, "tests"))
+        params = getattr(item, "callspec", None)
+        values = [] if params is None else [str(v) for v in params.params.values()]
+        if where in SLOW_FILES or "triton" in values or "cuda-sim" in values:
+            item.add_marker(pytest.mark.slow)
+
+
 # Shapes: odd sizes around the chunk boundary, a 0-size tensor, many small tensors.
 SHAPE_SETS = {
     "one_odd": [(CHUNK + 3,)],

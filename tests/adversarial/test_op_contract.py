@@ -41,6 +41,7 @@ CASES = st.tuples(
 ).map(lambda c: (c[0], c[1][:len(c[0])], *c[2:]))
 
 
+@pytest.mark.slow
 @PROFILE
 @given(CASES)
 def test_saved_runs_and_aliasing(case):
@@ -191,6 +192,7 @@ def test_fisher_and_clip_refuse_alike(defect):
         assert all(torch.equal(a, b) for a, b in zip(written, before)), (backend, defect)
 
 
+@pytest.mark.slow
 @PROFILE
 @given(st.lists(st.sampled_from([0, 1, 3, CHUNK - 1, CHUNK + 2]), min_size=1, max_size=3),
        st.sampled_from(DTYPES), st.integers(1, 4), st.integers(-2, 10 ** 9), st.booleans(), st.integers(0, 2 ** 31 - 1))

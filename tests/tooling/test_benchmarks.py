@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from benchmarks import kernels, run, timing
 
 
@@ -56,6 +58,7 @@ def test_unsteady_rows_and_the_defaults(monkeypatch):
     assert "/results/local/cpu-" in seen["out"] and seen["jobs"] == ["1M"] and seen["steps"] == ["1M"]
 
 
+@pytest.mark.slow  # spawns a process group
 def test_fsdp_step_benchmark(tmp_path):
     """Per process, a mask step adds the three radix histograms and one gather of the tie counts to
     the norm's all-reduce, and sharding divides what each process holds."""
