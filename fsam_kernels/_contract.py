@@ -273,9 +273,13 @@ def _params(params, grads=None):
 
 
 def check_scale(scale, device):
-    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.dtype != torch.float32 or \
-            scale.device != device:
+    """A one-element float32 tensor on the device, of any shape: TypeError for another type or
+    dtype, ValueError for another size or device (as the C++ check, which sees it flattened)."""
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
         raise TypeError(f"scale must be a one-element float32 tensor on {device}")
+    if scale.numel() != 1 or scale.device != device:
+        raise ValueError(f"scale must be a one-element float32 tensor on {device}, got {scale.numel()} elements on "
+                         f"{scale.device}")
 
 
 # Each op's raw arguments, in the order of its schema (fsam_kernels/_schemas.py).

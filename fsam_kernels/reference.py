@@ -205,6 +205,7 @@ def perturb_(params, grads, mask_bits, save_offsets, saved, scale, adaptive=Fals
     if not host_runs_pass(params, mask_bits, save_offsets, saved, status):
         return
     layout = ChunkLayout(params)
+    scale = scale.reshape(())  # one element, of any shape
     for i, (p, g, m) in enumerate(zip(params, grads, _masks(layout, mask_bits))):
         if p.numel() == 0:
             continue

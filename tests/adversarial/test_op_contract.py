@@ -192,6 +192,27 @@ def test_fisher_and_clip_refuse_alike(defect):
         assert all(torch.equal(a, b) for a, b in zip(written, before)), (backend, defect)
 
 
+SCALES = {"two_elements": (torch.tensor([0.1, 0.2]), "ValueError"), "float64": (torch.tensor(0.1, dtype=torch.float64),
+                                                                          "TypeError"),
+          "float16": (torch.tensor([0.1], dtype=torch.float16), "TypeError"), "empty": (torch.zeros(0), "ValueError"),
+          "one_by_one": (torch.tensor([[0.1]]), None)}
+
+
+@pytest.mark.parametrize("defect", SCALES)
+def test_perturb_scale_refused_alike(defect):
+    """perturb_'s scale: one float32 element of any shape; the same exception on every backend
+    (TypeError for the dtype, ValueError for the size), and a refusal writes nothing."""
+    scale, wanted = SCALES[defect]
+    for backend in CPU_BACKENDS:
+        params, grads = [torch.randn(CHUNK + 3), torch.randn(7)], [torch.randn(CHUNK + 3), torch.randn(7)]
+        offsets, saved = ops.save_layout(params)
+        before = [p.clone() for p in params]
+        got = outcome(lambda: backends.op("perturb_", backend)(params, grads, None, offsets, saved, scale, False, 0.0))
+        assert got == wanted, (backend, defect, got)
+        if wanted is not None:
+            assert all(torch.equal(a, b) for a, b in zip(params, before)), (backend, defect)
+
+
 @pytest.mark.slow
 @PROFILE
 @given(st.lists(st.sampled_from([0, 1, 3, CHUNK - 1, CHUNK + 2]), min_size=1, max_size=3),
