@@ -431,7 +431,7 @@ def pac_bound_grads_(params, grads, log_stds, log_std_grads, anchors, prior_log_
     grads = tensor_list("grads", grads)
     log_std_grads = tensor_list("log_std_grads", log_std_grads)
     anchors = tensor_list("anchors", anchors)
-    if bool(grads) != bool(log_std_grads) or (grads and len(grads) != len(params)):
+    if len(grads) != len(log_std_grads) or (grads and len(grads) != len(params)):
         raise ValueError("grads and log_std_grads must both have one tensor per parameter, or both be empty")
     if len(anchors) != len(params):
         raise ValueError(f"anchors has {len(anchors)} tensors, params has {len(params)}")
