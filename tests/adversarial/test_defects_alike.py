@@ -12,7 +12,6 @@ import torch
 from fsam_kernels import backends, ops
 from fsam_kernels._layout import CHUNK, FIRST_HIST_SIZE, RADIX_HIST_SIZES, RADIX_STATE_SIZE, STATE_K_LEFT, \
     total_chunks
-from fsam_kernels.optim import pac  # noqa: F401  (the PAC ops' users; nothing else needed)
 from conftest import all_backends
 from layouts import outcome
 
@@ -100,9 +99,6 @@ def clone(args):
 
 def flat(args):
     return [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
-
-
-CASES = [(name, label) for name, args in samples().items() for label, _ in defects(name, args)]
 
 
 @pytest.mark.parametrize("name", sorted(samples()))
