@@ -50,7 +50,7 @@ def samples():
         "pac_noise_mask": (params, *noise),
         "pac_perturb_": (params, *noise, pac_bits, pac_offsets, pac_saved, torch.zeros(1, dtype=torch.int32)),
         "pac_restore_": (params, *noise, pac_bits, pac_offsets, pac_saved, torch.zeros(1, dtype=torch.int32)),
-        "pac_bound_grads_": (params, grads, log_stds, [torch.empty(p.numel()) for p in params],
+        "pac_bound_grads_": (params, grads, log_stds, [torch.randn(p.numel(), generator=g) for p in params],
                              [p + 0.01 for p in params], torch.full((len(params),), -4.0), bases, 3, 5, 2.0, 1e-3),
     }
 
